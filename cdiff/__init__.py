@@ -1,0 +1,39 @@
+"""cdiff: C-DiffSET SAR-to-EO translation on a plain-PyTorch Stable Diffusion 2.1 stack.
+
+Public API (see README):
+    UNet, UNetConfig    the SD 2.1 U-Net (cdiff.unet, cdiff.config)
+    VAE, VAEConfig      the SD 2.1 autoencoder (cdiff.vae, cdiff.config)
+    DDPM, DDIM          the forward process and the DDIM sampler (cdiff.schedulers)
+"""
+
+__version__ = "0.1.0"
+
+import importlib.util as _importlib_util
+import os as _os
+import sys as _sys
+
+
+def _expose_checkout_kernels() -> None:
+    # A wheel installs the top-level kernels/ folder as cdiff.kernels (setup.py's package_dir).
+    # In a plain checkout on sys.path, give the same folder the same name.
+    if "cdiff.kernels" in _sys.modules:
+        return
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    if _os.path.isdir(_os.path.join(here, "kernels")):
+        return  # an installed wheel
+    init = _os.path.join(_os.path.dirname(here), "kernels", "__init__.py")
+    if not _os.path.isfile(init):
+        return
+    spec = _importlib_util.spec_from_file_location(
+        "cdiff.kernels", init, submodule_search_locations=[_os.path.dirname(init)]
+    )
+    module = _importlib_util.module_from_spec(spec)
+    _sys.modules["cdiff.kernels"] = module
+    spec.loader.exec_module(module)
+    globals()["kernels"] = module
+
+
+_expose_checkout_kernels()
+
+from cdiff.attention import attention_backend  # noqa: E402
+from cdiff.config import UNetConfig, VAEConfig  # noqa: E402

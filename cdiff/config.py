@@ -1,0 +1,113 @@
+"""Architecture configs: every architectural number of the stack lives here.
+
+Each config is a frozen dataclass with named presets. ``sd21`` is Stable Diffusion 2.1
+base exactly; ``tiny`` keeps the same structure at a few MB, for tests and the demo.
+The C-DiffSET U-Net is ``replace(UNetConfig.sd21(), in_channels=8, out_channels=5)``
+(see ``UNetConfig.cdiffset``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+
+
+def _check_groups(name: str, channels: tuple[int, ...], groups: int) -> None:
+    for c in channels:
+        if c % groups:
+            raise ValueError(f"{name}: {c} channels do not split into {groups} GroupNorm groups")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4  # 8 for C-DiffSET: [SAR latent | noisy EO latent]
+    out_channels: int = 4  # 5 for C-DiffSET: 4 noise + 1 raw variance
+    model_channels: int = 320  # channels of the first level; the time MLP is 4x this wide
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # per level; one 2x downsample between levels
+    num_res_blocks: int = 2  # res blocks per level on the way down (the way up has one more)
+    attention_levels: tuple[bool, ...] = (True, True, True, False)  # spatial transformer per level
+    head_dim: int = 64  # attention head size; heads = channels // head_dim
+    transformer_depth: int = 1  # transformer blocks per spatial transformer
+    context_dim: int = 1024  # width of the text context (OpenCLIP ViT-H/14)
+    norm_groups: int = 32
+    norm_eps: float = 1e-5  # res blocks and the output norm; transformer GroupNorm uses 1e-6
+    upcast_attention: bool = False  # SD 2.1 768 (v) upcasts attention scores to fp32
+
+    def __post_init__(self):
+        if len(self.channel_mult) != len(self.attention_levels):
+            raise ValueError("UNetConfig: channel_mult and attention_levels need one entry per level")
+        if self.in_channels < 1 or self.out_channels < 1:
+            raise ValueError("UNetConfig: in_channels and out_channels must be positive")
+        for c in self.level_channels:
+            if c % self.head_dim:
+                raise ValueError(f"UNetConfig: {c} channels do not split into heads of {self.head_dim}")
+        _check_groups("UNetConfig", self.level_channels, self.norm_groups)
+
+    @property
+    def level_channels(self) -> tuple[int, ...]:
+        return tuple(self.model_channels * m for m in self.channel_mult)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+    @property
+    def downsample_factor(self) -> int:
+        """Latent sides must be divisible by this (one 2x downsample between levels)."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @classmethod
+    def sd21(cls) -> "UNetConfig":
+        return cls()
+
+    @classmethod
+    def cdiffset(cls) -> "UNetConfig":
+        return replace(cls.sd21(), in_channels=8, out_channels=5)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "UNetConfig":
+        return replace(cls(model_channels=32, head_dim=16, norm_groups=8), **overrides)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    image_channels: int = 3
+    latent_channels: int = 4
+    block_channels: tuple[int, ...] = (128, 256, 512, 512)  # per level of the encoder
+    layers_per_block: int = 2  # res blocks per encoder level (the decoder has one more)
+    norm_groups: int = 32
+    norm_eps: float = 1e-6
+    scaling_factor: float = 0.18215  # unscaled latent * this = the latent the U-Net sees
+
+    def __post_init__(self):
+        _check_groups("VAEConfig", self.block_channels, self.norm_groups)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_channels) - 1)
+
+    @classmethod
+    def sd21(cls) -> "VAEConfig":
+        return cls()
+
+    @classmethod
+    def tiny(cls, **overrides) -> "VAEConfig":
+        return replace(cls(block_channels=(32, 64, 64, 64), layers_per_block=1, norm_groups=8), **overrides)
+
+
+def config_to_json(config) -> str:
+    return json.dumps({"type": type(config).__name__, **asdict(config)}, sort_keys=True)
+
+
+def config_from_json(text: str):
+    """Inverse of ``config_to_json``; lists come back as the tuples the dataclasses use."""
+    data = json.loads(text)
+    kinds = {"UNetConfig": UNetConfig, "VAEConfig": VAEConfig}
+    kind = kinds.get(data.pop("type", None))
+    if kind is None:
+        raise ValueError(f"unknown config type in {text[:80]!r}")
+    names = {f.name for f in fields(kind)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{kind.__name__}: unknown fields {unknown}")
+    return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

@@ -1,0 +1,50 @@
+"""cdiff: SAR-to-EO translation with C-DiffSET on a plain-PyTorch Stable Diffusion 2.1 stack.
+
+Torch builds, chosen deliberately (see README "Set-up"):
+- the runtime asks for any torch >= 2.4; the ``cpu`` extra pins the small CPU wheel 2.13.0;
+- the ``test`` extra pins torch 2.14.1 with torchvision 0.29.1, because open_clip (used by
+  the tests and by ``cdiff convert``) needs torchvision, and torchvision only imports
+  beside that torch. Its x86-64 build also brings Triton, which the kernel tests run in
+  Triton's CPU interpreter.
+"""
+
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "cdiff" / "__init__.py").read_text()).group(1)
+
+TORCH_WITH_VISION = ["torch==2.14.1", "torchvision==0.29.1"]
+CLIP = TORCH_WITH_VISION + ["open_clip_torch==3.3.0"]
+
+setup(
+    name="cdiff",
+    version=VERSION,
+    description="C-DiffSET SAR-to-EO translation on a plain-PyTorch Stable Diffusion 2.1 stack",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ sits at the top of the repository (the design card's layout) and is shipped
+    # inside the cdiff namespace: a top-level module named "kernels" belongs to another package.
+    packages=["cdiff", "cdiff.layouts", "cdiff.data", "cdiff.kernels"],
+    package_dir={"cdiff": "cdiff", "cdiff.kernels": "kernels"},
+    install_requires=["torch>=2.4", "numpy>=1.24", "safetensors>=0.4", "pillow>=9"],
+    extras_require={
+        "cpu": ["torch==2.13.0"],
+        "clip": CLIP,
+        "tiff": ["tifffile>=2023.1"],
+        "triton": ["triton>=3.0"],
+        "test": CLIP
+        + [
+            "pytest>=8",
+            "diffusers==0.42.1",
+            "transformers==5.23.0",
+            "accelerate>=1.0",
+            "tifffile>=2023.1",
+            "triton>=3.0",
+        ],
+    },
+    entry_points={"console_scripts": ["cdiff=cdiff.cli:main"]},
+)
