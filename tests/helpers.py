@@ -23,7 +23,7 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
     for name, p in module.named_parameters():
         noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
         if p.ndim == 1:
-            value = (1.0 + 0.1 * noise) if "norm" in name else 0.1 * noise
+            value = (1.0 + 0.1 * noise) if ("norm" in name and name.endswith("weight")) else 0.1 * noise
         else:
             fan_in = p[0].numel()
             value = noise / math.sqrt(fan_in)
