@@ -39,6 +39,7 @@ setup(
         "test": CLIP
         + [
             "pytest>=8",
+            "setuptools>=70.1",  # builds the wheel in tests/test_package.py without the `wheel` package
             "diffusers==0.42.1",
             "transformers==5.23.0",
             "accelerate>=1.0",

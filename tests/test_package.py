@@ -1,0 +1,50 @@
+"""Packaging: what `import cdiff` pulls in, and where cdiff.kernels comes from."""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("diffusers", "transformers", "open_clip", "triton", "torchvision", "tifffile")
+
+
+def run_python(code: str, cwd, pythonpath: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = pythonpath
+    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_import_pulls_no_heavy_dependency(tmp_path):
+    code = (
+        "import sys, cdiff, cdiff.cli, cdiff.pipeline, cdiff.schedulers\n"
+        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    assert run_python(code, tmp_path, str(ROOT)) == ""
+
+
+def test_kernels_import_from_a_checkout(tmp_path):
+    code = "import cdiff.kernels as k; print(k.__file__)"
+    assert run_python(code, tmp_path, str(ROOT)) == str(ROOT / "kernels" / "__init__.py")
+
+
+def test_wheel_ships_kernels_inside_the_cdiff_namespace(tmp_path):
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr
+    (wheel,) = tmp_path.glob("cdiff-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "cdiff/kernels/__init__.py" in names
+    assert not any(n.startswith("kernels/") for n in names), "kernels/ must not be a top-level module"
+    unpacked = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(unpacked)
+    code = "import cdiff, cdiff.kernels as k; print(cdiff.__file__); print(k.__file__)"
+    cdiff_file, kernels_file = run_python(code, tmp_path, str(unpacked)).splitlines()
+    assert cdiff_file == str(unpacked / "cdiff" / "__init__.py")
+    assert kernels_file == str(unpacked / "cdiff" / "kernels" / "__init__.py")
