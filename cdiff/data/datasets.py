@@ -1,0 +1,460 @@
+"""Readers of paired SAR-EO datasets on disk: the paper's public benchmarks and a generic layout.
+
+Every reader returns a :class:`PairedImages` dataset whose samples are
+``{"sar": (3, H, W) float32 in [-1, 1], "eo": (3, H, W) float32 in [-1, 1], "name": str}``
+(``name``: the EO file's stem, unique within the dataset; outputs are written under it).
+
+Layouts (``root`` is the dataset's top folder; split lists hold EO paths relative to it):
+
+- qxs_saropt:   EO ``opt_256_oc_0.2/*``; SAR: folder -> ``sar_256_oc_0.2``; no crop.
+- sar2opt:      EO ``trainB/*``, ``testB/*`` (its own split); SAR: ``trainB``/``testB`` ->
+                ``trainA``/``testA``; 512 crops.
+- spacenet6:    EO ``**/PS-RGB/*.tif`` (3-band GeoTIFF); SAR: every ``PS-RGB`` ->
+                ``SAR-Intensity`` (4-band float GeoTIFF, see imageio.spacenet6_sar_to_rgb); 512.
+- sen12:        EO ``ROIs*/s2_N/*_s2_N_p<k>.png``; SAR: ``s2`` -> ``s1`` in that folder and
+                file-name part only; no crop.
+- folder_pairs: EO ``eo/*``, SAR the same names in ``sar/``; no crop unless ``crop=``.
+- csv_pairs:    columns ``sar,eo`` of a CSV, relative to its folder; no crop unless ``crop=``.
+
+Splits: ``list_file`` takes a release list (``train_eo_list_080.txt``...). Without one, a
+``split`` of "train"/"test" reads cdiff's own deterministic 80/20 split from ``split_dir``
+(default ``root/cdiff_split``), writing it there first if absent (see cdiff.data.split);
+SAR2Opt uses its train/test folders. ``split=None`` (the default) takes every pair, or with
+a ``list_file`` the split its name says (an explicit ``split`` must agree with the name).
+
+``transform="default"``: "train" gets :class:`PairAugment` (random crop at the listed
+size, flips, 90-degree rotations), "test" a :class:`CenterCrop` at that size (nothing for
+uncropped datasets), ``split=None`` nothing. Pass a callable (or None) to choose yourself.
+
+Bad input raises ``ValueError`` (``FileNotFoundError`` for missing files) naming the file.
+With ``on_error="skip"``, a pair that fails is logged (logger ``cdiff.data.datasets``),
+recorded in ``dataset.skipped`` (path -> reason) and counted by ``dataset.num_skipped``;
+missing partners are found when the dataset is built, unreadable files when a pair is
+read (the next good pair is returned instead) or up front by ``dataset.validate()``.
+A dataset with no pair left is an error. Counts made inside DataLoader workers stay there:
+call ``validate()`` in the main process to count everything.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cdiff.data import imageio
+from cdiff.data.split import load_or_make_split, read_split, split_from_list_name
+from cdiff.data.transforms import CenterCrop, PairAugment
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+ON_ERROR = ("raise", "skip")
+DEFAULT = "default"
+
+
+@dataclass(frozen=True)
+class PairFiles:
+    """One SAR-EO pair on disk."""
+
+    sar: Path
+    eo: Path
+    name: str
+
+
+# --- image readers: path -> (H, W, 3) float32 in [-1, 1] ------------------------------------
+
+
+def read_single_pol_sar(path: Path) -> np.ndarray:
+    """Grey (or grey-as-RGB) SAR image; one band is repeated to three."""
+    array = imageio.read_image(path)
+    imageio.check_finite(array, path)
+    imageio.check_not_constant(array, path)
+    unit = imageio.to_unit_range(array, path)
+    return np.repeat(unit, 3, axis=2) if unit.shape[2] == 1 else unit
+
+
+def read_rgb_eo(path: Path) -> np.ndarray:
+    """RGB EO image (PNG/JPEG/TIFF)."""
+    return _rgb(imageio.read_image(path), path)
+
+
+def read_spacenet6_sar(path: Path) -> np.ndarray:
+    """SpaceNet6 4-band SAR-Intensity GeoTIFF -> (HH, (HV+VH)/2, VV) after a per-band stretch."""
+    return imageio.spacenet6_sar_to_rgb(imageio.read_geotiff(path), path)
+
+
+def read_spacenet6_eo(path: Path) -> np.ndarray:
+    """SpaceNet6 3-band PS-RGB GeoTIFF (uint8, or uint16/float with a percentile stretch)."""
+    return _rgb(imageio.read_geotiff(path), path)
+
+
+def _rgb(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.shape[2] != 3:
+        raise ValueError(f"EO image {path} has {array.shape[2]} bands; expected 3 (RGB)")
+    return imageio.to_unit_range(array, path)
+
+
+# --- the dataset -----------------------------------------------------------------------------
+
+
+class PairedImages(Dataset):
+    """Pairs of SAR and EO files read on demand (see the module docstring)."""
+
+    def __init__(
+        self,
+        pairs: Sequence[PairFiles],
+        *,
+        read_sar: Callable[[Path], np.ndarray] = read_single_pol_sar,
+        read_eo: Callable[[Path], np.ndarray] = read_rgb_eo,
+        transform: Callable[[dict], dict] | None = None,
+        on_error: str = "raise",
+        skipped: dict[str, str] | None = None,
+        what: str = "dataset",
+    ):
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        self.read_sar, self.read_eo, self.transform, self.on_error = read_sar, read_eo, transform, on_error
+        self.what = what
+        self.skipped: dict[str, str] = dict(skipped or {})
+        for key, reason in self.skipped.items():
+            log.warning("skipped %s: %s", key, reason)
+        kept = []
+        for pair in pairs:
+            reason = _missing(pair)
+            if reason is None:
+                kept.append(pair)
+            else:
+                self._skip_or_raise(str(pair.eo), FileNotFoundError(reason))
+        if not kept:
+            raise ValueError(f"{what} has no usable pair ({self.num_skipped} skipped)")
+        self.pairs: list[PairFiles] = kept
+        self._bad: set[int] = set()
+
+    @property
+    def num_skipped(self) -> int:
+        """How many pairs were skipped (missing partners, unreadable files...)."""
+        return len(self.skipped)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int) -> dict:
+        """Read pair ``index`` without the transform; raises on bad input whatever on_error."""
+        pair = self.pairs[index]
+        sar = self.read_sar(pair.sar)
+        eo = self.read_eo(pair.eo)
+        if sar.shape[:2] != eo.shape[:2]:
+            (hs, ws), (he, we) = sar.shape[:2], eo.shape[:2]
+            kind = "orientation mismatch (one is rotated/transposed)" if (hs, ws) == (we, he) else "size mismatch"
+            raise ValueError(f"{kind}: SAR {pair.sar} is {hs}x{ws} but EO {pair.eo} is {he}x{we} (HxW)")
+        return {"sar": _chw(sar), "eo": _chw(eo), "name": pair.name}
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self.pairs)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} pairs")
+        for step in range(n):
+            j = (index + step) % n
+            if j in self._bad:
+                continue
+            try:
+                sample = self.load(j)
+            except (ValueError, OSError) as err:
+                self._skip_or_raise(str(self.pairs[j].eo), err)
+                self._bad.add(j)
+                continue
+            return self.transform(sample) if self.transform is not None else sample
+        raise ValueError(f"{self.what}: no readable pair left ({self.num_skipped} skipped)")
+
+    def validate(self) -> "PairedImages":
+        """Read every pair once; with on_error="skip", drop (log, count) the bad ones."""
+        good = []
+        for j, pair in enumerate(self.pairs):
+            try:
+                self.load(j)
+            except (ValueError, OSError) as err:
+                self._skip_or_raise(str(pair.eo), err)
+                continue
+            good.append(pair)
+        if not good:
+            raise ValueError(f"{self.what} has no readable pair ({self.num_skipped} skipped)")
+        self.pairs, self._bad = good, set()
+        return self
+
+    def _skip_or_raise(self, key: str, err: Exception) -> None:
+        if self.on_error == "raise":
+            raise err
+        if key not in self.skipped:
+            self.skipped[key] = str(err)
+            log.warning("skipped %s: %s", key, err)
+
+
+def _chw(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))  # (3, H, W)
+
+
+def _missing(pair: PairFiles) -> str | None:
+    if not pair.eo.is_file():
+        return f"EO image not found: {pair.eo}"
+    if not pair.sar.is_file():
+        return f"SAR partner of EO image {pair.eo} not found: expected {pair.sar}"
+    return None
+
+
+# --- building pair lists ---------------------------------------------------------------------
+
+
+def _images_under(folder: Path, root: Path, pattern: str = "**/*") -> list[str]:
+    """Image files matching ``pattern`` under ``folder``, as sorted posix paths relative to ``root``."""
+    found = [p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(p.relative_to(root).as_posix() for p in found if not p.name.startswith("."))
+
+
+def _names(eo_rel: Sequence[str]) -> list[str]:
+    stems = [PurePosixPath(p).stem for p in eo_rel]
+    if len(set(stems)) == len(stems):
+        return stems
+    # Stems collide (same file name in several folders): fall back to the path, flattened.
+    return [str(PurePosixPath(p).with_suffix("")).replace("/", "__") for p in eo_rel]
+
+
+def _select(
+    root: Path, split: str | None, list_file, split_dir, ratio: int, discover: Callable[[], list[str]]
+) -> tuple[str | None, list[str]]:
+    """(split, EO paths relative to root) from a list file, cdiff's own split, or everything."""
+    if list_file is not None:
+        return _split_of_list(split, list_file), read_split(list_file)
+    found = discover()
+    if split is None:
+        return None, found
+    split_dir = Path(split_dir) if split_dir is not None else root / "cdiff_split"
+    return split, load_or_make_split(split_dir, found, split, ratio)
+
+
+def _split_of_list(split: str | None, list_file) -> str:
+    """The split a list file serves: its name says it, and an explicit ``split`` must agree."""
+    if split is None:
+        return split_from_list_name(list_file)
+    name = Path(list_file).name
+    other = {"train": "test", "test": "train"}.get(split)
+    if other is None:
+        raise ValueError(f"split must be 'train', 'test' or None, got {split!r}")
+    if other in name and split not in name:
+        raise ValueError(f"split={split!r} but the list file {list_file} is named as a {other} list")
+    return split
+
+
+def _build(
+    root: Path,
+    eo_rel: Sequence[str],
+    sar_from_eo: Callable[[str], str],
+    split: str | None,
+    crop: int | None,
+    transform,
+    on_error: str,
+    what: str,
+    read_sar=read_single_pol_sar,
+    read_eo=read_rgb_eo,
+    skipped: dict[str, str] | None = None,
+) -> PairedImages:
+    if transform == DEFAULT:
+        transform = default_transform(split, crop)
+    pairs = [PairFiles(root / sar_from_eo(e), root / e, n) for e, n in zip(eo_rel, _names(eo_rel))]
+    return PairedImages(
+        pairs, read_sar=read_sar, read_eo=read_eo, transform=transform, on_error=on_error, skipped=skipped, what=what
+    )
+
+
+def default_transform(split: str | None, crop: int | None):
+    """PairAugment(crop) for "train", CenterCrop(crop) (or nothing) for "test", nothing otherwise."""
+    if split == "train":
+        return PairAugment(crop_size=crop)
+    if split == "test" and crop is not None:
+        return CenterCrop(crop)
+    return None
+
+
+def _root(root) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root not found: {root}")
+    return root
+
+
+def _nonempty(found: list[str], where: Path, layout: str) -> list[str]:
+    if not found:
+        raise ValueError(f"no EO images found under {where} (expected {layout})")
+    return found
+
+
+def _swap_part(rel: str, table: dict[str, str], path_for_error: str) -> str:
+    parts = list(PurePosixPath(rel).parts)
+    hits = [i for i, part in enumerate(parts) if part in table]
+    if not hits:
+        raise ValueError(f"EO path {path_for_error} has none of the folders {sorted(table)}: cannot derive its SAR path")
+    for i in hits:
+        parts[i] = table[parts[i]]
+    return str(PurePosixPath(*parts))
+
+
+# --- the readers -----------------------------------------------------------------------------
+
+
+def qxs_saropt(root, split: str | None = None, *, list_file=None, split_dir=None, ratio: int = 80,
+               transform=DEFAULT, on_error: str = "raise") -> PairedImages:
+    """QXS-SAROPT: 256x256 grey Gaofen-3 SAR and Google Earth RGB PNGs; no crop."""
+    root = _root(root)
+    eo_dir = root / "opt_256_oc_0.2"
+
+    def discover():
+        return _nonempty(_images_under(eo_dir, root), eo_dir, "QXS-SAROPT's opt_256_oc_0.2/ and sar_256_oc_0.2/")
+
+    split, eo_rel = _select(root, split, list_file, split_dir, ratio, discover)
+    table = {"opt_256_oc_0.2": "sar_256_oc_0.2"}
+    return _build(root, eo_rel, lambda e: _swap_part(e, table, e), split, None, transform, on_error, f"QXS-SAROPT {root}")
+
+
+def sar2opt(root, split: str | None = None, *, list_file=None, transform=DEFAULT, on_error: str = "raise") -> PairedImages:
+    """SAR2Opt: 600x600 TerraSAR-X SAR (trainA/testA) and RGB (trainB/testB); 512 crops."""
+    root = _root(root)
+    if list_file is not None:
+        split = _split_of_list(split, list_file)
+        eo_rel = read_split(list_file)
+    else:
+        folders = {"train": ["trainB"], "test": ["testB"], None: ["trainB", "testB"]}
+        if split not in folders:
+            raise ValueError(f"split must be 'train', 'test' or None, got {split!r}")
+        eo_rel = [e for f in folders[split] for e in _images_under(root / f, root)]
+        _nonempty(eo_rel, root, "SAR2Opt's trainA/, trainB/, testA/, testB/")
+    table = {"trainB": "trainA", "testB": "testA"}
+    return _build(root, eo_rel, lambda e: _swap_part(e, table, e), split, 512, transform, on_error, f"SAR2Opt {root}")
+
+
+def spacenet6(root, split: str | None = None, *, list_file=None, split_dir=None, ratio: int = 80,
+              transform=DEFAULT, on_error: str = "raise") -> PairedImages:
+    """SpaceNet6: 900x900 Capella full-pol SAR-Intensity and Maxar PS-RGB GeoTIFFs; 512 crops."""
+    root = _root(root)
+
+    def discover():
+        found = [e for e in _images_under(root, root, "**/PS-RGB/*") if e.lower().endswith((".tif", ".tiff"))]
+        return _nonempty(found, root, "SpaceNet6's .../PS-RGB/*.tif and .../SAR-Intensity/*.tif")
+
+    split, eo_rel = _select(root, split, list_file, split_dir, ratio, discover)
+    for e in eo_rel:
+        if "PS-RGB" not in e:
+            raise ValueError(f"SpaceNet6 EO path {e} does not contain 'PS-RGB': cannot derive its SAR path")
+    return _build(root, eo_rel, lambda e: e.replace("PS-RGB", "SAR-Intensity"), split, 512, transform, on_error,
+                  f"SpaceNet6 {root}", read_sar=read_spacenet6_sar, read_eo=read_spacenet6_eo)
+
+
+_SEN12_FOLDER = re.compile(r"^s2_(\d+)$")
+_SEN12_FILE = re.compile(r"_s2_(\d+_p\d+)(\.\w+)$")
+
+
+def sen12_sar_path(eo_rel: str) -> str:
+    """``ROIs1158_spring/s2_1/ROIs1158_spring_s2_1_p30.png`` -> ``.../s1_1/..._s1_1_p30.png``.
+
+    Only the ``s2_N`` folder and the ``_s2_N_p<k>`` file-name part change: season folders
+    such as ``ROIs2017_winter`` also contain the letters "s2".
+    """
+    path = PurePosixPath(eo_rel)
+    folder, file = path.parent.name, path.name
+    if not _SEN12_FOLDER.match(folder) or not _SEN12_FILE.search(file):
+        raise ValueError(f"SEN1-2 EO path {eo_rel} is not of the form ROIs.../s2_N/..._s2_N_p<k>.png")
+    new_folder = _SEN12_FOLDER.sub(r"s1_\1", folder)
+    new_file = _SEN12_FILE.sub(r"_s1_\1\2", file)
+    return str(path.parent.parent / new_folder / new_file)
+
+
+def sen12(root, split: str | None = None, *, list_file=None, split_dir=None, ratio: int = 80,
+          transform=DEFAULT, on_error: str = "raise") -> PairedImages:
+    """SEN1-2: 256x256 Sentinel-1 VV and Sentinel-2 RGB PNG patches; no crop."""
+    root = _root(root)
+
+    def discover():
+        found = [e for e in _images_under(root, root, "ROIs*/s2_*/*") if _SEN12_FILE.search(e)]
+        return _nonempty(found, root, "SEN1-2's ROIs<season>/s1_N/ and s2_N/ folders")
+
+    split, eo_rel = _select(root, split, list_file, split_dir, ratio, discover)
+    return _build(root, eo_rel, sen12_sar_path, split, None, transform, on_error, f"SEN1-2 {root}")
+
+
+def folder_pairs(root, split: str | None = None, *, sar_dir: str = "sar", eo_dir: str = "eo", list_file=None,
+                 split_dir=None, ratio: int = 80, crop: int | None = None, transform=DEFAULT,
+                 on_error: str = "raise") -> PairedImages:
+    """Generic layout: ``root/sar_dir`` and ``root/eo_dir`` hold same-named files."""
+    root = _root(root)
+    skipped: dict[str, str] = {}
+
+    def discover():
+        eo = _nonempty(_images_under(root / eo_dir, root, "*"), root / eo_dir, f"{eo_dir}/ beside {sar_dir}/")
+        eo_names = {PurePosixPath(e).name for e in eo}
+        for s in _images_under(root / sar_dir, root, "*"):
+            if PurePosixPath(s).name not in eo_names:
+                reason = f"EO partner of SAR image {root / s} not found: expected {root / eo_dir / PurePosixPath(s).name}"
+                if on_error == "raise":
+                    raise FileNotFoundError(reason)
+                skipped[str(root / s)] = reason
+        return eo
+
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    split, eo_rel = _select(root, split, list_file, split_dir, ratio, discover)
+    return _build(root, eo_rel, lambda e: _swap_part(e, {eo_dir: sar_dir}, e), split, crop, transform, on_error,
+                  f"folder pairs {root}", skipped=skipped)
+
+
+def csv_pairs(csv_file, split: str | None = None, *, list_file=None, split_dir=None, ratio: int = 80,
+              crop: int | None = None, transform=DEFAULT, on_error: str = "raise") -> PairedImages:
+    """Generic layout: a CSV with columns ``sar,eo`` (paths relative to the CSV's folder)."""
+    csv_file = Path(csv_file)
+    if not csv_file.is_file():
+        raise FileNotFoundError(f"pairs CSV not found: {csv_file}")
+    root = csv_file.parent
+    with open(csv_file, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        if "sar" not in columns or "eo" not in columns:
+            raise ValueError(f"pairs CSV {csv_file} needs columns 'sar' and 'eo'; it has {columns}")
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    sar_of: dict[str, str] = {}
+    for line, row in enumerate(rows, start=2):
+        if not row["sar"] or not row["eo"]:
+            raise ValueError(f"pairs CSV {csv_file}, line {line}: empty 'sar' or 'eo' entry")
+        if row["eo"] in sar_of:
+            raise ValueError(f"pairs CSV {csv_file}, line {line}: EO image {row['eo']} listed twice")
+        sar_of[row["eo"]] = row["sar"]
+    if not sar_of:
+        raise ValueError(f"pairs CSV {csv_file} lists no pairs")
+
+    def sar_from_eo(e: str) -> str:
+        if e not in sar_of:
+            raise ValueError(f"EO path {e} (from the split list) is not in the pairs CSV {csv_file}")
+        return sar_of[e]
+
+    split, eo_rel = _select(root, split, list_file, split_dir, ratio, lambda: sorted(sar_of))
+    return _build(root, eo_rel, sar_from_eo, split, crop, transform, on_error, f"pairs CSV {csv_file}")
+
+
+READERS = {
+    "qxs": qxs_saropt,
+    "sar2opt": sar2opt,
+    "spacenet6": spacenet6,
+    "sen12": sen12,
+    "folders": folder_pairs,
+    "csv": csv_pairs,
+}
+
+
+def open_dataset(kind: str, root, **kwargs) -> PairedImages:
+    """``READERS[kind](root, **kwargs)``; kind is one of qxs, sar2opt, spacenet6, sen12, folders, csv."""
+    if kind not in READERS:
+        raise ValueError(f"dataset kind must be one of {sorted(READERS)}, got {kind!r}")
+    return READERS[kind](root, **kwargs)

@@ -1,0 +1,278 @@
+"""Readers of the real dataset layouts, on tiny fake datasets written here (PNG via Pillow,
+GeoTIFF via tifffile). Expected values come from the scaling rules, not from the readers."""
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from cdiff.data import (
+    CenterCrop,
+    PairAugment,
+    csv_pairs,
+    folder_pairs,
+    make_split,
+    open_dataset,
+    qxs_saropt,
+    read_split,
+    sar2opt,
+    sen12,
+    spacenet6,
+    write_split,
+)
+from cdiff.data.datasets import sen12_sar_path
+
+SN6 = "train/AOI_11_Rotterdam"
+
+
+def png(path: Path, array) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+    return path
+
+
+def grey(value, h=16, w=16):
+    return np.full((h, w), value, dtype=np.uint8) + (np.arange(w) % 2).astype(np.uint8)[None, :]  # not constant
+
+
+def rgb(r, g, b, h=16, w=16):
+    return np.stack([np.full((h, w), c, np.uint8) for c in (r, g, b)], axis=-1)
+
+
+def unit(v):
+    return v / 127.5 - 1.0
+
+
+def make_qxs(root: Path, n=10):
+    for k in range(n):
+        png(root / "opt_256_oc_0.2" / f"{k}.png", rgb(10, 100 + k, 200))
+        png(root / "sar_256_oc_0.2" / f"{k}.png", grey(10 * k + 20))
+    return root
+
+
+def test_qxs_reads_pairs_scaled_and_matched(tmp_path):
+    ds = qxs_saropt(make_qxs(tmp_path), split=None)
+    assert len(ds) == 10 and ds.transform is None
+    names = sorted(ds[i]["name"] for i in range(10))
+    assert names == sorted(str(k) for k in range(10))
+    for i in range(10):
+        s = ds[i]
+        k = int(s["name"])
+        assert s["sar"].shape == (3, 16, 16) and s["eo"].shape == (3, 16, 16)
+        assert s["sar"].dtype == torch.float32 and s["eo"].dtype == torch.float32
+        # Single-pol SAR repeated to 3 channels, x / 127.5 - 1; the SAR belongs to this EO.
+        expected_sar = torch.from_numpy(unit(grey(10 * k + 20).astype(np.float32)))
+        for c in range(3):
+            torch.testing.assert_close(s["sar"][c], expected_sar, rtol=0, atol=1e-6)
+        # EO channels in RGB order.
+        for c, v in enumerate((10, 100 + k, 200)):
+            assert torch.all(s["eo"][c] == torch.tensor(unit(np.float32(v))))
+        assert s["sar"].min() >= -1 and s["sar"].max() <= 1
+
+
+def test_own_split_deterministic_release_format(tmp_path):
+    root = make_qxs(tmp_path)
+    train = qxs_saropt(root, split="train", transform=None)
+    test = qxs_saropt(root, split="test", transform=None)
+    train_file = root / "cdiff_split" / "train_eo_list_080.txt"
+    test_file = root / "cdiff_split" / "test_eo_list_080.txt"
+    train_lines = train_file.read_text().splitlines()
+    test_lines = test_file.read_text().splitlines()
+    all_eo = sorted(f"opt_256_oc_0.2/{k}.png" for k in range(10))
+    # Format: EO paths relative to the root, sorted, one per line, newline-terminated.
+    assert train_file.read_text().endswith("\n")
+    assert train_lines == sorted(train_lines) and test_lines == sorted(test_lines)
+    assert len(train_lines) == 8 and len(test_lines) == 2
+    assert sorted(train_lines + test_lines) == all_eo
+    # The spec: keys from random.Random(2025).random() over the sorted paths; smallest keys -> test.
+    rng = random.Random(2025)
+    keys = {p: rng.random() for p in all_eo}
+    assert test_lines == sorted(sorted(all_eo, key=keys.get)[:2])
+    assert len(train) == 8 and len(test) == 2
+    assert {test[i]["name"] for i in range(2)} == {Path(p).stem for p in test_lines}
+    # Re-reading uses the written lists (same result); a shuffled input gives the same split.
+    assert make_split(list(reversed(all_eo))) == (train_lines, test_lines)
+    assert make_split(all_eo, seed=7) != (train_lines, test_lines) or make_split(all_eo, seed=8) != (train_lines, test_lines)
+    assert qxs_saropt(root, split="test", transform=None).pairs == test.pairs
+
+
+def test_make_split_integer_counts():
+    paths = [f"eo/{i:03d}.png" for i in range(101)]
+    train, test = make_split(paths, ratio=80)
+    assert len(test) == 101 * 20 // 100 == 20 and len(train) == 81
+    assert make_split(paths[:10], ratio=80)[1].__len__() == 2  # not int(10 * 0.19999...) == 1
+
+
+def test_release_list_file_is_used(tmp_path):
+    root = make_qxs(tmp_path / "qxs")
+    lst = tmp_path / "lists" / "test_eo_list_080.txt"
+    lst.parent.mkdir()
+    lst.write_text("opt_256_oc_0.2/3.png\nopt_256_oc_0.2/7.png\n\n")
+    ds = qxs_saropt(root, split=None, list_file=lst)
+    assert isinstance(ds.transform, type(None))  # QXS has no crop: the test split gets no transform
+    assert [p.sar for p in ds.pairs] == [root / "sar_256_oc_0.2" / "3.png", root / "sar_256_oc_0.2" / "7.png"]
+    assert ds[1]["sar"][0, 0, 0] == torch.tensor(unit(np.float32(90)))
+    assert not (root / "cdiff_split").exists()
+    with pytest.raises(ValueError, match="named as a test list"):
+        qxs_saropt(root, list_file=lst, split="train")
+    train_lst = lst.with_name("train_eo_list_080.txt")
+    train_lst.write_text("opt_256_oc_0.2/1.png\n")
+    assert qxs_saropt(root, list_file=train_lst).transform == PairAugment(crop_size=None)  # split from the name
+
+
+def test_sar2opt_keeps_its_folders(tmp_path):
+    for split, n in (("train", 3), ("test", 2)):
+        for k in range(n):
+            png(tmp_path / f"{split}B" / f"{split}{k}.png", rgb(k, 50, 60, 20, 24))
+            png(tmp_path / f"{split}A" / f"{split}{k}.png", grey(30 + k, 20, 24))
+    train = sar2opt(tmp_path, "train")
+    test = sar2opt(tmp_path, "test")
+    assert len(train) == 3 and len(test) == 2
+    assert train.transform == PairAugment(crop_size=512) and test.transform == CenterCrop(512)
+    raw = sar2opt(tmp_path, "test", transform=None)
+    for i in range(2):
+        s = raw[i]
+        k = int(s["name"][-1])
+        assert s["sar"][0, 0, 0] == torch.tensor(unit(np.float32(30 + k)))
+        assert s["eo"][0, 0, 0] == torch.tensor(unit(np.float32(k)))
+        assert s["sar"].shape == (3, 20, 24)
+    assert [p.sar.parent.name for p in train.pairs] == ["trainA"] * 3
+    assert not (tmp_path / "cdiff_split").exists()
+    lst = tmp_path / "train_eo_list.txt"
+    lst.write_text("trainB/train1.png\n")
+    from_list = sar2opt(tmp_path, None, list_file=lst, transform=None)
+    assert from_list.pairs[0].sar == tmp_path / "trainA" / "train1.png"
+    test_lst = tmp_path / "test_eo_list.txt"
+    test_lst.write_text("testB/test1.png\n")
+    from_test_list = sar2opt(tmp_path, list_file=test_lst)
+    assert from_test_list.transform == CenterCrop(512) and from_test_list.pairs[0].sar == tmp_path / "testA" / "test1.png"
+
+
+def sn6_paths(root: Path, tile: str):
+    eo = root / SN6 / "PS-RGB" / f"SN6_Train_AOI_11_Rotterdam_PS-RGB_{tile}.tif"
+    sar = root / SN6 / "SAR-Intensity" / f"SN6_Train_AOI_11_Rotterdam_SAR-Intensity_{tile}.tif"
+    eo.parent.mkdir(parents=True, exist_ok=True)
+    sar.parent.mkdir(parents=True, exist_ok=True)
+    return sar, eo
+
+
+def quadrant_bands(h=20, w=20):
+    """(H, W, 4) float32: each band two-valued (so its 1st/99th percentiles are those values),
+    at different scales: HH high on the left half, HV high on the top half, VH high on the
+    left half, VV high on the top-left quadrant."""
+    yy, xx = np.indices((h, w))
+    left, top = xx < w // 2, yy < h // 2
+    bands = [
+        np.where(left, 0.5, 0.1),  # HH
+        np.where(top, 0.03, 0.01),  # HV
+        np.where(left, 300.0, 100.0),  # VH
+        np.where(top & left, 9.0, 2.0),  # VV
+    ]
+    return np.stack(bands, axis=-1).astype(np.float32), left, top
+
+
+@pytest.mark.parametrize("planar", ["contig", "separate"])
+def test_spacenet6_channel_mapping(tmp_path, planar):
+    sar_path, eo_path = sn6_paths(tmp_path, "tile_1")
+    bands, left, top = quadrant_bands()
+    if planar == "contig":
+        tifffile.imwrite(sar_path, bands, photometric="minisblack", planarconfig="contig")
+    else:
+        tifffile.imwrite(sar_path, np.moveaxis(bands, -1, 0), photometric="minisblack", planarconfig="separate")
+    tifffile.imwrite(eo_path, rgb(0, 128, 255, 20, 20), photometric="rgb")
+    ds = spacenet6(tmp_path, split=None)
+    s = ds[0]
+    assert s["name"] == "SN6_Train_AOI_11_Rotterdam_PS-RGB_tile_1"
+    hh = np.where(left, 1.0, -1.0)
+    cross = (np.where(top, 1.0, 0.0) + np.where(left, 1.0, 0.0)) / 2 * 2 - 1  # (HV + VH) / 2 in [0,1] -> [-1,1]
+    vv = np.where(top & left, 1.0, -1.0)
+    expected = torch.from_numpy(np.stack([hh, cross, vv]).astype(np.float32))
+    torch.testing.assert_close(s["sar"], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(s["eo"][:, 0, 0], torch.tensor([-1.0, 128 / 127.5 - 1, 1.0]), rtol=0, atol=1e-6)
+
+
+def test_spacenet6_uint16_eo_joint_stretch_and_split(tmp_path):
+    for k in range(5):
+        sar_path, eo_path = sn6_paths(tmp_path, f"tile_{k}")
+        tifffile.imwrite(sar_path, quadrant_bands()[0], photometric="minisblack", planarconfig="contig")
+        eo = np.stack([np.zeros((20, 20)), np.full((20, 20), 1000), np.full((20, 20), 2000)], -1).astype(np.uint16)
+        tifffile.imwrite(eo_path, eo, photometric="rgb")
+    ds = spacenet6(tmp_path, split="train")
+    assert len(ds) == 4 and ds.transform == PairAugment(crop_size=512)
+    lines = read_split(tmp_path / "cdiff_split" / "train_eo_list_080.txt")
+    assert all(line.startswith(f"{SN6}/PS-RGB/SN6_Train_AOI_11_Rotterdam_PS-RGB_tile_") for line in lines)
+    assert ds.pairs[0].sar == tmp_path / lines[0].replace("PS-RGB", "SAR-Intensity")
+    raw = spacenet6(tmp_path, split="train", transform=None)
+    # One stretch over all bands keeps the colour balance: 0 -> -1, 1000 -> 0, 2000 -> 1.
+    torch.testing.assert_close(raw[0]["eo"][:, 5, 5], torch.tensor([-1.0, 0.0, 1.0]), rtol=0, atol=1e-6)
+    assert spacenet6(tmp_path, split="test").transform == CenterCrop(512)
+
+
+def test_sen12_path_derivation_and_reader(tmp_path):
+    assert (
+        sen12_sar_path("ROIs2017_winter/s2_12/ROIs2017_winter_s2_12_p34.png")
+        == "ROIs2017_winter/s1_12/ROIs2017_winter_s1_12_p34.png"
+    )
+    for season in ("ROIs1158_spring", "ROIs2017_winter"):
+        for k in range(3):
+            png(tmp_path / season / "s2_5" / f"{season}_s2_5_p{k}.png", rgb(k, 2, 3))
+            png(tmp_path / season / "s1_5" / f"{season}_s1_5_p{k}.png", grey(40 + k))
+    ds = sen12(tmp_path, split=None)
+    assert len(ds) == 6
+    for i in range(6):
+        s = ds[i]
+        k = int(s["name"][-1])
+        assert s["sar"][0, 0, 0] == torch.tensor(unit(np.float32(40 + k)))
+        assert s["eo"][0, 0, 0] == torch.tensor(unit(np.float32(k)))
+    assert len(sen12(tmp_path, "train")) + len(sen12(tmp_path, "test")) == 6
+    with pytest.raises(ValueError, match="s2_N"):
+        sen12_sar_path("ROIs2017_winter/other/x.png")
+
+
+def test_generic_folders_csv_and_tiff_via_pillow(tmp_path):
+    for k in range(4):
+        png(tmp_path / "eo" / f"p{k}.png", rgb(k, 0, 0))
+        png(tmp_path / "sar" / f"p{k}.png", grey(60 + k))
+    Image.fromarray(rgb(9, 9, 9)).save(tmp_path / "eo" / "t.tif")
+    Image.fromarray(grey(70)).save(tmp_path / "sar" / "t.tif")
+    ds = open_dataset("folders", tmp_path)
+    assert len(ds) == 5 and ds.transform is None
+    by_name = {ds[i]["name"]: ds[i] for i in range(5)}
+    assert by_name["t"]["sar"][0, 0, 0] == torch.tensor(unit(np.float32(70)))
+    assert by_name["p2"]["eo"][0, 0, 0] == torch.tensor(unit(np.float32(2)))
+
+    sub = tmp_path / "lists"
+    sub.mkdir()
+    (sub / "pairs.csv").write_text("sar, eo\n../sar/p1.png,../eo/p3.png\n../sar/p0.png,../eo/p0.png\n")
+    cds = csv_pairs(sub / "pairs.csv")
+    assert len(cds) == 2
+    s = {cds[i]["name"]: cds[i] for i in range(2)}["p3"]  # names come from the EO file
+    assert s["sar"][0, 0, 0] == torch.tensor(unit(np.float32(61)))
+    assert csv_pairs(sub / "pairs.csv", "train", transform=None).__len__() == 2  # 2 * 20 // 100 == 0 test
+    assert (sub / "cdiff_split" / "train_eo_list_080.txt").read_text() == "../eo/p0.png\n../eo/p3.png\n"
+
+
+def test_write_split_format(tmp_path):
+    tr, te = write_split(tmp_path, ["b.png", "a.png"], ["c.png"], ratio=75)
+    assert tr.name == "train_eo_list_075.txt" and te.name == "test_eo_list_075.txt"
+    assert tr.read_text() == "a.png\nb.png\n" and te.read_text() == "c.png\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_dataloader_with_workers(tmp_path):
+    # The dataset and its default transform must pickle into worker processes.
+    for k in range(4):
+        png(tmp_path / "eo" / f"p{k}.png", np.repeat(grey(10 * k)[..., None], 3, axis=2))
+        png(tmp_path / "sar" / f"p{k}.png", grey(10 * k))
+    ds = folder_pairs(tmp_path, "train", ratio=50, crop=8)
+    assert ds.transform == PairAugment(crop_size=8)
+    torch.manual_seed(0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
+    batches = list(loader)
+    assert [b["sar"].shape for b in batches] == [(2, 3, 8, 8)]
+    # EO equal to SAR on disk stays equal after the shared augmentation.
+    assert torch.equal(batches[0]["sar"], batches[0]["eo"])
