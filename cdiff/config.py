@@ -30,7 +30,11 @@ class UNetConfig:
     transformer_depth: int = 1  # transformer blocks per spatial transformer
     context_dim: int = 1024  # width of the text context (OpenCLIP ViT-H/14)
     norm_groups: int = 32
-    norm_eps: float = 1e-5  # res blocks and the output norm; transformer GroupNorm uses 1e-6
+    norm_eps: float = 1e-5  # res blocks and the output norm
+    transformer_norm_eps: float = 1e-6  # the spatial transformer's input GroupNorm
+    layer_norm_eps: float = 1e-5  # the LayerNorms inside transformer blocks
+    ff_mult: int = 4  # GEGLU hidden width = ff_mult x channels
+    timestep_max_period: float = 10_000.0  # longest period of the sinusoidal timestep embedding
     upcast_attention: bool = False  # SD 2.1 768 (v) upcasts attention scores to fp32
 
     def __post_init__(self):
@@ -66,7 +70,8 @@ class UNetConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> "UNetConfig":
-        return replace(cls(model_channels=32, head_dim=16, norm_groups=8), **overrides)
+        # 4.9M parameters; the context stays 1024 wide so the real prompt embedding fits.
+        return replace(cls(model_channels=32, channel_mult=(1, 2, 2, 2), head_dim=16, norm_groups=8), **overrides)
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ class VAEConfig:
     layers_per_block: int = 2  # res blocks per encoder level (the decoder has one more)
     norm_groups: int = 32
     norm_eps: float = 1e-6
+    mid_attention_heads: int = 1  # the mid block's attention is one head as wide as the block
     scaling_factor: float = 0.18215  # unscaled latent * this = the latent the U-Net sees
 
     def __post_init__(self):

@@ -20,9 +20,6 @@ from cdiff.attention import attention
 from cdiff.config import VAEConfig
 from cdiff.layers import Downsample, GroupNorm, ResBlock, Upsample
 
-# The mid-block attention of the SD VAE is one head as wide as the block (head dim = channels).
-MID_ATTENTION_HEADS = 1
-
 # The reference clamps the log-variance before exponentiating, so std never under- or overflows.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -83,10 +80,10 @@ class MidAttention(nn.Module):
 class MidBlock(nn.Module):
     """res block, attention, res block, all at the deepest width. (B, C, h, w) -> same."""
 
-    def __init__(self, channels: int, groups: int, eps: float):
+    def __init__(self, channels: int, heads: int, groups: int, eps: float):
         super().__init__()
         self.res = nn.ModuleList([ResBlock(channels, channels, groups, eps) for _ in range(2)])
-        self.attn = MidAttention(channels, MID_ATTENTION_HEADS, groups, eps)
+        self.attn = MidAttention(channels, heads, groups, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.res[1](self.attn(self.res[0](x)))
@@ -134,7 +131,7 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList(
             EncoderLevel(c[max(i - 1, 0)], c[i], config.layers_per_block, i < last, groups, eps) for i in range(len(c))
         )
-        self.mid = MidBlock(c[-1], groups, eps)
+        self.mid = MidBlock(c[-1], config.mid_attention_heads, groups, eps)
         self.norm_out = GroupNorm(groups, c[-1], eps=eps)
         self.conv_out = nn.Conv2d(c[-1], 2 * config.latent_channels, 3, padding=1)  # mean and logvar
 
@@ -158,7 +155,7 @@ class Decoder(nn.Module):
         super().__init__()
         c, groups, eps = tuple(reversed(config.block_channels)), config.norm_groups, config.norm_eps
         self.conv_in = nn.Conv2d(config.latent_channels, c[0], 3, padding=1)
-        self.mid = MidBlock(c[0], groups, eps)
+        self.mid = MidBlock(c[0], config.mid_attention_heads, groups, eps)
         last = len(c) - 1
         self.up = nn.ModuleList(
             DecoderLevel(c[max(i - 1, 0)], c[i], config.layers_per_block + 1, i < last, groups, eps)
