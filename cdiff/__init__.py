@@ -1,9 +1,14 @@
 """cdiff: C-DiffSET SAR-to-EO translation on a plain-PyTorch Stable Diffusion 2.1 stack.
 
 Public API (see README):
-    UNet, UNetConfig    the SD 2.1 U-Net (cdiff.unet, cdiff.config)
-    VAE, VAEConfig      the SD 2.1 autoencoder (cdiff.vae, cdiff.config)
-    DDPM, DDIM          the forward process and the DDIM sampler (cdiff.schedulers)
+    UNet, UNetConfig                the SD 2.1 U-Net (cdiff.unet, cdiff.config)
+    VAE, VAEConfig                  the SD 2.1 autoencoder (cdiff.vae, cdiff.config)
+    DDPM, DDIM                      the forward process and the DDIM sampler (cdiff.schedulers)
+    Pipeline, Translation           SAR in, EO and confidence out (cdiff.pipeline)
+    confidence_nll                  the C-Diff loss (cdiff.loss), with variance_from_raw, confidence_from_raw
+    SyntheticPairs, make_pair,      synthetic SAR-EO pairs and the real datasets' readers (cdiff.data)
+    open_dataset
+    attention_backend               force the "sdpa" or "math" attention (cdiff.attention)
 """
 
 __version__ = "0.1.0"
@@ -37,3 +42,9 @@ _expose_checkout_kernels()
 
 from cdiff.attention import attention_backend  # noqa: E402
 from cdiff.config import UNetConfig, VAEConfig  # noqa: E402
+from cdiff.data import SyntheticPairs, make_pair, open_dataset  # noqa: E402
+from cdiff.loss import confidence_from_raw, confidence_nll, variance_from_raw  # noqa: E402
+from cdiff.pipeline import Pipeline, Translation  # noqa: E402
+from cdiff.schedulers import DDIM, DDPM  # noqa: E402
+from cdiff.unet import UNet  # noqa: E402
+from cdiff.vae import VAE  # noqa: E402
