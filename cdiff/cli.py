@@ -19,10 +19,81 @@ def _add_demo(sub) -> None:
         "the tiny stack has seeded random weights, so the EO image is noise-like.",
     )
     p.add_argument("--out", default="cdiff-demo", help="output folder (default: %(default)s)")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels, a multiple of 8 (default: %(default)s)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels, a multiple of 64 (default: %(default)s)")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the scene, the weights and the noise (default: %(default)s)")
     p.set_defaults(run=lambda a: __import__("cdiff.demo").demo.run_demo(a.out, size=a.size, steps=a.steps, seed=a.seed))
+
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser(
+        "synth",
+        help="write a synthetic SAR-EO dataset with known discrepancies (generic layout + masks)",
+        description="Generate COUNT seeded SAR-EO pairs (pair i from seed SEED+i) and write OUT_DIR/sar/, "
+        "eo/, discrepancy/, misregistration/ (PNG), pairs.csv and synth.json. The masks mark objects "
+        "present in one image only and SAR patches shifted by a few pixels (see cdiff.data.synth).",
+    )
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created if missing)")
+    p.add_argument("--count", type=int, default=100, help="number of pairs (default: %(default)s)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels, >= 16 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first pair, >= 0 (default: %(default)s)")
+    p.add_argument("--looks", type=float, default=4.0, help="looks of the SAR speckle; 0 for none (default: %(default)s)")
+    p.add_argument("--discrepancies", type=int, default=3, help="objects in one image only, per pair (default: %(default)s)")
+    p.add_argument("--misregistrations", type=int, default=2, help="shifted SAR patches per pair (default: %(default)s)")
+    p.set_defaults(
+        run=lambda a: __import__("cdiff.data.synth").data.synth.write_synthetic(
+            a.out_dir, a.count, size=a.size, seed=a.seed, looks=a.looks or None,
+            discrepancies=a.discrepancies, misregistrations=a.misregistrations,
+        )
+    )
+
+
+def _add_convert(sub) -> None:
+    from cdiff.pipeline import DEFAULT_PROMPT
+
+    p = sub.add_parser(
+        "convert",
+        help="make a cdiff C-DiffSET model from an SD 2.1 checkpoint (or a release U-Net)",
+        description="Read SRC (Stability's single .safetensors/.ckpt, a diffusers model folder, or a "
+        "cdiff file), apply the C-DiffSET surgery (conv_in 4->8 [SAR | EO] x 0.5, conv_out 4->5 with a "
+        "zero variance channel), encode the fixed prompt once with SRC's text encoder, and write one "
+        "native .safetensors. With --unet, the U-Net comes from an official C-DiffSET release file and "
+        "the VAE and text encoder from SRC. Nothing is written unless everything succeeds.",
+    )
+    p.add_argument("src", metavar="SRC", help="SD 2.1 checkpoint file or diffusers folder (or a cdiff native file)")
+    p.add_argument("out", metavar="OUT", help="the native .safetensors file to write")
+    p.add_argument("--unet", metavar="RELEASE_FILE", help="U-Net from the C-DiffSET release (model.safetensors), 8-in/4-out or 8-in/5-out")
+    p.add_argument("--plain", action="store_true", help="write the plain SD 2.1 model: no surgery")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the fixed prompt (default: %(default)r)")
+    p.add_argument("--pad-to-77", action="store_true", help="pad the prompt to 77 tokens (SD's convention; the release does not)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="cast the weights (default: keep the stored dtype)")
+
+    def run(a):
+        from cdiff.convert import convert
+
+        convert(a.src, a.out, unet=a.unet, plain=a.plain, prompt=a.prompt, pad_to_77=a.pad_to_77, dtype=a.dtype)
+
+    p.set_defaults(run=run)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a cdiff model in another layout (diffusers folder, original single file, release U-Net)",
+        description="Write SRC (normally a cdiff native file) as a diffusers folder (unet/, vae/, "
+        "scheduler/, model_index.json; the prompt embedding in cdiff_context.safetensors), as one file "
+        "in Stability's original layout, or as the C-DiffSET release's U-Net file.",
+    )
+    p.add_argument("src", metavar="SRC", help="the model to export (any layout cdiff reads)")
+    p.add_argument("out", metavar="OUT", help="the folder (diffusers) or .safetensors file to write")
+    p.add_argument("--to", required=True, choices=("diffusers", "original", "release"), help="the layout to write")
+
+    def run(a):
+        from cdiff.convert import export
+
+        export(a.src, a.out, to=a.to)
+
+    p.set_defaults(run=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cdiff {cdiff.__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_demo(sub)
+    _add_synth(sub)
+    _add_convert(sub)
+    _add_export(sub)
     return parser
 
 

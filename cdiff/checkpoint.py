@@ -1,0 +1,333 @@
+"""Reading and writing checkpoint files: formats, layouts, clear errors, atomic writes.
+
+Formats read: ``.safetensors`` (lazily, one prefix at a time, so loading the U-Net of a
+5 GB single file does not read its VAE and text encoder), and pickled ``.ckpt`` / ``.bin``
+/ ``.pt`` / ``.pth`` files through ``torch.load(..., weights_only=True)`` only.
+
+Layouts recognised (``detect_layout``):
+
+- ``"native"``    cdiff's own file: one ``.safetensors`` with ``unet.*``, ``vae.*``,
+                  ``context`` and the configs in its metadata (see cdiff.convert).
+- ``"original"``  Stability's single file: ``model.diffusion_model.*``,
+                  ``first_stage_model.*``, ``cond_stage_model.model.*``.
+- ``"diffusers"`` a model folder with ``model_index.json`` or ``unet/`` and ``vae/``.
+- ``"diffusers-unet"`` / ``"diffusers-vae"`` / ``"diffusers-text"``: one component
+                  folder of that layout (``config.json`` + weights), or a bare weights file
+                  keyed the diffusers way. The official C-DiffSET release's
+                  ``model.safetensors`` is a ``"diffusers-unet"`` file whose keys may carry a
+                  ``module.`` or ``unet.`` prefix (stripped by ``read_state_dict``).
+
+Every error names the file and says what is wrong with it, in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+
+NATIVE_FORMAT = "cdiff"  # metadata "format" of a native file
+
+# Prefixes of the original single-file layout, by component.
+ORIGINAL_PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text": "cond_stage_model.model.",
+}
+# Prefixes that wrappers (DDP's ``module.``, accelerate's saved ``unet.``) put before
+# diffusers U-Net keys in the release's files.
+WRAPPER_PREFIXES = ("module.", "unet.")
+
+# Weight file names of a diffusers component folder, in the order diffusers prefers them.
+DIFFUSERS_WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "diffusion_pytorch_model.bin",
+    "pytorch_model.bin",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not hold what was asked for."""
+
+
+# --- files ------------------------------------------------------------------------------
+
+
+class WeightFile:
+    """One weights file (or a sharded set), read lazily where the format allows.
+
+    ``keys()`` lists tensor names without reading data; ``load(prefix)`` returns the
+    tensors under ``prefix`` with it stripped. ``metadata`` is the safetensors header's
+    string map (empty for pickled files).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: no such file or folder")
+        if self.path.is_dir():
+            raise CheckpointError(f"{self.path}: is a folder, expected a weights file")
+        self._shards: dict[str, Path] = {}  # key -> file, safetensors only
+        self._eager: dict[str, torch.Tensor] | None = None  # pickled files load at once
+        self.metadata: dict[str, str] = {}
+        name = self.path.name
+        if name.endswith(".index.json"):
+            self._open_index()
+        elif name.endswith(SAFETENSORS_SUFFIXES):
+            self._open_safetensors(self.path)
+        elif name.endswith(PICKLE_SUFFIXES):
+            self._eager = _torch_load(self.path)
+        else:
+            raise CheckpointError(
+                f"{self.path}: unknown weights format (expected one of {', '.join(WEIGHT_SUFFIXES)})"
+            )
+
+    def _open_safetensors(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+                if not self.metadata:
+                    self.metadata = dict(f.metadata() or {})
+        except Exception as err:  # safetensors raises its own error type for bad headers
+            raise CheckpointError(
+                f"{path}: not a readable .safetensors file (truncated or corrupt?): {err}"
+            ) from None
+        # The header can be intact while the data is cut short: check the size it promises.
+        _check_safetensors_size(path)
+        for key in keys:
+            self._shards[key] = path
+
+    def _open_index(self) -> None:
+        try:
+            index = json.loads(self.path.read_text())
+            weight_map = index["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{self.path}: not a valid sharded-weights index: {err}") from None
+        for shard in sorted(set(weight_map.values())):
+            shard_path = self.path.parent / shard
+            if not shard_path.is_file():
+                raise CheckpointError(f"{self.path}: shard {shard} is missing")
+            if shard.endswith(SAFETENSORS_SUFFIXES):
+                self._open_safetensors(shard_path)
+            else:
+                self._eager = {**(self._eager or {}), **_torch_load(shard_path)}
+
+    def keys(self) -> list[str]:
+        return list(self._shards) + list(self._eager or {})
+
+    def load(self, prefix: str = "", strip: bool = True) -> dict[str, torch.Tensor]:
+        """Tensors whose key starts with ``prefix`` (stripped unless ``strip=False``)."""
+        from safetensors import safe_open
+
+        out: dict[str, torch.Tensor] = {}
+        cut = len(prefix) if strip else 0
+        for key, value in (self._eager or {}).items():
+            if key.startswith(prefix):
+                out[key[cut:]] = value
+        by_file: dict[Path, list[str]] = {}
+        for key, path in self._shards.items():
+            if key.startswith(prefix):
+                by_file.setdefault(path, []).append(key)
+        for path, keys in by_file.items():
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for key in keys:
+                        out[key[cut:]] = f.get_tensor(key)
+            except Exception as err:
+                raise CheckpointError(f"{path}: reading its tensors failed (corrupt file?): {err}") from None
+        return out
+
+
+def _check_safetensors_size(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated .safetensors file (no header)")
+        n = int.from_bytes(head, "little")
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    size = path.stat().st_size
+    if size < 8 + n + end:
+        raise CheckpointError(
+            f"{path}: truncated .safetensors file: {size} bytes, the header promises {8 + n + end}"
+        )
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load`` with ``weights_only=True``; unwraps ``{"state_dict": ...}``."""
+    try:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy format
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refusing to load: this file needs unpickling arbitrary Python objects, "
+            f"which can run code. cdiff reads pickled checkpoints only with "
+            f"torch.load(weights_only=True). Convert it to .safetensors with a tool you trust. "
+            f"({str(err).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {err}") from None
+    for wrapper in ("state_dict", "module", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a dict of tensors")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def read_state_dict(path: str | os.PathLike, prefix: str = "") -> dict[str, torch.Tensor]:
+    """All tensors of one weights file under ``prefix`` (stripped)."""
+    return WeightFile(path).load(prefix)
+
+
+# --- layouts ----------------------------------------------------------------------------
+
+
+def _component_of_keys(keys: list[str]) -> str | None:
+    """Which diffusers component a bare diffusers-keyed state dict is, or None."""
+    keys = [_strip_wrapper(k) for k in keys]
+    if any(k.startswith("conv_in.") for k in keys) and any(k.startswith("down_blocks.") for k in keys):
+        return "diffusers-unet"
+    if any(k.startswith("encoder.down_blocks.") for k in keys) and any(k.startswith("decoder.") for k in keys):
+        return "diffusers-vae"
+    if any(k.startswith(("text_model.", "embeddings.token_embedding.")) for k in keys):
+        return "diffusers-text"
+    return None
+
+
+def _strip_wrapper(key: str) -> str:
+    for p in WRAPPER_PREFIXES:
+        if key.startswith(p):
+            return key[len(p) :]
+    return key
+
+
+def find_weights(folder: Path) -> Path:
+    """The weights file of a diffusers component folder (``unet/``, ``vae/``, ``text_encoder/``)."""
+    for name in DIFFUSERS_WEIGHT_NAMES:
+        for candidate in (folder / name, folder / f"{name}.index.json"):
+            if candidate.is_file():
+                return candidate
+    found = sorted(p.name for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+    if len(found) == 1:
+        return folder / found[0]
+    if found:
+        raise CheckpointError(f"{folder}: several weight files and none with a standard name: {found}")
+    raise CheckpointError(
+        f"{folder}: no weights found (expected {' or '.join(DIFFUSERS_WEIGHT_NAMES[:3])})"
+    )
+
+
+def detect_layout(source: str | os.PathLike) -> str:
+    """The layout of ``source`` (a file or folder); see the module docstring for the names."""
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if (path / "model_index.json").is_file() or ((path / "unet").is_dir() and (path / "vae").is_dir()):
+            return "diffusers"
+        if (path / "unet").is_dir() or (path / "vae").is_dir():
+            return "diffusers"
+        config = path / "config.json"
+        kind = None
+        if config.is_file():
+            try:
+                cls = json.loads(config.read_text()).get("_class_name", "")
+            except json.JSONDecodeError as err:
+                raise CheckpointError(f"{config}: not valid JSON: {err}") from None
+            kind = {
+                "UNet2DConditionModel": "diffusers-unet",
+                "AutoencoderKL": "diffusers-vae",
+            }.get(cls)
+            if kind is None and "architectures" in json.loads(config.read_text()):
+                kind = "diffusers-text"
+        weights = find_weights(path)  # raises for a folder without weights
+        if kind is None:
+            kind = _component_of_keys(WeightFile(weights).keys())
+        if kind is None:
+            raise CheckpointError(f"{path}: unknown layout (not a diffusers model or component folder)")
+        return kind
+    f = WeightFile(path)
+    if f.metadata.get("format") == NATIVE_FORMAT:
+        return "native"
+    keys = f.keys()
+    if any(k.startswith(tuple(ORIGINAL_PREFIXES.values())) for k in keys):
+        return "original"
+    kind = _component_of_keys(keys)
+    if kind is None:
+        if not keys:
+            raise CheckpointError(f"{path}: holds no tensors")
+        raise CheckpointError(
+            f"{path}: unknown layout: its {len(keys)} keys (first: {keys[:3]}) are neither cdiff's "
+            f"native format, the original SD single file (model.diffusion_model.*), nor a "
+            f"diffusers U-Net/VAE state dict"
+        )
+    return kind
+
+
+# --- writing ----------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_path(target: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it to ``target`` only on success.
+
+    A crash or an exception leaves ``target`` untouched and removes the temporary, so
+    ``convert`` never leaves a half-written output behind.
+    """
+    import shutil
+
+    target = Path(target)
+    if is_dir and target.exists():
+        # Never replace a folder: OUT could be a user's folder with other things in it.
+        raise FileExistsError(f"{target}: already exists; give a new folder to write into")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` atomically (contiguous CPU copies; shared storage is split)."""
+    from safetensors.torch import save_file
+
+    plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    # safetensors refuses tensors that share storage (e.g. tied views); clone those.
+    seen: set[int] = set()
+    for k, v in plain.items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen and v.numel():
+            plain[k] = v.clone()
+        seen.add(ptr)
+    with atomic_path(path) as tmp:
+        save_file(plain, str(tmp), metadata=metadata)

@@ -1,0 +1,152 @@
+"""Rename tables between the diffusers layout and Stability's original single file.
+
+The original layout numbers the U-Net's blocks sequentially (``input_blocks.4.1`` is the
+attention of level 1's first res block), so its tables are generated from the config by
+enumerating the blocks; the VAE's only need the level count. Both tables are written
+against diffusers key names (the "cdiff" side of these RenameTables is the diffusers
+name): a file in the original layout is read as original -> diffusers -> cdiff, with the
+diffusers tables of ``cdiff.layouts.diffusers`` doing the second step.
+
+Inside the U-Net's spatial transformers the two layouts use the same names, so one rule
+per attention block suffices. The original VAE's mid-block attention stores q, k, v and
+the output projection as 1x1 convolutions, (C, C, 1, 1), where diffusers uses Linear
+layers, (C, C): ``vae_to_diffusers`` / ``vae_to_original`` reshape those explicitly.
+
+Prefixes in the single file: ``model.diffusion_model.`` (U-Net), ``first_stage_model.``
+(VAE), ``cond_stage_model.model.`` (the OpenCLIP text tower, in open_clip's own names,
+see cdiff.prompt).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from cdiff.config import UNetConfig, VAEConfig
+from cdiff.layouts import RenameTable
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.model."
+
+# Res block parts: diffusers name -> original name (the original wraps them in Sequentials).
+_RESNET_PARTS = (
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("conv_shortcut", "skip_connection"),
+)
+
+
+def _resnet_rules(diffusers: str, original: str) -> list[tuple[str, str]]:
+    return [(f"{diffusers}.{d}", f"{original}.{o}") for d, o in _RESNET_PARTS]
+
+
+def unet_table(config: UNetConfig) -> RenameTable:
+    """diffusers UNet2DConditionModel names <-> ``model.diffusion_model.*`` names (prefix not included)."""
+    levels = len(config.channel_mult)
+    per_level = config.num_res_blocks + 1  # res blocks + the downsample (or, up, the extra res block)
+    rules: list[tuple[str, str]] = [
+        ("conv_in", "input_blocks.0.0"),
+        ("time_embedding.linear_1", "time_embed.0"),
+        ("time_embedding.linear_2", "time_embed.2"),
+        ("conv_norm_out", "out.0"),
+        ("conv_out", "out.2"),
+    ]
+    # Down path: input_blocks.{1 + level * per_level + j} holds res block j (.0) and its
+    # attention (.1); the last slot of each level but the last holds the downsample.
+    for i in range(levels):
+        for j in range(config.num_res_blocks):
+            n = 1 + i * per_level + j
+            rules += _resnet_rules(f"down_blocks.{i}.resnets.{j}", f"input_blocks.{n}.0")
+            if config.attention_levels[i]:
+                rules.append((f"down_blocks.{i}.attentions.{j}", f"input_blocks.{n}.1"))
+        if i < levels - 1:
+            rules.append((f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{(i + 1) * per_level}.0.op"))
+    # Middle: res, attention, res.
+    rules += _resnet_rules("mid_block.resnets.0", "middle_block.0")
+    rules.append(("mid_block.attentions.0", "middle_block.1"))
+    rules += _resnet_rules("mid_block.resnets.1", "middle_block.2")
+    # Up path: up block k runs level (levels - 1 - k); output_blocks.{k * per_level + j}.
+    for k in range(levels):
+        has_attention = config.attention_levels[levels - 1 - k]
+        for j in range(per_level):
+            n = k * per_level + j
+            rules += _resnet_rules(f"up_blocks.{k}.resnets.{j}", f"output_blocks.{n}.0")
+            if has_attention:
+                rules.append((f"up_blocks.{k}.attentions.{j}", f"output_blocks.{n}.1"))
+        if k < levels - 1:
+            slot = 2 if has_attention else 1  # the upsample follows the attention, if any
+            rules.append((f"up_blocks.{k}.upsamplers.0.conv", f"output_blocks.{k * per_level + per_level - 1}.{slot}.conv"))
+    return RenameTable("original SD U-Net", rules=tuple(rules))
+
+
+# VAE res block parts that the layouts name differently (norm1/conv1/norm2/conv2 agree).
+_VAE_RESNET_PARTS = (("conv_shortcut", "nin_shortcut"),)
+# Mid-block attention: diffusers Linear name -> original 1x1 conv name.
+_VAE_ATTENTION_PARTS = (
+    ("group_norm", "norm"),
+    ("to_q", "q"),
+    ("to_k", "k"),
+    ("to_v", "v"),
+    ("to_out.0", "proj_out"),
+)
+_VAE_ATTENTION_LINEARS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def vae_table(config: VAEConfig) -> RenameTable:
+    """diffusers AutoencoderKL names <-> ``first_stage_model.*`` names (prefix not included)."""
+    levels = len(config.block_channels)
+    rules: list[tuple[str, str]] = [
+        ("quant_conv", "quant_conv"),
+        ("post_quant_conv", "post_quant_conv"),
+    ]
+    for side in ("encoder", "decoder"):
+        rules += [
+            (f"{side}.conv_in", f"{side}.conv_in"),
+            (f"{side}.conv_norm_out", f"{side}.norm_out"),
+            (f"{side}.conv_out", f"{side}.conv_out"),
+            (f"{side}.mid_block.resnets.0", f"{side}.mid.block_1"),
+            (f"{side}.mid_block.resnets.1", f"{side}.mid.block_2"),
+        ]
+        rules += [(f"{side}.mid_block.attentions.0.{d}", f"{side}.mid.attn_1.{o}") for d, o in _VAE_ATTENTION_PARTS]
+    for i in range(levels):
+        rules.append((f"encoder.down_blocks.{i}.resnets.{{j}}", f"encoder.down.{i}.block.{{j}}"))
+        rules += [(f"encoder.down_blocks.{i}.resnets.{{j}}.{d}", f"encoder.down.{i}.block.{{j}}.{o}") for d, o in _VAE_RESNET_PARTS]
+        if i < levels - 1:
+            rules.append((f"encoder.down_blocks.{i}.downsamplers.0.conv", f"encoder.down.{i}.downsample.conv"))
+        # The decoder's up blocks run from the deepest level: diffusers counts them in
+        # running order, the original by level.
+        level = levels - 1 - i
+        rules.append((f"decoder.up_blocks.{i}.resnets.{{j}}", f"decoder.up.{level}.block.{{j}}"))
+        rules += [(f"decoder.up_blocks.{i}.resnets.{{j}}.{d}", f"decoder.up.{level}.block.{{j}}.{o}") for d, o in _VAE_RESNET_PARTS]
+        if i < levels - 1:
+            rules.append((f"decoder.up_blocks.{i}.upsamplers.0.conv", f"decoder.up.{level}.upsample.conv"))
+    return RenameTable("original SD VAE", rules=tuple(rules))
+
+
+def _is_attention_linear(diffusers_key: str) -> bool:
+    return ".mid_block.attentions.0." in diffusers_key and any(
+        diffusers_key.endswith(f".{part}.weight") for part in _VAE_ATTENTION_LINEARS
+    )
+
+
+def vae_to_diffusers(state: Mapping[str, torch.Tensor], config: VAEConfig) -> dict[str, torch.Tensor]:
+    """Original ``first_stage_model.*`` tensors (prefix stripped) -> diffusers AutoencoderKL keys."""
+    out = vae_table(config).rename(state, to="cdiff")
+    for key, value in out.items():
+        if _is_attention_linear(key) and value.ndim == 4:
+            out[key] = value.reshape(value.shape[0], value.shape[1])  # (C, C, 1, 1) conv -> (C, C) linear
+    return out
+
+
+def vae_to_original(state: Mapping[str, torch.Tensor], config: VAEConfig) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKL keys -> original ``first_stage_model.*`` names (prefix not added)."""
+    state = dict(state)
+    for key, value in state.items():
+        if _is_attention_linear(key) and value.ndim == 2:
+            state[key] = value.reshape(*value.shape, 1, 1)  # (C, C) linear -> (C, C, 1, 1) conv
+    return vae_table(config).rename(state, to="foreign")

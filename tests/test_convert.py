@@ -1,0 +1,465 @@
+"""Conversions at the tiny preset: every source layout in, native out, exports back, the
+C-DiffSET surgery, the CLI, and the error messages. The full-size SD 2.1 checks live in
+test_convert_sd21.py; both use the folder writers below.
+
+Sources are written by the reference libraries themselves (diffusers' ``save_pretrained``,
+transformers' CLIPTextModel), from seeded random weights; the release's surgery is written
+here independently of cdiff's; the original layout is checked by diffusers' own
+single-file loader. Reference outputs always come from diffusers, never from cdiff.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded; config= is a local folder
+
+import cdiff.convert as cv  # noqa: E402
+from cdiff.checkpoint import CheckpointError, WeightFile, detect_layout  # noqa: E402
+from cdiff.cli import main as cli_main  # noqa: E402
+from cdiff.config import UNetConfig, VAEConfig  # noqa: E402
+from cdiff.loss import VAR_MAX, VAR_MIN, VAR_OFFSET, variance_from_raw  # noqa: E402
+from tests.helpers import assert_parity, randomize_  # noqa: E402
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("open_clip")
+
+# --- writers of the source layouts (also used by test_convert_sd21.py) -------------------
+
+SD21_UNET = dict(  # SD 2.1 base's unet/config.json, written out (not derived from UNetConfig)
+    act_fn="silu", attention_head_dim=[5, 10, 20, 20], block_out_channels=[320, 640, 1280, 1280],
+    center_input_sample=False, cross_attention_dim=1024,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
+    mid_block_scale_factor=1, norm_eps=1e-05, norm_num_groups=32, out_channels=4, sample_size=64,
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    upcast_attention=False, use_linear_projection=True,
+)
+_TINY = UNetConfig.tiny()  # the tiny preset's sizes, whatever they are, in SD 2.1's structure
+TINY_UNET = dict(
+    SD21_UNET, block_out_channels=list(_TINY.level_channels), norm_num_groups=_TINY.norm_groups,
+    attention_head_dim=[c // _TINY.head_dim for c in _TINY.level_channels],
+)
+SD21_VAE = dict(
+    act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+    in_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=3,
+    sample_size=768, scaling_factor=0.18215, up_block_types=["UpDecoderBlock2D"] * 4,
+)
+_TINY_VAE = VAEConfig.tiny()
+TINY_VAE = dict(SD21_VAE, block_out_channels=list(_TINY_VAE.block_channels),
+                layers_per_block=_TINY_VAE.layers_per_block, norm_num_groups=_TINY_VAE.norm_groups)
+SD21_TEXT = dict(  # SD 2.1's text_encoder/config.json: OpenCLIP ViT-H/14 text, last block dropped
+    vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+    num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
+    projection_dim=512, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+TINY_TEXT = dict(SD21_TEXT, intermediate_size=256, num_hidden_layers=2)
+SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                 clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+def free(*_):
+    gc.collect()
+
+
+def write_diffusers_folder(root: Path, unet_cfg: dict, vae_cfg: dict, text_cfg: dict, seed: int = 0) -> Path:
+    """A diffusers SD 2.1 model folder with seeded random weights, written by diffusers and
+    transformers themselves; one model alive at a time."""
+    root.mkdir(parents=True, exist_ok=True)
+    # Built on the meta device and given memory uninitialised (they have no buffers), as
+    # randomize_ overwrites every parameter: skips diffusers' own init of 865M params.
+    with torch.device("meta"):
+        model = diffusers.UNet2DConditionModel(**unet_cfg)
+    model = randomize_(model.to_empty(device="cpu"), seed)
+    model.save_pretrained(root / "unet", safe_serialization=True)
+    del model
+    free()
+    with torch.device("meta"):
+        model = diffusers.AutoencoderKL(**vae_cfg)
+    model = randomize_(model.to_empty(device="cpu"), seed + 1)
+    model.save_pretrained(root / "vae", safe_serialization=True)
+    del model
+    free()
+    model = randomize_(transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_cfg)), seed + 2)
+    model.save_pretrained(root / "text_encoder", safe_serialization=True)
+    del model
+    free()
+    diffusers.DDIMScheduler(**SCHEDULER).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }))
+    return root
+
+
+@torch.no_grad()
+def release_surgery(unet, variance: bool = True):
+    """The official release's channel surgery, on a diffusers UNet2DConditionModel, written
+    here independently of cdiff: conv_in gets [SAR | EO] halves of weight x 0.5 (bias kept),
+    conv_out one more output channel with zero weight and bias."""
+    cfg = dict(unet.config)
+    conv_in, conv_out = unet.conv_in, unet.conv_out
+    cfg["in_channels"] = 2 * conv_in.in_channels if conv_in.in_channels == 4 else conv_in.in_channels
+    cfg["out_channels"] = conv_out.out_channels + (1 if variance else 0)
+    new = diffusers.UNet2DConditionModel.from_config(cfg)
+    state = unet.state_dict()
+    if conv_in.in_channels == 4:
+        state["conv_in.weight"] = torch.cat([conv_in.weight * 0.5, conv_in.weight * 0.5], dim=1)
+    if variance:
+        state["conv_out.weight"] = torch.cat([conv_out.weight, torch.zeros(1, *conv_out.weight.shape[1:])])
+        state["conv_out.bias"] = torch.cat([conv_out.bias, torch.zeros(1)])
+    new.load_state_dict(state)
+    return new.eval()
+
+
+def write_release(path: Path, unet, prefix: str = "module.") -> Path:
+    """A release ``model.safetensors``: the diffusers U-Net state dict, keys prefixed."""
+    from safetensors.torch import save_file
+
+    save_file({prefix + k: v.contiguous() for k, v in unet.state_dict().items()}, str(path))
+    return path
+
+
+def unet_inputs(in_channels: int, side: int = 16, context_len: int = 6, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    sample = torch.randn(2, in_channels, side, side, generator=gen)
+    context = torch.randn(2, context_len, 1024, generator=gen)
+    return sample, torch.tensor([37, 781]), context
+
+
+def check_unet_parity(ours, theirs, what: str, side: int = 16) -> float:
+    sample, t, context = unet_inputs(ours.config.in_channels, side)
+    with torch.no_grad():
+        expected = theirs(sample, t, encoder_hidden_states=context).sample
+        actual = ours(sample, t, context)
+    return assert_parity(actual, expected, what)
+
+
+def check_vae_parity(ours, theirs, what: str, side: int = 32) -> None:
+    images = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
+    with torch.no_grad():
+        posterior = theirs.encode(images).latent_dist
+        assert_parity(ours.encode(images).mean, posterior.mean, f"{what} encoder mean")
+        assert_parity(ours.decode(posterior.mean), theirs.decode(posterior.mean).sample, f"{what} decoder")
+
+
+def assert_same_tensors(a: dict, b: dict, what: str) -> None:
+    assert set(a) == set(b), f"{what}: keys differ: {sorted(set(a) ^ set(b))[:5]}"
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), f"{what}: {k} differs"
+
+
+# --- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return write_diffusers_folder(tmp_path_factory.mktemp("tiny") / "sd21", TINY_UNET, TINY_VAE, TINY_TEXT)
+
+
+@pytest.fixture(scope="module")
+def tiny_native(tiny_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("native") / "model.safetensors"
+    cv.convert(tiny_folder, out, echo=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_folder):
+    unet = diffusers.UNet2DConditionModel.from_pretrained(tiny_folder / "unet").eval()
+    vae = diffusers.AutoencoderKL.from_pretrained(tiny_folder / "vae").eval()
+    return unet, vae
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def test_load_unet_and_vae_from_diffusers_folder_match_diffusers(tiny_folder, reference):
+    for source in (tiny_folder, tiny_folder / "unet"):
+        unet = cv.load_unet(source)
+        assert unet.config == UNetConfig.tiny()  # a plain SD U-Net stays 4-in/4-out
+        out = unet(*unet_inputs(4))
+        assert isinstance(out, torch.Tensor) and out.shape == (2, 4, 16, 16)
+        check_unet_parity(unet, reference[0], f"tiny U-Net from {source.name}")
+    for source in (tiny_folder, tiny_folder / "vae"):
+        vae = cv.load_vae(source)
+        assert vae.config == VAEConfig.tiny()
+        check_vae_parity(vae, reference[1], f"tiny VAE from {source.name}")
+
+
+def test_load_dtype_and_stored_dtype(tiny_folder):
+    assert cv.load_unet(tiny_folder).conv_in.weight.dtype == torch.float32
+    unet = cv.load_unet(tiny_folder, dtype=torch.bfloat16)
+    assert {p.dtype for p in unet.parameters()} == {torch.bfloat16}
+
+
+def test_convert_writes_native_cdiffset_model(tiny_folder, tiny_native, reference):
+    f = WeightFile(tiny_native)
+    assert detect_layout(tiny_native) == "native"
+    assert f.metadata["format"] == "cdiff" and f.metadata["format_version"] == cv.NATIVE_VERSION
+    assert f.metadata["prompt"] == "electro-optical image" and f.metadata["padding"] == "none"
+    unet, vae, context, prompt = cv.load_native(tiny_native)
+    assert unet.config == UNetConfig.tiny(in_channels=8, out_channels=5) and vae.config == VAEConfig.tiny()
+    assert context.shape == (6, 1024)
+    # The surgery against the release's, written independently on diffusers' model.
+    check_unet_parity(unet, release_surgery(reference[0]), "tiny C-DiffSET U-Net vs release surgery")
+    check_vae_parity(vae, reference[1], "tiny VAE in native file")
+
+
+def test_surgery_weights_and_initial_variance(tiny_folder):
+    plain = cv.load_unet(tiny_folder)
+    w_in, b_in = plain.conv_in.weight.clone(), plain.conv_in.bias.clone()
+    w_out, b_out = plain.conv_out.weight.clone(), plain.conv_out.bias.clone()
+    model = cv.cdiffset_surgery(plain)
+    assert (model.config.in_channels, model.config.out_channels) == (8, 5)
+    assert torch.equal(model.conv_in.weight[:, :4], w_in * 0.5) and torch.equal(model.conv_in.weight[:, 4:], w_in * 0.5)
+    assert torch.equal(model.conv_in.bias, b_in)
+    assert torch.equal(model.conv_out.weight[:4], w_out) and torch.equal(model.conv_out.bias[:4], b_out)
+    assert not model.conv_out.weight[4].any() and model.conv_out.bias[4] == 0
+    # raw variance 0 everywhere at start, so variance exactly 1: the loss's constants give that.
+    raw = model(*unet_inputs(8))[:, 4:]
+    assert not raw.any()
+    assert torch.equal(variance_from_raw(raw), torch.ones_like(raw))
+    assert VAR_MIN == 1e-6 and VAR_MAX == 10.0
+    assert abs(VAR_OFFSET - torch.log(torch.expm1(torch.tensor(1 - 1e-6, dtype=torch.float64))).item()) < 1e-12
+    # 8-in/4-out gets the variance channel only; 8-in/5-out is taken unchanged.
+    starting = cv.build_model(type(model), UNetConfig.tiny(in_channels=8, out_channels=4),
+                              {k: (v[:4] if k.startswith("conv_out") else v) for k, v in model.state_dict().items()}, "test")
+    done = cv.cdiffset_surgery(starting)
+    assert (done.config.in_channels, done.config.out_channels) == (8, 5)
+    assert torch.equal(done.conv_in.weight, starting.conv_in.weight)
+    assert cv.cdiffset_surgery(done) is done
+
+
+def test_surgery_refuses_other_shapes(tiny_folder):
+    from cdiff.unet import UNet
+
+    with torch.device("meta"):
+        odd = UNet(UNetConfig.tiny(in_channels=3, out_channels=4))
+    with pytest.raises(ValueError, match=r"cdiffset_surgery: a 3-in/4-out U-Net"):
+        cv.cdiffset_surgery(odd)
+
+
+# --- release files -------------------------------------------------------------------------
+
+
+def test_release_unet_files(tiny_folder, reference, tmp_path):
+    trained = randomize_(release_surgery(reference[0]), 7)  # a "trained" 8-in/5-out model
+    path = write_release(tmp_path / "model.safetensors", trained, prefix="module.")
+    assert detect_layout(path) == "diffusers-unet"
+    unet = cv.load_unet(path)
+    assert (unet.config.in_channels, unet.config.out_channels) == (8, 5)
+    check_unet_parity(unet, trained, "release 8-in/5-out U-Net")
+    out = tmp_path / "converted.safetensors"
+    cv.convert(tiny_folder, out, unet=path, echo=lambda *_: None)
+    assert_same_tensors(cv.read_unet(out)[0], cv.read_unet(path)[0], "release U-Net taken unchanged")
+    # The SAR-conditioned starting point (8-in/4-out), keys prefixed "unet.": variance only.
+    start = release_surgery(reference[0], variance=False)
+    path = write_release(tmp_path / "start.safetensors", start, prefix="unet.")
+    cv.convert(tiny_folder, out, unet=path, echo=lambda *_: None)
+    converted = cv.load_unet(out)
+    check_unet_parity(converted, release_surgery(start), "release 8-in/4-out + variance channel")
+    # Export back to the release file: bit-exact.
+    back = cv.export_release(out, tmp_path / "back.safetensors")
+    expected = {k: v for k, v in converted.state_dict().items()}
+    assert_same_tensors(cv.read_unet(back)[0], expected, "release export")
+
+
+# --- native and exports ----------------------------------------------------------------------
+
+
+def test_native_round_trips_through_every_layout(tiny_native, tmp_path, reference):
+    native = WeightFile(tiny_native).load()
+    # diffusers folder: read back by diffusers itself, then by cdiff, bit-exactly.
+    folder = cv.export_diffusers(tiny_native, tmp_path / "diffusers")
+    assert detect_layout(folder) == "diffusers"
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    check_unet_parity(cv.load_unet(tiny_native), theirs, "native -> diffusers export, read by diffusers")
+    check_vae_parity(cv.load_vae(tiny_native), diffusers.AutoencoderKL.from_pretrained(folder / "vae").eval(), "VAE export")
+    diffusers.DDIMScheduler.from_pretrained(folder / "scheduler")
+    again = cv.convert(folder, tmp_path / "again.safetensors", echo=lambda *_: None)
+    assert_same_tensors(WeightFile(again).load(), native, "native -> diffusers -> native")
+    # original single file, then back.
+    single = cv.export_original(tiny_native, tmp_path / "single.safetensors")
+    assert detect_layout(single) == "original"
+    again = cv.convert(single, tmp_path / "again2.safetensors", echo=lambda *_: None)
+    assert_same_tensors(WeightFile(again).load(), native, "native -> original -> native")
+    assert WeightFile(again).metadata["unet_config"] == WeightFile(tiny_native).metadata["unet_config"]
+
+
+def test_original_export_read_by_diffusers_single_file_loader(tiny_folder, tiny_native, reference, tmp_path):
+    """The independent check of the original-layout tables: diffusers' own converter reads
+    cdiff's export (plain and C-DiffSET) and must give diffusers' outputs."""
+    plain = cv.convert(tiny_folder, tmp_path / "plain.safetensors", plain=True, echo=lambda *_: None)
+    for source, (c_in, c_out), expected in (
+        (plain, (4, 4), reference[0]),
+        (tiny_native, (8, 5), release_surgery(reference[0])),
+    ):
+        single = cv.export_original(source, tmp_path / f"single{c_in}.safetensors")
+        theirs = diffusers.UNet2DConditionModel.from_single_file(
+            str(single), config=str(tiny_folder), subfolder="unet", local_files_only=True,
+            in_channels=c_in, out_channels=c_out,
+        ).eval()
+        sample, t, context = unet_inputs(c_in)
+        with torch.no_grad():
+            assert_parity(theirs(sample, t, encoder_hidden_states=context).sample,
+                          expected(sample, t, encoder_hidden_states=context).sample,
+                          f"diffusers from_single_file of cdiff's original export ({c_in}-in)")
+        check_unet_parity(cv.load_unet(single), expected, f"cdiff reading its original export ({c_in}-in)")
+    vae = diffusers.AutoencoderKL.from_single_file(
+        str(single), config=str(tiny_folder), subfolder="vae", local_files_only=True
+    ).eval()
+    check_vae_parity(cv.load_vae(single), vae, "diffusers from_single_file VAE vs cdiff")
+    check_vae_parity(cv.load_vae(single), reference[1], "original-layout VAE vs diffusers' own")
+
+
+def test_load_pipeline(tiny_folder, tiny_native):
+    from cdiff.pipeline import Pipeline
+
+    pipe = cv.load_pipeline(tiny_native)
+    assert isinstance(pipe, Pipeline) and pipe.context.shape == (6, 1024)
+    assert pipe.prompt == "electro-optical image"
+    assert torch.equal(pipe.context, WeightFile(tiny_native).load("context")[""])
+    with pytest.raises(ValueError, match="surgery=True"):
+        cv.load_pipeline(tiny_folder)
+    pipe = cv.load_pipeline(tiny_folder, surgery=True, pad_to_77=True)
+    assert pipe.unet.config.in_channels == 8 and pipe.context.shape == (77, 1024)
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+
+def test_cli_convert_and_export(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "cli.safetensors"
+    assert cli_main(["convert", str(tiny_folder), str(out), "--pad-to-77", "--dtype", "fp16", "--prompt", "a map"]) == 0
+    text = capsys.readouterr().out
+    assert "diffusers layout" in text and "4-in/4-out" in text and "float32" in text
+    assert "8-in/5-out" in text and "float16" in text and f"wrote {out}" in text
+    f = WeightFile(out)
+    assert f.metadata["prompt"] == "a map" and f.metadata["padding"] == "77"
+    assert f.load("context")[""].shape == (77, 1024)
+    assert {v.dtype for v in f.load("unet.").values()} == {torch.float16}
+    assert cli_main(["convert", str(tiny_folder), str(tmp_path / "plain.safetensors"), "--plain"]) == 0
+    assert cv.load_unet(tmp_path / "plain.safetensors").config.in_channels == 4
+    assert cli_main(["export", str(out), str(tmp_path / "release.safetensors"), "--to", "release"]) == 0
+    assert detect_layout(tmp_path / "release.safetensors") == "diffusers-unet"
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def _corrupt_unet_folder(src: Path, dst: Path, edit) -> Path:
+    """Copy of the tiny model folder whose unet weights ``edit(state)`` changed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = dst / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    edit(state)
+    save_file(state, str(weights))
+    return dst
+
+
+def test_error_missing_and_unexpected_keys(tiny_folder, tmp_path):
+    def drop(state):
+        for k in [k for k in state if k.startswith("up_blocks.1.attentions.0.transformer_blocks.0.attn2")]:
+            del state[k]
+
+    bad = _corrupt_unet_folder(tiny_folder, tmp_path / "missing", drop)
+    with pytest.raises(CheckpointError, match=r"missing.*: UNet state does not match: 5 missing keys \(first: \['up\.1\.attn\.0"):
+        cv.load_unet(bad)
+
+    def extra(state):
+        state["up_blocks.0.extra.weight"] = torch.zeros(3)
+        state["conv_in.extra"] = torch.zeros(3)
+
+    bad = _corrupt_unet_folder(tiny_folder, tmp_path / "unexpected", extra)
+    with pytest.raises(CheckpointError, match=r"unexpected.*1 keys match no rule .*up_blocks\.0\.extra\.weight"):
+        cv.load_unet(bad)
+
+    def extra_renamable(state):
+        state["conv_in.extra"] = torch.zeros(3)
+
+    bad = _corrupt_unet_folder(tiny_folder, tmp_path / "unexpected2", extra_renamable)
+    with pytest.raises(CheckpointError, match=r"0 missing keys \(first: \[\]\), 1 unexpected keys \(first: \['conv_in\.extra'\]\)"):
+        cv.load_unet(bad)
+
+
+def test_error_shape_mismatch(tiny_folder, tmp_path):
+    def widen(state):
+        state["mid_block.attentions.0.proj_out.bias"] = torch.zeros(width + 1)
+
+    width = _TINY.level_channels[-1]
+    bad = _corrupt_unet_folder(tiny_folder, tmp_path / "shape", widen)
+    message = rf"shape.*mid\.attn\.proj_out\.bias has shape \({width + 1},\) in the checkpoint, UNet expects \({width},\)"
+    with pytest.raises(CheckpointError, match=message):
+        cv.load_unet(bad)
+
+
+def test_error_not_sd21(tiny_folder, tmp_path):
+    def deeper(state):
+        for k in [k for k in state if k.startswith("down_blocks.0.resnets.1.")]:
+            state[k.replace("resnets.1.", "resnets.2.")] = state[k].clone()
+
+    bad = _corrupt_unet_folder(tiny_folder, tmp_path / "deeper", deeper)
+    (bad / "unet" / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"deeper/unet.*not Stable Diffusion 2\.1"):
+        cv.load_unet(bad / "unet")
+
+
+def test_error_release_file_alone_has_no_vae(tiny_folder, reference, tmp_path):
+    path = write_release(tmp_path / "model.safetensors", reference[0])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: holds no VAE"):
+        cv.convert(path, tmp_path / "out.safetensors", echo=lambda *_: None)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_convert_leaves_nothing_behind_on_failure(tiny_folder, tmp_path, monkeypatch):
+    out = tmp_path / "out.safetensors"
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        cv.convert(tiny_folder, out, echo=lambda *_: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_native_prompt_mismatch_and_bad_output_name(tiny_native, tmp_path):
+    with pytest.raises(CheckpointError, match=r"stored prompt embedding is for prompt 'electro-optical image'"):
+        cv.convert(tiny_native, tmp_path / "x.safetensors", prompt="a photo", echo=lambda *_: None)
+    with pytest.raises(ValueError, match=r"out\.ckpt: the native output must be a \.safetensors file"):
+        cv.convert(tiny_native, tmp_path / "out.ckpt", echo=lambda *_: None)
+
+
+def test_native_version_checked(tiny_native, tmp_path):
+    from safetensors.torch import save_file
+
+    f = WeightFile(tiny_native)
+    path = tmp_path / "future.safetensors"
+    save_file(f.load(), str(path), metadata={**f.metadata, "format_version": "99"})
+    with pytest.raises(CheckpointError, match=r"future\.safetensors: native format version '99'; this cdiff reads version 1"):
+        cv.load_unet(path)
+
+
+def test_error_folder_without_weights_and_cli_message(tmp_path, capsys):
+    (tmp_path / "model" / "unet").mkdir(parents=True)
+    (tmp_path / "model" / "vae").mkdir()
+    (tmp_path / "model" / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(CheckpointError, match=r"model/unet: no weights found"):
+        cv.load_unet(tmp_path / "model")
+    assert cli_main(["convert", str(tmp_path / "model"), str(tmp_path / "out.safetensors")]) == 2
+    assert "cdiff: error:" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
