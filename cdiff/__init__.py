@@ -8,6 +8,9 @@ Public API (see README):
     confidence_nll                  the C-Diff loss (cdiff.loss), with variance_from_raw, confidence_from_raw
     SyntheticPairs, make_pair,      synthetic SAR-EO pairs and the real datasets' readers (cdiff.data)
     open_dataset
+    load_unet, load_vae,            read any checkpoint layout; the C-DiffSET surgery; the native
+    load_pipeline, cdiffset_surgery,  file (cdiff.convert); exporters live in cdiff.export
+    save_native, load_native
     attention_backend               force the "sdpa" or "math" attention (cdiff.attention)
 """
 
@@ -42,6 +45,7 @@ _expose_checkout_kernels()
 
 from cdiff.attention import attention_backend  # noqa: E402
 from cdiff.config import UNetConfig, VAEConfig  # noqa: E402
+from cdiff.convert import cdiffset_surgery, load_native, load_pipeline, load_unet, load_vae, save_native  # noqa: E402
 from cdiff.data import SyntheticPairs, make_pair, open_dataset  # noqa: E402
 from cdiff.loss import confidence_from_raw, confidence_nll, variance_from_raw  # noqa: E402
 from cdiff.pipeline import Pipeline, Translation  # noqa: E402

@@ -15,14 +15,20 @@ def _add_demo(sub) -> None:
         help="translate a synthetic SAR scene to EO with the tiny stack and write PNGs",
         description="Smoke run of the whole pipeline on the CPU in seconds: make a synthetic SAR "
         "scene, encode it with the VAE, run DDIM with the U-Net, decode, and write "
-        "sar.png / eo.png / confidence.png into OUT_DIR. Until a trained demo model ships, "
+        "sar.png, eo.png, eo_reference.png and confidence.png into --out. Until a trained demo model ships, "
         "the tiny stack has seeded random weights, so the EO image is noise-like.",
     )
     p.add_argument("--out", default="cdiff-demo", help="output folder (default: %(default)s)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels, a multiple of 64 (default: %(default)s)")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the scene, the weights and the noise (default: %(default)s)")
-    p.set_defaults(run=lambda a: __import__("cdiff.demo").demo.run_demo(a.out, size=a.size, steps=a.steps, seed=a.seed))
+
+    def run(a):
+        from cdiff.demo import run_demo
+
+        run_demo(a.out, size=a.size, steps=a.steps, seed=a.seed)
+
+    p.set_defaults(run=run)
 
 
 def _add_synth(sub) -> None:
@@ -40,12 +46,16 @@ def _add_synth(sub) -> None:
     p.add_argument("--looks", type=float, default=4.0, help="looks of the SAR speckle; 0 for none (default: %(default)s)")
     p.add_argument("--discrepancies", type=int, default=3, help="objects in one image only, per pair (default: %(default)s)")
     p.add_argument("--misregistrations", type=int, default=2, help="shifted SAR patches per pair (default: %(default)s)")
-    p.set_defaults(
-        run=lambda a: __import__("cdiff.data.synth").data.synth.write_synthetic(
+
+    def run(a):
+        from cdiff.data.synth import write_synthetic
+
+        write_synthetic(
             a.out_dir, a.count, size=a.size, seed=a.seed, looks=a.looks or None,
             discrepancies=a.discrepancies, misregistrations=a.misregistrations,
         )
-    )
+
+    p.set_defaults(run=run)
 
 
 def _add_convert(sub) -> None:
@@ -89,7 +99,7 @@ def _add_export(sub) -> None:
     p.add_argument("--to", required=True, choices=("diffusers", "original", "release"), help="the layout to write")
 
     def run(a):
-        from cdiff.convert import export
+        from cdiff.export import export
 
         export(a.src, a.out, to=a.to)
 
@@ -119,10 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, KeyError, OSError) as err:
+    except (ValueError, KeyError, OSError) as err:
         # Bad input is reported in one line that names the file or argument; no traceback.
         print(f"cdiff: error: {err}", file=sys.stderr)
         return 2
+    except ImportError as err:
+        # An optional dependency is missing (open_clip for convert, tifffile for GeoTIFFs).
+        print(f"cdiff: error: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -31,7 +31,6 @@ from cdiff.checkpoint import (
     WRAPPER_PREFIXES,
     CheckpointError,
     WeightFile,
-    atomic_path,
     detect_layout,
     find_weights,
     save_safetensors,
@@ -48,21 +47,6 @@ CONTEXT_KEY = "context"  # the prompt embedding in a native file
 ORIGINAL_CONTEXT_KEY = "cdiff.context"  # ... in cdiff's exports to the original layout
 DIFFUSERS_CONTEXT_FILE = "cdiff_context.safetensors"  # ... in cdiff's exports to a diffusers folder
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-# SD 2.1 base's noise schedule, written into exported diffusers folders (DDIM, as C-DiffSET samples).
-SCHEDULER_CONFIG = {
-    "_class_name": "DDIMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-}
-
 
 # --- config inference -------------------------------------------------------------------
 
@@ -528,130 +512,6 @@ def load_native(path, dtype=None, device=None):
     return unet, vae, context, f.metadata.get("prompt", "")
 
 
-# --- exporters --------------------------------------------------------------------------
-
-
-def diffusers_unet_config(config: UNetConfig) -> dict:
-    """The diffusers UNet2DConditionModel config.json of ``config``."""
-    return {
-        "_class_name": "UNet2DConditionModel",
-        "act_fn": "silu",
-        # diffusers' "attention_head_dim" is the number of heads per level (a historical name).
-        "attention_head_dim": [c // config.head_dim for c in config.level_channels],
-        "block_out_channels": list(config.level_channels),
-        "center_input_sample": False,
-        "cross_attention_dim": config.context_dim,
-        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels],
-        "downsample_padding": 1,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "in_channels": config.in_channels,
-        "layers_per_block": config.num_res_blocks,
-        "mid_block_scale_factor": 1,
-        "norm_eps": config.norm_eps,
-        "norm_num_groups": config.norm_groups,
-        "out_channels": config.out_channels,
-        "sample_size": 64,
-        "transformer_layers_per_block": config.transformer_depth,
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention_levels)],
-        "upcast_attention": config.upcast_attention,
-        "use_linear_projection": True,
-    }
-
-
-def diffusers_vae_config(config: VAEConfig) -> dict:
-    """The diffusers AutoencoderKL config.json of ``config`` (its GroupNorm eps is fixed at 1e-6)."""
-    if config.norm_eps != 1e-6:
-        raise ValueError(f"VAEConfig.norm_eps={config.norm_eps}: diffusers' AutoencoderKL fixes it at 1e-6")
-    levels = len(config.block_channels)
-    return {
-        "_class_name": "AutoencoderKL",
-        "act_fn": "silu",
-        "block_out_channels": list(config.block_channels),
-        "down_block_types": ["DownEncoderBlock2D"] * levels,
-        "in_channels": config.image_channels,
-        "latent_channels": config.latent_channels,
-        "layers_per_block": config.layers_per_block,
-        "norm_num_groups": config.norm_groups,
-        "out_channels": config.image_channels,
-        "sample_size": 512,
-        "scaling_factor": config.scaling_factor,
-        "up_block_types": ["UpDecoderBlock2D"] * levels,
-    }
-
-
-def _context_metadata(source) -> tuple[torch.Tensor, dict] | None:
-    stored = read_context(source)
-    if stored is None:
-        return None
-    context, prompt, padding = stored
-    return context, {"prompt": prompt, "padding": padding}
-
-
-def export_diffusers(source, out) -> Path:
-    """Write ``source`` (any layout; normally a native file) as a diffusers model folder:
-    ``unet/``, ``vae/``, ``scheduler/``, ``model_index.json`` and the prompt embedding in
-    ``cdiff_context.safetensors``. No text encoder: the prompt is already encoded."""
-    unet_state, unet_config, _ = read_unet(source)
-    vae_state, vae_config, _ = read_vae(source)
-    stored = _context_metadata(source)
-    out = Path(out)
-    with atomic_path(out, is_dir=True) as tmp:
-        for name, state, table, config in (
-            ("unet", unet_state, diffusers_layout.UNET, diffusers_unet_config(unet_config)),
-            ("vae", vae_state, diffusers_layout.VAE, diffusers_vae_config(vae_config)),
-        ):
-            (tmp / name).mkdir()
-            (tmp / name / "config.json").write_text(json.dumps(config, indent=2))
-            save_safetensors(table.rename(state, to="foreign"), tmp / name / "diffusion_pytorch_model.safetensors")
-        (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
-        index = {
-            "_class_name": "StableDiffusionPipeline",
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-            "scheduler": ["diffusers", "DDIMScheduler"],
-        }
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        if stored is not None:
-            save_safetensors({CONTEXT_KEY: stored[0]}, tmp / DIFFUSERS_CONTEXT_FILE, stored[1])
-    return out
-
-
-def export_original(source, out) -> Path:
-    """Write ``source`` as one file in Stability's original layout (``model.diffusion_model.*``,
-    ``first_stage_model.*``); the prompt embedding goes under ``cdiff.context``."""
-    unet_state, unet_config, _ = read_unet(source)
-    vae_state, vae_config, _ = read_vae(source)
-    unet_state = diffusers_layout.UNET.rename(unet_state, to="foreign")
-    vae_state = diffusers_layout.VAE.rename(vae_state, to="foreign")
-    tensors = {
-        original_layout.UNET_PREFIX + k: v
-        for k, v in original_layout.unet_table(unet_config).rename(unet_state, to="foreign").items()
-    }
-    tensors.update(
-        {original_layout.VAE_PREFIX + k: v for k, v in original_layout.vae_to_original(vae_state, vae_config).items()}
-    )
-    stored = _context_metadata(source)
-    metadata = None
-    if stored is not None:
-        tensors[ORIGINAL_CONTEXT_KEY] = stored[0]
-        metadata = stored[1]
-    save_safetensors(tensors, out, metadata)
-    return Path(out)
-
-
-def export_release(source, out) -> Path:
-    """Write the U-Net of ``source`` as the official release's ``model.safetensors``
-    (diffusers U-Net keys, no prefix)."""
-    unet_state, _, _ = read_unet(source)
-    save_safetensors(diffusers_layout.UNET.rename(unet_state, to="foreign"), out)
-    return Path(out)
-
-
-EXPORTERS = {"diffusers": export_diffusers, "original": export_original, "release": export_release}
-
-
 # --- command bodies ---------------------------------------------------------------------
 
 
@@ -724,13 +584,3 @@ def convert(
         f"{_describe(model.state_dict())}; VAE {_describe(vae.state_dict())}; context {tuple(context.shape)}"
     )
     return out
-
-
-def export(src, out, to: str, echo=print) -> Path:
-    """``cdiff export``: write ``src`` in another layout (``to`` in EXPORTERS)."""
-    if to not in EXPORTERS:
-        raise ValueError(f"--to: expected one of {sorted(EXPORTERS)}, got {to!r}")
-    echo(f"source: {src} ({detect_layout(src)} layout)")
-    path = EXPORTERS[to](src, out)
-    echo(f"wrote {path} ({to} layout)")
-    return path

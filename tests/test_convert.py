@@ -21,6 +21,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded; config= is a local folder
 
 import cdiff.convert as cv  # noqa: E402
+import cdiff.export as ex  # noqa: E402
 from cdiff.checkpoint import CheckpointError, WeightFile, detect_layout  # noqa: E402
 from cdiff.cli import main as cli_main  # noqa: E402
 from cdiff.config import UNetConfig, VAEConfig  # noqa: E402
@@ -269,7 +270,7 @@ def test_release_unet_files(tiny_folder, reference, tmp_path):
     converted = cv.load_unet(out)
     check_unet_parity(converted, release_surgery(start), "release 8-in/4-out + variance channel")
     # Export back to the release file: bit-exact.
-    back = cv.export_release(out, tmp_path / "back.safetensors")
+    back = ex.export_release(out, tmp_path / "back.safetensors")
     expected = {k: v for k, v in converted.state_dict().items()}
     assert_same_tensors(cv.read_unet(back)[0], expected, "release export")
 
@@ -280,7 +281,7 @@ def test_release_unet_files(tiny_folder, reference, tmp_path):
 def test_native_round_trips_through_every_layout(tiny_native, tmp_path, reference):
     native = WeightFile(tiny_native).load()
     # diffusers folder: read back by diffusers itself, then by cdiff, bit-exactly.
-    folder = cv.export_diffusers(tiny_native, tmp_path / "diffusers")
+    folder = ex.export_diffusers(tiny_native, tmp_path / "diffusers")
     assert detect_layout(folder) == "diffusers"
     theirs = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet").eval()
     check_unet_parity(cv.load_unet(tiny_native), theirs, "native -> diffusers export, read by diffusers")
@@ -289,7 +290,7 @@ def test_native_round_trips_through_every_layout(tiny_native, tmp_path, referenc
     again = cv.convert(folder, tmp_path / "again.safetensors", echo=lambda *_: None)
     assert_same_tensors(WeightFile(again).load(), native, "native -> diffusers -> native")
     # original single file, then back.
-    single = cv.export_original(tiny_native, tmp_path / "single.safetensors")
+    single = ex.export_original(tiny_native, tmp_path / "single.safetensors")
     assert detect_layout(single) == "original"
     again = cv.convert(single, tmp_path / "again2.safetensors", echo=lambda *_: None)
     assert_same_tensors(WeightFile(again).load(), native, "native -> original -> native")
@@ -304,7 +305,7 @@ def test_original_export_read_by_diffusers_single_file_loader(tiny_folder, tiny_
         (plain, (4, 4), reference[0]),
         (tiny_native, (8, 5), release_surgery(reference[0])),
     ):
-        single = cv.export_original(source, tmp_path / f"single{c_in}.safetensors")
+        single = ex.export_original(source, tmp_path / f"single{c_in}.safetensors")
         theirs = diffusers.UNet2DConditionModel.from_single_file(
             str(single), config=str(tiny_folder), subfolder="unet", local_files_only=True,
             in_channels=c_in, out_channels=c_out,

@@ -23,6 +23,7 @@ from safetensors import safe_open
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import cdiff.convert as cv  # noqa: E402
+import cdiff.export as ex  # noqa: E402
 from cdiff.config import UNetConfig, VAEConfig  # noqa: E402
 from cdiff.layouts.original import TEXT_PREFIX  # noqa: E402
 from cdiff.prompt import prompt_embedding, tokenize  # noqa: E402
@@ -107,7 +108,7 @@ def test_sd21_convert_native_and_original_export(sd21, expected, native, tmp_pat
     del unet
     gc.collect()
     # Original single file: diffusers' own single-file converter must read it to the same model.
-    single = cv.export_original(native, tmp_path / "single.safetensors")
+    single = ex.export_original(native, tmp_path / "single.safetensors")
     theirs = diffusers.UNet2DConditionModel.from_single_file(
         str(single), config=str(sd21), subfolder="unet", local_files_only=True, in_channels=8, out_channels=5
     ).eval()
@@ -126,9 +127,9 @@ def test_sd21_convert_native_and_original_export(sd21, expected, native, tmp_pat
 def test_sd21_diffusers_configs_written_as_sd21s():
     """The exporter's config.json files are SD 2.1's (written out by hand in test_convert);
     the key mapping of that export is the tables' round trip, checked at the tiny size."""
-    ours = cv.diffusers_unet_config(UNetConfig.sd21())
+    ours = ex.diffusers_unet_config(UNetConfig.sd21())
     assert {k: ours[k] for k in SD21_UNET} == SD21_UNET | {"sample_size": ours["sample_size"]}
-    ours = cv.diffusers_vae_config(VAEConfig.sd21())
+    ours = ex.diffusers_vae_config(VAEConfig.sd21())
     assert {k: ours[k] for k in SD21_VAE} == SD21_VAE | {"sample_size": ours["sample_size"]}
     assert ours["scaling_factor"] == 0.18215
 
@@ -148,7 +149,7 @@ def test_sd21_release_file(sd21, expected, tmp_path):
     assert_parity(run_unet(unet, 8, False), expected["cdiffset"], "release 8-in/4-out file + variance channel")
     del unet
     gc.collect()
-    back = cv.export_release(out, tmp_path / "model.safetensors")
+    back = ex.export_release(out, tmp_path / "model.safetensors")
     with safe_open(str(back), framework="pt") as fb, safe_open(str(release), framework="pt") as fr:
         for key in fr.keys():
             theirs, ours = fr.get_tensor(key), fb.get_tensor(key[len("module."):])
@@ -227,7 +228,7 @@ def test_real_sd21(tmp_path):
         theirs = diffusers.UNet2DConditionModel.from_pretrained(src / "unet", torch_dtype=torch.float32).eval()
         vae = diffusers.AutoencoderKL.from_pretrained(src / "vae", torch_dtype=torch.float32).eval()
     else:
-        config = cv.export_diffusers(plain, tmp_path / "config")  # only its config.json files are used
+        config = ex.export_diffusers(plain, tmp_path / "config")  # only its config.json files are used
         kwargs = dict(config=str(config), local_files_only=True, torch_dtype=torch.float32)
         theirs = diffusers.UNet2DConditionModel.from_single_file(str(src), subfolder="unet", **kwargs).eval()
         vae = diffusers.AutoencoderKL.from_single_file(str(src), subfolder="vae", **kwargs).eval()

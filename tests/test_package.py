@@ -1,6 +1,7 @@
 """Packaging: what `import cdiff` pulls in, and where cdiff.kernels comes from."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -32,8 +33,14 @@ def test_kernels_import_from_a_checkout(tmp_path):
 
 
 def test_wheel_ships_kernels_inside_the_cdiff_namespace(tmp_path):
+    # Build from a copy: setuptools leaves a build/ folder in the tree it builds.
+    source = tmp_path / "source"
+    for name in ("cdiff", "kernels"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
         capture_output=True,
         text=True,
     )
