@@ -15,7 +15,7 @@ Layouts recognised (``detect_layout``):
                   folder of that layout (``config.json`` + weights), or a bare weights file
                   keyed the diffusers way. The official C-DiffSET release's
                   ``model.safetensors`` is a ``"diffusers-unet"`` file whose keys may carry a
-                  ``module.`` or ``unet.`` prefix (stripped by ``read_state_dict``).
+                  ``module.`` or ``unet.`` prefix (``strip_wrapper``).
 
 Every error names the file and says what is wrong with it, in one line.
 """
@@ -25,12 +25,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
+
+from cdiff.files import atomic_path
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -203,7 +202,7 @@ def read_state_dict(path: str | os.PathLike, prefix: str = "") -> dict[str, torc
 
 def _component_of_keys(keys: list[str]) -> str | None:
     """Which diffusers component a bare diffusers-keyed state dict is, or None."""
-    keys = [_strip_wrapper(k) for k in keys]
+    keys = [strip_wrapper(k) for k in keys]
     if any(k.startswith("conv_in.") for k in keys) and any(k.startswith("down_blocks.") for k in keys):
         return "diffusers-unet"
     if any(k.startswith("encoder.down_blocks.") for k in keys) and any(k.startswith("decoder.") for k in keys):
@@ -213,7 +212,8 @@ def _component_of_keys(keys: list[str]) -> str | None:
     return None
 
 
-def _strip_wrapper(key: str) -> str:
+def strip_wrapper(key: str) -> str:
+    """``key`` without a DDP/accelerate wrapper prefix (WRAPPER_PREFIXES), if it has one."""
     for p in WRAPPER_PREFIXES:
         if key.startswith(p):
             return key[len(p) :]
@@ -286,35 +286,25 @@ def detect_layout(source: str | os.PathLike) -> str:
 # --- writing ----------------------------------------------------------------------------
 
 
-@contextmanager
-def atomic_path(target: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it to ``target`` only on success.
+def check_state_dict(expected: dict, state: dict, where, what: str) -> None:
+    """Raise CheckpointError unless ``state`` has exactly ``expected``'s keys and shapes.
 
-    A crash or an exception leaves ``target`` untouched and removes the temporary, so
-    ``convert`` never leaves a half-written output behind.
+    Lists the first missing and unexpected keys with their counts, or names the key whose
+    shape differs with both shapes.
     """
-    import shutil
-
-    target = Path(target)
-    if is_dir and target.exists():
-        # Never replace a folder: OUT could be a user's folder with other things in it.
-        raise FileExistsError(f"{target}: already exists; give a new folder to write into")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
-        raise
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: {what} state does not match: {len(missing)} missing keys "
+            f"(first: {missing[:5]}), {len(unexpected)} unexpected keys (first: {unexpected[:5]})"
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{where}: {key} has shape {tuple(value.shape)} in the checkpoint, "
+                f"{what} expects {tuple(expected[key].shape)}"
+            )
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

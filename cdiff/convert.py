@@ -28,12 +28,13 @@ from torch import nn
 
 from cdiff.checkpoint import (
     NATIVE_FORMAT,
-    WRAPPER_PREFIXES,
     CheckpointError,
+    check_state_dict,
     WeightFile,
     detect_layout,
     find_weights,
     save_safetensors,
+    strip_wrapper,
 )
 from cdiff.config import UNetConfig, VAEConfig, config_from_json, config_to_json
 from cdiff.layouts import diffusers as diffusers_layout
@@ -215,17 +216,6 @@ def _read_json(path: Path) -> dict | None:
         raise CheckpointError(f"{path}: not valid JSON: {err}") from None
 
 
-def _strip_wrappers(state: dict) -> dict:
-    out = {}
-    for key, value in state.items():
-        for prefix in WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-                break
-        out[key] = value
-    return out
-
-
 def _component_folder(path: Path, layout: str, component: str) -> Path:
     """The ``unet/`` or ``vae/`` folder of a diffusers source, or the component folder itself."""
     if layout == "diffusers":
@@ -257,7 +247,7 @@ def read_unet(source) -> tuple[dict, UNetConfig, str]:
             config_json = _read_json(folder / "config.json")
         else:
             state, config_json = WeightFile(path).load(), None
-        state = _strip_wrappers(state)
+        state = {strip_wrapper(k): v for k, v in state.items()}
     else:
         raise CheckpointError(f"{path}: holds no U-Net (layout {layout!r})")
     config = infer_unet_config(state, config_json, where=path)
@@ -357,20 +347,7 @@ def build_model(cls, config, state: dict, where, dtype=None, device=None) -> nn.
     """``cls(config)`` built on the meta device, holding exactly ``state`` (checked by name and shape)."""
     with torch.device("meta"):
         model = cls(config)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{where}: {cls.__name__} state does not match: {len(missing)} missing keys "
-            f"(first: {missing[:5]}), {len(unexpected)} unexpected keys (first: {unexpected[:5]})"
-        )
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise CheckpointError(
-                f"{where}: {key} has shape {tuple(value.shape)} in the checkpoint, "
-                f"{cls.__name__} expects {tuple(expected[key].shape)}"
-            )
+    check_state_dict(model.state_dict(), state, where, cls.__name__)
     model.load_state_dict(_cast(state, dtype, device), assign=True)
     return model.eval()
 

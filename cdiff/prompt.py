@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from cdiff.checkpoint import CheckpointError, WeightFile, detect_layout, find_weights
+from cdiff.checkpoint import CheckpointError, WeightFile, check_state_dict, detect_layout, find_weights
 from cdiff.layouts import RenameTable
 from cdiff.layouts.original import TEXT_PREFIX
 from cdiff.pipeline import DEFAULT_PROMPT  # the one home of the fixed prompt
@@ -146,19 +146,7 @@ def build_text_tower(state: dict[str, torch.Tensor], heads: int | None = None):
             context_length=positions, vocab_size=vocab, width=width, heads=heads, layers=layers, mlp_ratio=mlp_ratio,
             output_dim=None, act_layer=torch.nn.GELU, norm_layer=open_clip.transformer.LayerNorm,
         )
-    expected = tower.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"text encoder: {len(missing)} missing keys (first: {missing[:5]}), "
-            f"{len(unexpected)} unexpected keys (first: {unexpected[:5]})"
-        )
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise CheckpointError(
-                f"text encoder: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
-            )
+    check_state_dict(tower.state_dict(), state, "text encoder", "TextTransformer")
     tower.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
     return tower.eval()
 

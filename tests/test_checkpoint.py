@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cdiff.checkpoint import CheckpointError, WeightFile, atomic_path, detect_layout, read_state_dict, save_safetensors
+from cdiff.checkpoint import CheckpointError, WeightFile, detect_layout, read_state_dict, save_safetensors
+from cdiff.files import atomic_path
 
 TENSORS = {"model.diffusion_model.conv_in.weight": torch.arange(6.0).reshape(2, 3), "first_stage_model.x": torch.ones(2)}
 

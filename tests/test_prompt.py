@@ -102,9 +102,9 @@ def test_bad_prompts_and_weights(open_clip_tower):
         tokenize("map " * 100)
     state = text_state_from_original(dict(open_clip_tower.state_dict()))
     del state["ln_final.weight"]
-    with pytest.raises(CheckpointError, match=r"text encoder: 1 missing keys \(first: \['ln_final.weight'\]\)"):
+    with pytest.raises(CheckpointError, match=r"text encoder: TextTransformer state does not match: 1 missing keys \(first: \['ln_final.weight'\]\)"):
         build_text_tower(state, heads=HEADS)
     state = text_state_from_original(dict(open_clip_tower.state_dict()))
     state["ln_final.bias"] = torch.zeros(WIDTH + 1)
-    with pytest.raises(CheckpointError, match=r"text encoder: ln_final.bias has shape \(129,\), expected \(128,\)"):
+    with pytest.raises(CheckpointError, match=r"text encoder: ln_final.bias has shape \(129,\) in the checkpoint, TextTransformer expects \(128,\)"):
         build_text_tower(state, heads=HEADS)

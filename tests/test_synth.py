@@ -10,7 +10,8 @@ import torch
 
 from cdiff.cli import main
 from cdiff.data import PairAugment, SyntheticPairs, csv_pairs, folder_pairs, make_pair, to_uint8
-from cdiff.data.imageio import _atomic, read_image
+from cdiff.data.imageio import read_image
+from cdiff.files import atomic_path
 from cdiff.data.synth import BUILDING, CLASSES, VEGETATION, WATER
 
 SEEDS = range(6)
@@ -174,11 +175,9 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     target = tmp_path / "a.png"
     target.write_bytes(b"old")
 
-    def failing_writer(tmp):
-        tmp.write_bytes(b"half")
-        raise OSError("disk full")
-
     with pytest.raises(OSError, match="disk full"):
-        _atomic(target, failing_writer)
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError("disk full")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]

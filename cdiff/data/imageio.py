@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cdiff.files import atomic_path
+
 # The release's guard on the stretch denominator (in data units).
 STRETCH_EPS = 1.0 / 1024
 
@@ -159,19 +161,6 @@ def to_uint8(unit: np.ndarray) -> np.ndarray:
     return np.clip(np.rint((np.asarray(unit, dtype=np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def _atomic(path: Path, write) -> None:
-    # Write beside the target under a hidden temporary name, then rename: a reader (or an
-    # interrupted run) never sees a half-written file under the final name.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write a uint8 ``(H, W)`` / ``(H, W, 1)`` grey or ``(H, W, 3)`` RGB array as a PNG, atomically."""
     array = np.asarray(array)
@@ -179,9 +168,11 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
         raise ValueError(f"write_png({path}): expected uint8, got {array.dtype}")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
-    _atomic(Path(path), lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically."""
-    _atomic(Path(path), lambda tmp: tmp.write_text(text))
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
