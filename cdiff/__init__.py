@@ -52,3 +52,9 @@ from cdiff.pipeline import Pipeline, Translation  # noqa: E402
 from cdiff.schedulers import DDIM, DDPM  # noqa: E402
 from cdiff.unet import UNet  # noqa: E402
 from cdiff.vae import VAE  # noqa: E402
+
+__all__ = [
+    "DDIM", "DDPM", "Pipeline", "SyntheticPairs", "Translation", "UNet", "UNetConfig", "VAE", "VAEConfig",
+    "attention_backend", "cdiffset_surgery", "confidence_from_raw", "confidence_nll", "load_native",
+    "load_pipeline", "load_unet", "load_vae", "make_pair", "open_dataset", "save_native", "variance_from_raw",
+]

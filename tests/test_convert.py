@@ -1,6 +1,6 @@
 """Conversions at the tiny preset: every source layout in, native out, exports back, the
 C-DiffSET surgery, the CLI, and the error messages. The full-size SD 2.1 checks live in
-test_convert_sd21.py; both use the folder writers below.
+test_convert_sd21.py; both write their sources with tools/random_sd21.py.
 
 Sources are written by the reference libraries themselves (diffusers' ``save_pretrained``,
 transformers' CLIPTextModel), from seeded random weights; the release's surgery is written
@@ -10,7 +10,6 @@ single-file loader. Reference outputs always come from diffusers, never from cdi
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 from pathlib import Path
@@ -27,79 +26,13 @@ from cdiff.cli import main as cli_main  # noqa: E402
 from cdiff.config import UNetConfig, VAEConfig  # noqa: E402
 from cdiff.loss import VAR_MAX, VAR_MIN, VAR_OFFSET, variance_from_raw  # noqa: E402
 from tests.helpers import assert_parity, randomize_  # noqa: E402
+from tools.random_sd21 import tiny_configs, write_diffusers_folder  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("open_clip")
 
-# --- writers of the source layouts (also used by test_convert_sd21.py) -------------------
-
-SD21_UNET = dict(  # SD 2.1 base's unet/config.json, written out (not derived from UNetConfig)
-    act_fn="silu", attention_head_dim=[5, 10, 20, 20], block_out_channels=[320, 640, 1280, 1280],
-    center_input_sample=False, cross_attention_dim=1024,
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
-    mid_block_scale_factor=1, norm_eps=1e-05, norm_num_groups=32, out_channels=4, sample_size=64,
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    upcast_attention=False, use_linear_projection=True,
-)
-_TINY = UNetConfig.tiny()  # the tiny preset's sizes, whatever they are, in SD 2.1's structure
-TINY_UNET = dict(
-    SD21_UNET, block_out_channels=list(_TINY.level_channels), norm_num_groups=_TINY.norm_groups,
-    attention_head_dim=[c // _TINY.head_dim for c in _TINY.level_channels],
-)
-SD21_VAE = dict(
-    act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-    in_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=3,
-    sample_size=768, scaling_factor=0.18215, up_block_types=["UpDecoderBlock2D"] * 4,
-)
-_TINY_VAE = VAEConfig.tiny()
-TINY_VAE = dict(SD21_VAE, block_out_channels=list(_TINY_VAE.block_channels),
-                layers_per_block=_TINY_VAE.layers_per_block, norm_num_groups=_TINY_VAE.norm_groups)
-SD21_TEXT = dict(  # SD 2.1's text_encoder/config.json: OpenCLIP ViT-H/14 text, last block dropped
-    vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-    num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
-    projection_dim=512, bos_token_id=0, eos_token_id=2, pad_token_id=1,
-)
-TINY_TEXT = dict(SD21_TEXT, intermediate_size=256, num_hidden_layers=2)
-SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                 clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
-
-
-def free(*_):
-    gc.collect()
-
-
-def write_diffusers_folder(root: Path, unet_cfg: dict, vae_cfg: dict, text_cfg: dict, seed: int = 0) -> Path:
-    """A diffusers SD 2.1 model folder with seeded random weights, written by diffusers and
-    transformers themselves; one model alive at a time."""
-    root.mkdir(parents=True, exist_ok=True)
-    # Built on the meta device and given memory uninitialised (they have no buffers), as
-    # randomize_ overwrites every parameter: skips diffusers' own init of 865M params.
-    with torch.device("meta"):
-        model = diffusers.UNet2DConditionModel(**unet_cfg)
-    model = randomize_(model.to_empty(device="cpu"), seed)
-    model.save_pretrained(root / "unet", safe_serialization=True)
-    del model
-    free()
-    with torch.device("meta"):
-        model = diffusers.AutoencoderKL(**vae_cfg)
-    model = randomize_(model.to_empty(device="cpu"), seed + 1)
-    model.save_pretrained(root / "vae", safe_serialization=True)
-    del model
-    free()
-    model = randomize_(transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_cfg)), seed + 2)
-    model.save_pretrained(root / "text_encoder", safe_serialization=True)
-    del model
-    free()
-    diffusers.DDIMScheduler(**SCHEDULER).save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-    }))
-    return root
+TINY_UNET, TINY_VAE, TINY_TEXT = tiny_configs()
 
 
 @torch.no_grad()
@@ -401,7 +334,7 @@ def test_error_shape_mismatch(tiny_folder, tmp_path):
     def widen(state):
         state["mid_block.attentions.0.proj_out.bias"] = torch.zeros(width + 1)
 
-    width = _TINY.level_channels[-1]
+    width = UNetConfig.tiny().level_channels[-1]
     bad = _corrupt_unet_folder(tiny_folder, tmp_path / "shape", widen)
     message = rf"shape.*mid\.attn\.proj_out\.bias has shape \({width + 1},\) in the checkpoint, UNet expects \({width},\)"
     with pytest.raises(CheckpointError, match=message):
@@ -464,3 +397,15 @@ def test_error_folder_without_weights_and_cli_message(tmp_path, capsys):
     assert cli_main(["convert", str(tmp_path / "model"), str(tmp_path / "out.safetensors")]) == 2
     assert "cdiff: error:" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_random_sd21_tool_writes_a_convertible_folder(tmp_path, capsys):
+    from tools.random_sd21 import main as random_sd21
+
+    random_sd21([str(tmp_path / "sd"), "--tiny", "--seed", "4"])
+    assert detect_layout(tmp_path / "sd") == "diffusers"
+    unet = cv.load_unet(tmp_path / "sd")
+    assert (unet.config.in_channels, unet.config.out_channels) == (4, 4)
+    with pytest.raises(SystemExit):  # never writes over an existing folder
+        random_sd21([str(tmp_path / "sd"), "--tiny"])
+    assert "already exists" in capsys.readouterr().err

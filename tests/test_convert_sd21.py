@@ -28,14 +28,11 @@ from cdiff.config import UNetConfig, VAEConfig  # noqa: E402
 from cdiff.layouts.original import TEXT_PREFIX  # noqa: E402
 from cdiff.prompt import prompt_embedding, tokenize  # noqa: E402
 from tests.helpers import assert_parity, randomize_  # noqa: E402
+from tools.random_sd21 import SD21_TEXT, SD21_UNET, SD21_VAE, write_diffusers_folder  # noqa: E402
 from tests.test_convert import (  # noqa: E402
-    SD21_TEXT,
-    SD21_UNET,
-    SD21_VAE,
     check_vae_parity,
     release_surgery,
     unet_inputs,
-    write_diffusers_folder,
     write_release,
 )
 

@@ -21,32 +21,9 @@ from cdiff.config import UNetConfig
 from cdiff.layouts.diffusers import UNET
 from cdiff.unet import UNet
 from tests.helpers import assert_parity, randomize_
+from tools.random_sd21 import SD21_UNET
 
 diffusers = pytest.importorskip("diffusers")
-
-# The diffusers config of SD 2.1 base (unet/config.json), written out here rather than derived
-# from UNetConfig, so a wrong number in UNetConfig cannot hide in both models.
-SD21_DIFFUSERS = dict(
-    act_fn="silu",
-    attention_head_dim=[5, 10, 20, 20],  # diffusers' name; these are head counts (head size 64)
-    block_out_channels=[320, 640, 1280, 1280],
-    center_input_sample=False,
-    cross_attention_dim=1024,
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    downsample_padding=1,
-    dual_cross_attention=False,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    layers_per_block=2,
-    mid_block_scale_factor=1,
-    norm_eps=1e-05,
-    norm_num_groups=32,
-    only_cross_attention=False,
-    sample_size=64,
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    upcast_attention=False,
-    use_linear_projection=True,
-)
 
 CHANNELS = {"8in5out": (8, 5), "4in4out": (4, 4)}
 TIMESTEPS = torch.tensor([37, 781])
@@ -54,7 +31,7 @@ TIMESTEPS = torch.tensor([37, 781])
 
 def _diffusers_model(in_channels: int, out_channels: int, device: str):
     with torch.device(device):
-        return diffusers.UNet2DConditionModel(**SD21_DIFFUSERS, in_channels=in_channels, out_channels=out_channels)
+        return diffusers.UNet2DConditionModel(**dict(SD21_UNET, in_channels=in_channels, out_channels=out_channels))
 
 
 def test_rename_table_round_trips_every_sd21_key():

@@ -17,20 +17,7 @@ from cdiff.config import VAEConfig
 from cdiff.layouts.diffusers import VAE as VAE_TABLE
 from cdiff.vae import VAE
 from tests.helpers import assert_parity, randomize_
-
-# The SD 2.1 vae/config.json, written out here rather than derived from cdiff's config.
-SD21_DIFFUSERS = dict(
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-    act_fn="silu",
-    scaling_factor=0.18215,
-)
+from tools.random_sd21 import SD21_VAE
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +25,7 @@ def parity():
     """The diffusers reference's outputs, and a cdiff VAE loaded with its weights."""
     from diffusers import AutoencoderKL
 
-    ref = randomize_(AutoencoderKL(**SD21_DIFFUSERS).eval(), seed=0)
+    ref = randomize_(AutoencoderKL(**SD21_VAE).eval(), seed=0)
     foreign_state = {k: v.clone() for k, v in ref.state_dict().items()}
     gen = torch.Generator().manual_seed(1)
     images = torch.rand(1, 3, 256, 256, generator=gen) * 2 - 1
@@ -58,11 +45,11 @@ def parity():
 
 def test_sd21_preset_is_the_reference_config():
     config = VAEConfig.sd21()
-    assert config.image_channels == SD21_DIFFUSERS["in_channels"]
-    assert config.block_channels == SD21_DIFFUSERS["block_out_channels"]
-    assert config.layers_per_block == SD21_DIFFUSERS["layers_per_block"]
-    assert config.latent_channels == SD21_DIFFUSERS["latent_channels"]
-    assert config.norm_groups == SD21_DIFFUSERS["norm_num_groups"]
+    assert config.image_channels == SD21_VAE["in_channels"]
+    assert config.block_channels == tuple(SD21_VAE["block_out_channels"])
+    assert config.layers_per_block == SD21_VAE["layers_per_block"]
+    assert config.latent_channels == SD21_VAE["latent_channels"]
+    assert config.norm_groups == SD21_VAE["norm_num_groups"]
     assert config.scaling_factor == 0.18215
     assert config.norm_eps == 1e-6
     assert config.downsample_factor == 8

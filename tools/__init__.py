@@ -1,0 +1,1 @@
+"""Developer scripts of cdiff (not installed with the package); see each script's docstring."""

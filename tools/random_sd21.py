@@ -1,0 +1,140 @@
+"""Stable Diffusion 2.1 with seeded random weights, in the real layouts, for tests and benchmarks.
+
+Nothing can be downloaded on cdiff's test machines, and a benchmark needs the full-size
+architecture, not trained values. This script writes a diffusers SD 2.1 model folder
+(``unet/``, ``vae/``, ``text_encoder/``, ``scheduler/``, ``model_index.json``) with seeded
+random weights, saved by diffusers and transformers themselves:
+
+    python tools/random_sd21.py OUT_DIR [--tiny] [--seed 0]
+    cdiff convert OUT_DIR model.safetensors            # then use it like a real SD 2.1 folder
+
+The configs below are SD 2.1 base's ``config.json`` files written out by hand, not derived
+from cdiff's configs, so that a wrong number in cdiff cannot hide on both sides of a parity
+test. Needs the test extra (diffusers, transformers), imported only when writing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+# SD 2.1 base's unet/config.json (diffusers' "attention_head_dim" holds head counts: head size 64).
+SD21_UNET = dict(
+    act_fn="silu", attention_head_dim=[5, 10, 20, 20], block_out_channels=[320, 640, 1280, 1280],
+    center_input_sample=False, cross_attention_dim=1024,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
+    mid_block_scale_factor=1, norm_eps=1e-05, norm_num_groups=32, out_channels=4, sample_size=64,
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    upcast_attention=False, use_linear_projection=True,
+)
+# SD 2.1's vae/config.json.
+SD21_VAE = dict(
+    act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+    in_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=3,
+    sample_size=768, scaling_factor=0.18215, up_block_types=["UpDecoderBlock2D"] * 4,
+)
+# SD 2.1's text_encoder/config.json: OpenCLIP ViT-H/14's text tower with its last block dropped.
+SD21_TEXT = dict(
+    vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+    num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
+    projection_dim=512, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+# SD 2.1's scheduler/scheduler_config.json.
+SD21_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+)
+
+
+def tiny_configs() -> tuple[dict, dict, dict]:
+    """(unet, vae, text) diffusers configs of cdiff's tiny presets, in SD 2.1's structure."""
+    from cdiff.config import UNetConfig, VAEConfig
+
+    unet, vae = UNetConfig.tiny(), VAEConfig.tiny()
+    return (
+        dict(SD21_UNET, block_out_channels=list(unet.level_channels), norm_num_groups=unet.norm_groups,
+             attention_head_dim=[c // unet.head_dim for c in unet.level_channels]),
+        dict(SD21_VAE, block_out_channels=list(vae.block_channels), layers_per_block=vae.layers_per_block,
+             norm_num_groups=vae.norm_groups),
+        dict(SD21_TEXT, intermediate_size=256, num_hidden_layers=2),
+    )
+
+
+@torch.no_grad()
+def randomize_(module: nn.Module, seed: int) -> nn.Module:
+    """Give every parameter seeded random values (no zero-initialised layer can hide a bug).
+
+    Weights ~ N(0, 1/fan_in) so activations keep their scale through deep stacks;
+    norm scales ~ 1 + N(0, 0.1^2); biases ~ N(0, 0.1^2). Order follows ``named_parameters``,
+    so two modules with the same parameter order get the same values.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+        if p.ndim == 1:
+            value = (1.0 + 0.1 * noise) if ("norm" in name and name.endswith("weight")) else 0.1 * noise
+        else:
+            value = noise / math.sqrt(p[0].numel())
+        p.copy_(value.to(p.dtype))
+    return module
+
+
+def write_diffusers_folder(root: Path, unet_cfg: dict, vae_cfg: dict, text_cfg: dict, seed: int = 0) -> Path:
+    """A diffusers SD 2.1 model folder with seeded random weights, written by diffusers and
+    transformers themselves; one model alive at a time."""
+    import diffusers
+    import transformers
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    # Built on the meta device and given uninitialised memory (they have no buffers), as
+    # randomize_ overwrites every parameter: this skips diffusers' own init of 865M params.
+    for name, cls, config, offset in (
+        ("unet", diffusers.UNet2DConditionModel, unet_cfg, 0),
+        ("vae", diffusers.AutoencoderKL, vae_cfg, 1),
+    ):
+        with torch.device("meta"):
+            model = cls(**config)
+        randomize_(model.to_empty(device="cpu"), seed + offset).save_pretrained(root / name, safe_serialization=True)
+        del model
+        gc.collect()
+    model = randomize_(transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_cfg)), seed + 2)
+    model.save_pretrained(root / "text_encoder", safe_serialization=True)
+    del model
+    gc.collect()
+    diffusers.DDIMScheduler(**SD21_SCHEDULER).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }))
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", help="the model folder to write (must not exist)")
+    parser.add_argument("--tiny", action="store_true", help="cdiff's tiny presets instead of the full SD 2.1 sizes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights (default: %(default)s)")
+    args = parser.parse_args(argv)
+    out = Path(args.out_dir)
+    if out.exists():
+        parser.error(f"{out} already exists")
+    configs = tiny_configs() if args.tiny else (SD21_UNET, SD21_VAE, SD21_TEXT)
+    write_diffusers_folder(out, *configs, seed=args.seed)
+    print(f"wrote {out} ({'tiny' if args.tiny else 'SD 2.1 base'} sizes, seed {args.seed})")
+
+
+if __name__ == "__main__":
+    main()
