@@ -28,13 +28,8 @@ from cdiff.config import UNetConfig, VAEConfig  # noqa: E402
 from cdiff.layouts.original import TEXT_PREFIX  # noqa: E402
 from cdiff.prompt import prompt_embedding, tokenize  # noqa: E402
 from tests.helpers import assert_parity, randomize_  # noqa: E402
+from tests.test_convert import check_vae_parity, release_surgery, unet_inputs, write_release  # noqa: E402
 from tools.random_sd21 import SD21_TEXT, SD21_UNET, SD21_VAE, write_diffusers_folder  # noqa: E402
-from tests.test_convert import (  # noqa: E402
-    check_vae_parity,
-    release_surgery,
-    unet_inputs,
-    write_release,
-)
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
