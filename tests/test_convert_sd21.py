@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -58,9 +59,19 @@ def run_unet(model, in_channels: int, diffusers_model: bool) -> torch.Tensor:
         return model(sample, t, context)
 
 
+# Full-size files are 3.5-5 GB each: every test and fixture deletes what it wrote when it is
+# done, so the module peaks at about 20 GB of disk instead of keeping 30 GB to the session's end.
+@pytest.fixture(autouse=True)
+def _delete_written_files(tmp_path):
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def sd21(tmp_path_factory):
-    return write_diffusers_folder(tmp_path_factory.mktemp("sd21") / "sd21", SD21_UNET, SD21_VAE, SD21_TEXT, seed=11)
+    folder = tmp_path_factory.mktemp("sd21")
+    yield write_diffusers_folder(folder / "sd21", SD21_UNET, SD21_VAE, SD21_TEXT, seed=11)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -74,15 +85,19 @@ def expected(sd21, tmp_path_factory):
     del cdiffset
     gc.collect()
     start = release_surgery(theirs, variance=False)
-    out["release_file"] = write_release(tmp_path_factory.mktemp("release") / "model.safetensors", start, "module.")
+    folder = tmp_path_factory.mktemp("release")
+    out["release_file"] = write_release(folder / "model.safetensors", start, "module.")
     del start, theirs
     gc.collect()
-    return out
+    yield out
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def native(sd21, tmp_path_factory):
-    return cv.convert(sd21, tmp_path_factory.mktemp("native") / "cdiffset.safetensors", **QUIET)
+    folder = tmp_path_factory.mktemp("native")
+    yield cv.convert(sd21, folder / "cdiffset.safetensors", **QUIET)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_sd21_unet_from_diffusers_folder(sd21, expected):
