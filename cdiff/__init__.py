@@ -8,9 +8,9 @@ Public API (see README):
     confidence_nll                  the C-Diff loss (cdiff.loss), with variance_from_raw, confidence_from_raw
     SyntheticPairs, make_pair,      synthetic SAR-EO pairs and the real datasets' readers (cdiff.data)
     open_dataset
-    load_unet, load_vae,            read any checkpoint layout; the C-DiffSET surgery; the native
-    load_pipeline, cdiffset_surgery,  file (cdiff.convert); exporters live in cdiff.export
-    save_native, load_native
+    load_unet, load_vae, load_pipeline      read any checkpoint layout (cdiff.convert)
+    cdiffset_surgery                        SD 2.1 U-Net -> C-DiffSET U-Net (cdiff.convert)
+    save_native, load_native                cdiff's one-file format (cdiff.convert); exporters: cdiff.export
     attention_backend               force the "sdpa" or "math" attention (cdiff.attention)
 """
 
