@@ -398,10 +398,9 @@ def load_pipeline(
             f"{unet or source}: its U-Net takes {model.config.in_channels} channels, a plain SD 2.1 U-Net; "
             f"pass surgery=True or run 'cdiff convert' to make the C-DiffSET U-Net"
         )
+    # context_for has already checked that a stored embedding was made for this very prompt.
     context = context_for(source, prompt, pad_to_77).to(device=device, dtype=dtype or model.conv_in.weight.dtype)
-    stored = read_context(source)
-    used_prompt = stored[1] if stored is not None and not has_text_encoder(source) else prompt
-    return Pipeline(model, vae, context, prompt=used_prompt)
+    return Pipeline(model, vae, context, prompt=prompt)
 
 
 # --- the C-DiffSET surgery --------------------------------------------------------------

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cdiff.loss import confidence_from_raw
 from cdiff.schedulers import DDIM, DDPM
 
 DEFAULT_PROMPT = "electro-optical image"
@@ -57,8 +58,6 @@ class Pipeline:
         confidence map is the one the U-Net predicts at the midpoint step (t near T/2), as
         the release saves it.
         """
-        from cdiff.loss import confidence_from_raw
-
         param = next(self.unet.parameters())
         sar = sar.to(device=param.device, dtype=param.dtype)
         sar_latent = self.vae.encode_latent(sar)  # (B, 4, h, w), scaled
