@@ -45,6 +45,7 @@ setup(
             "accelerate>=1.0",
             "tifffile>=2023.1",
             "triton>=3.0",
+            "torchmetrics==1.9.0",  # the metrics the release reports with; cdiff.metrics is compared to it
         ],
     },
     entry_points={"console_scripts": ["cdiff=cdiff.cli:main"]},
