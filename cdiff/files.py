@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -104,8 +105,12 @@ def atomic_path(target: str | os.PathLike, is_dir: bool = False, overwrite: bool
             raise FileExistsError(f"{target}: already exists and is not empty; give a new folder to write into")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_temporary(target, is_dir)
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # what the umask made of 0o666 / 0o777
     try:
         yield tmp
+        # Some writers replace the file they are given by one of their own (safetensors'
+        # save_file leaves 0600): give back the mode open() would have given.
+        os.chmod(tmp, mode)
         if is_dir:
             _replace_folder(tmp, target)
         else:
