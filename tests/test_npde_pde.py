@@ -49,6 +49,9 @@ def test_head_is_fixed_and_per_channel():
     # each channel alone gives the same answer: no mixing across channels
     torch.testing.assert_close(out[:, 1:2], head(u[:, 1:2]), rtol=0, atol=0)
     assert head(u.double()).dtype == torch.float64
+    # the bound the tanh prediction layer relies on: |phi| <= 1 for images in [-1, 1]
+    extreme = torch.randint(0, 2, (4, 3, 32, 32)).float() * 2 - 1
+    assert head(extreme).abs().max() <= 1
     with pytest.raises(ValueError, match="> 2"):
         head(torch.zeros(1, 1, 2, 8))
 

@@ -25,6 +25,7 @@ Without VGG weights there is no L_per, and a warning says so once, when the loss
 from __future__ import annotations
 
 import logging
+import os
 from typing import NamedTuple
 
 import torch
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from cdiff.npde.config import NPDEConfig
 from cdiff.npde.model import NPDEModel
 from cdiff.npde.pde import PMDHead
-from cdiff.npde.vgg import VGGFeatures
+from cdiff.npde.vgg import VGGFeatures, load_vgg
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,8 @@ class GeneratorLosses(NamedTuple):
 class NPDELoss(nn.Module):
     """The loss terms of S2O-NPDE for one batch; holds phi and the (frozen) VGG, no trained weights.
 
-    ``vgg``: a VGGFeatures (``cdiff.npde.load_vgg``) for the perceptual term, or None to
-    train without it (logged as a warning).
+    ``vgg``: a VGGFeatures for the perceptual term, or None to train without it (logged as
+    a warning). ``NPDELoss.from_vgg_file(config, path)`` reads it from a local file.
     """
 
     def __init__(self, config: NPDEConfig, vgg: VGGFeatures | None = None):
@@ -72,6 +73,11 @@ class NPDELoss(nn.Module):
             "perceptual": config.perceptual_weight, "cycle": config.cycle_weight,
             "pde_tcd": config.pde_weight, "pde_pmd": config.pde_weight,
         }
+
+    @classmethod
+    def from_vgg_file(cls, config: NPDEConfig, path: str | os.PathLike | None) -> "NPDELoss":
+        """With torchvision VGG16/19 weights at ``path`` (see cdiff.npde.vgg), or None: no perceptual loss."""
+        return cls(config, load_vgg(path, config.perceptual_layers) if path is not None else None)
 
     def perceptual(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

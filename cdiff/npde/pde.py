@@ -19,9 +19,9 @@ stencils, divided by their grid factor so that each is the derivative per pixel:
     u_x  = (u[x+1] - u[x-1]) / 2               u_xx = (u[x+2] - 2 u[x] + u[x-2]) / 4
     u_xy = (u[x+1,y+1] - u[x+1,y-1] - u[x-1,y+1] + u[x-1,y-1]) / 4
 
-(x along the width, y along the height.) With these, |phi| <= 1 for images in [-1, 1]
-(each second derivative is at most 1 in size, and t^T H t <= |u_xx| + |u_xy| along a unit
-vector, halved by Eq. 7), the range of the tanh prediction layer that predicts it.
+(x along the width, y along the height.) With these, |phi| <= 1 for images in [-1, 1], the
+range of the tanh layer that predicts it: each second derivative is at most 1 in size, so
+|t^T H t| <= max(|u_xx|, |u_yy|) + |u_xy| <= 2 for a unit t, and Eq. 7 halves it.
 The image is extended by mirroring ("reflect", a zero-flux Neumann boundary, the usual
 boundary of Perona-Malik diffusion); a ramp is therefore exact except in the outer 2 pixels.
 """
