@@ -106,6 +106,53 @@ def _add_export(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _add_metric_options(p) -> None:
+    """Options shared by `evaluate` and `translate --target`."""
+    from cdiff.evaluate import METRICS
+
+    p.add_argument("--metrics", default=",".join(METRICS),
+                   help="comma-separated metrics to compute (default: %(default)s); LPIPS and FID need the "
+                   "metrics extra and local network weights")
+    p.add_argument("--paper-scaling", action="store_true",
+                   help="score PSNR/SSIM/SCC/LPIPS on (x + 0.5).clamp(0, 1) as the release did for its published "
+                   "tables, instead of the correct (x + 1) / 2; the report says which was used")
+    p.add_argument("--lpips-vgg", metavar="FILE", help="torchvision's vgg16-397923af.pth for LPIPS "
+                   "(default: $CDIFF_LPIPS_VGG, then torch's hub cache)")
+    p.add_argument("--fid-weights", metavar="FILE", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+                   "(default: $CDIFF_FID_INCEPTION, then torch's hub cache)")
+    p.add_argument("--report-dir", metavar="DIR", help="where evaluation.json and evaluation.md go "
+                   "(default: the prediction folder)")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score translated images against targets: PSNR, SSIM, SCC, LPIPS, FID as the paper reports them",
+        description="Match the images of PRED and TARGET by name (relative path without suffix), compute "
+        "PSNR, SSIM, SCC and LPIPS per image and average them, compute FID over the two sets (pytorch-fid, "
+        "2048-d features), print a table and write evaluation.json and evaluation.md.",
+    )
+    p.add_argument("--pred", required=True, metavar="DIR", help="folder of translated (predicted) EO images")
+    p.add_argument("--target", required=True, metavar="DIR", help="folder of the true EO images, same names")
+    _add_metric_options(p)
+    p.add_argument("--device", help="torch device for LPIPS and FID (default: cuda if available, else cpu)")
+    p.add_argument("--skip-bad", action="store_true", help="log and count unreadable or mismatched pairs instead of stopping")
+
+    def run(a):
+        from cdiff.evaluate import run_evaluate
+
+        run_evaluate(a.pred, a.target, metrics=a.metrics, paper_scaling=a.paper_scaling, report_dir=a.report_dir,
+                     device=_device(a.device), lpips_vgg=a.lpips_vgg, fid_weights=a.fid_weights, skip_bad=a.skip_bad)
+
+    p.set_defaults(run=run)
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cdiff",
@@ -118,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_convert(sub)
     _add_export(sub)
+    _add_evaluate(sub)
     return parser
 
 
