@@ -106,6 +106,60 @@ def _add_export(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _add_translate(sub) -> None:
+    p = sub.add_parser(
+        "translate",
+        help="translate SAR images, folders or GeoTIFF scenes to EO images (and confidence maps)",
+        description="Translate every SAR image of INPUT (a file, or a folder searched recursively) with a "
+        "C-DiffSET model, keeping relative paths: OUT/<name>.png, or an RGB GeoTIFF with the source's CRS, "
+        "transform and nodata for TIFF input. Any size: sides are padded to multiples of 64, and images "
+        "larger than --tile go through overlapping tiles. A rerun skips finished images. Under torchrun "
+        "(torchrun --nproc-per-node N -m cdiff translate ...) the images are shared among the ranks. "
+        "Each image's noise comes from --seed and its name, so reruns and sharded runs reproduce it.",
+    )
+    p.add_argument("--model", required=True, metavar="M", help="a C-DiffSET model (a cdiff native file from 'cdiff convert')")
+    p.add_argument("--input", required=True, metavar="SAR", help="a SAR image file or a folder of them")
+    p.add_argument("--output", required=True, metavar="OUT_DIR", help="folder for the EO images")
+    p.add_argument("--conf-dir", metavar="DIR", help="also save confidence maps here: <name>.png (grey, as the "
+                   "release) and <name>_colour.png")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s, the release's)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta; 0 is deterministic (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; each image's seed also depends on its name "
+                   "(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=1, help="same-sized images per batch (default: %(default)s)")
+    p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="the U-Net's dtype; the VAE stays fp32 (default: %(default)s)")
+    p.add_argument("--prompt", help="the prompt to encode (default: the one stored in the model)")
+    p.add_argument("--tile", type=int, default=1024, help="tile side in pixels, a multiple of 64; larger images "
+                   "are translated in overlapping tiles; 0 never tiles (default: %(default)s)")
+    p.add_argument("--tile-overlap", type=int, default=256, help="overlap of neighbouring tiles in pixels, a "
+                   "multiple of 8 (default: %(default)s)")
+    p.add_argument("--tile-batch", type=int, default=4, help="tiles per network call (default: %(default)s)")
+    p.add_argument("--skip-bad", action="store_true", help="log and count unreadable inputs instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="translate again images whose outputs exist")
+    p.add_argument("--target", metavar="DIR", help="true EO images of the same names: evaluate the outputs "
+                   "(see 'cdiff evaluate')")
+    _add_metric_options(p)
+
+    def run(a):
+        from cdiff.evaluate import parse_metrics
+        from cdiff.tiling import Tiling
+        from cdiff.translate import Sampling, run_translate
+
+        tiling = Tiling(a.tile, a.tile_overlap, a.tile_batch) if a.tile else None
+        sampling = Sampling(a.steps, a.eta, a.seed, a.batch_size, tiling)
+        evaluation = None
+        if a.target:
+            evaluation = dict(target=a.target, report_dir=a.report_dir, metrics=parse_metrics(a.metrics),
+                              paper_scaling=a.paper_scaling, lpips_vgg=a.lpips_vgg, fid_weights=a.fid_weights,
+                              skip_bad=a.skip_bad)
+        run_translate(a.model, a.input, a.output, conf_dir=a.conf_dir, sampling=sampling, device=a.device,
+                      dtype=a.dtype, prompt=a.prompt, skip_bad=a.skip_bad, overwrite=a.overwrite, evaluation=evaluation)
+
+    p.set_defaults(run=run)
+
+
 def _add_metric_options(p) -> None:
     """Options shared by `evaluate` and `translate --target`."""
     from cdiff.evaluate import METRICS
@@ -165,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_convert(sub)
     _add_export(sub)
+    _add_translate(sub)
     _add_evaluate(sub)
     return parser
 
