@@ -1,5 +1,8 @@
+"""``python -m cdiff``: the same command as ``cdiff`` (cdiff.cli)."""
+
 import sys
 
 from cdiff.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())
