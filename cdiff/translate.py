@@ -41,6 +41,7 @@ import torch
 
 from cdiff.confidence_map import colourize, release_grey
 from cdiff.data.imageio import to_uint8, write_png
+from cdiff.files import check_output
 from cdiff.geo import TIFF_SUFFIXES, SarScene, read_sar, write_eo_geotiff
 from cdiff.progress import progress
 from cdiff.tiling import Tiling, crop, pad_to_multiple
@@ -97,12 +98,22 @@ def list_inputs(input_path: str | os.PathLike) -> list[tuple[Path, str]]:
 
 
 def plan_jobs(input_path, output_dir, conf_dir=None) -> list[Job]:
+    """Every input and its outputs. The output folders must be writable, distinct, and no
+    output may be its own input (OUT = INPUT would write over the PNGs being read)."""
+    check_output(output_dir, "folder", overwrite=True)  # overwrite: a rerun writes into it
+    if conf_dir is not None:
+        check_output(conf_dir, "folder", overwrite=True)
+        if Path(conf_dir).resolve() == Path(output_dir).resolve():
+            raise ValueError(f"--conf-dir {conf_dir} is the output folder; give the confidence maps a folder of their own")
     jobs = []
     for source, name in list_inputs(input_path):
         suffix = ".tif" if source.suffix.lower() in TIFF_SUFFIXES else ".png"
         eo = Path(output_dir) / f"{name}{suffix}"
         confidence = Path(conf_dir) / f"{name}.png" if conf_dir is not None else None
-        jobs.append(Job(source, name, eo, confidence))
+        job = Job(source, name, eo, confidence)
+        for output in job.outputs:
+            check_output(output, "file", overwrite=True, sources=[source])
+        jobs.append(job)
     return jobs
 
 
