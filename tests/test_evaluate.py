@@ -18,7 +18,15 @@ from cdiff import metrics, perceptual
 from cdiff.cli import main
 from cdiff.evaluate import evaluate, match_pairs, parse_metrics, run_evaluate
 
+from .helpers import one_thread
+
 torchmetrics_image = pytest.importorskip("torchmetrics.functional.image")
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    with one_thread():
+        yield
 
 
 def write_images(folder, names, size=(32, 24), seed=0, noise=0.0, base=None, suffix=".png"):

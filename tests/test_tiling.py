@@ -5,7 +5,15 @@ import torch
 import torch.nn.functional as F
 
 from cdiff import DDIM, VAE, VAEConfig, tiling
-from cdiff.tiling import Grid, Tiling, tiled_apply, tile_starts
+from cdiff.tiling import Grid, Tiling, tile_starts, tiled_apply
+
+from .helpers import one_thread
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    with one_thread():
+        yield
 
 
 @pytest.mark.parametrize("length, tile, overlap, align", [(100, 32, 8, 1), (256, 64, 16, 8), (64, 64, 16, 1), (40, 64, 8, 1), (72, 64, 32, 8)])

@@ -23,20 +23,18 @@ from cdiff.confidence_map import colour_table, colourize, release_grey
 from cdiff.data.imageio import to_uint8, write_png
 from cdiff.data.synth import make_pair
 from cdiff.tiling import Tiling, tile_starts
-from cdiff.translate import image_seed, list_inputs, shard, plan_jobs
+from cdiff.translate import image_seed, list_inputs, plan_jobs, shard
+
+from .helpers import one_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a custom prompt"  # not the default: the stored prompt must be used without --prompt
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # These networks are tiny: one thread is as fast, and on a busy shared machine OpenMP's
-    # spin-waiting threads make two threads many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def single_thread():
+    with one_thread():
+        yield
 
 
 def tiny_modules(seed=0):
@@ -169,7 +167,6 @@ SCENE, TILE, OVERLAP, STEPS = 256, 128, 64, 4  # the scene has 4x the tile's are
 def scene_runs():
     """The synthetic scene translated untiled (seeds 0 and 1), with blended tiles, and with hard
     (overlap 0) tiles as a control that has seams."""
-    torch.set_num_threads(1)
     pipe = Pipeline(*tiny_modules())
     sar = torch.from_numpy(make_pair(0, size=SCENE).sar)[None, None].repeat(1, 3, 1, 1)
 
@@ -177,8 +174,9 @@ def scene_runs():
         latents = torch.randn(1, 4, SCENE // 8, SCENE // 8, generator=torch.Generator().manual_seed(seed))
         return pipe.translate(sar, steps=STEPS, latents=latents, tiling=tiling).eo
 
-    return {"untiled": translate(0, None), "other seed": translate(1, None),
-            "tiled": translate(0, Tiling(TILE, OVERLAP, batch=9)), "hard": translate(0, Tiling(TILE, 0))}
+    with one_thread():
+            return {"untiled": translate(0, None), "other seed": translate(1, None),
+                "tiled": translate(0, Tiling(TILE, OVERLAP, batch=9)), "hard": translate(0, Tiling(TILE, 0))}
 
 
 def _rms(x):
