@@ -143,6 +143,8 @@ class Pipeline:
             hint = " (uint8 0..255: sar.float() / 127.5 - 1)" if sar.dtype == torch.uint8 else ""
             raise ValueError(f"sar must be a float tensor scaled to [-1, 1], got {sar.dtype}{hint}")
         _check_4d(sar, "sar", self.vae.config.image_channels, "SAR images")
+        if sar.shape[0] == 0:
+            raise ValueError("sar holds no images (batch size 0)")
         multiple = self.size_multiple
         if sar.shape[2] % multiple or sar.shape[3] % multiple:
             raise ValueError(

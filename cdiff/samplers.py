@@ -20,9 +20,9 @@ from cdiff.progress import progress
 from cdiff.schedulers import (
     DDIM,
     DDPM,
-    PREDICTION_TYPES,
     DeviceTable,
     broadcast,
+    check_prediction_type,
     compute_dtype,
     leading_timesteps,
     split_prediction,
@@ -50,11 +50,9 @@ class DPMSolverPP2M:
         prediction_type: str = "epsilon",
         steps_offset: int = 1,
     ):
-        self.process = process or DDPM()
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        self.process, self.prediction_type = process or DDPM(), check_prediction_type(prediction_type)
         self.timesteps = leading_timesteps(num_steps, self.process.num_train_timesteps, steps_offset)
-        self.num_steps, self.prediction_type = num_steps, prediction_type
+        self.num_steps = num_steps
         self.timestep_table = DeviceTable(torch.tensor(self.timesteps))  # (num_steps,) int64
 
         # Per step i (fp64): alpha_i, sigma_i of the model call, then the update to level i + 1

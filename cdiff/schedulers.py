@@ -58,6 +58,12 @@ def split_prediction(output, sample, sqrt_alpha, sqrt_one_minus, prediction_type
     return sqrt_alpha * sample - sqrt_one_minus * output, sqrt_alpha * output + sqrt_one_minus * sample
 
 
+def check_prediction_type(prediction_type: str) -> str:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return prediction_type
+
+
 def leading_timesteps(num_steps: int, num_train_timesteps: int, steps_offset: int = 1) -> list[int]:
     """SD 2.1's "leading" spacing: (num_steps - 1 - i) * (T // num_steps) + steps_offset, i = 0..n-1.
 
@@ -67,9 +73,11 @@ def leading_timesteps(num_steps: int, num_train_timesteps: int, steps_offset: in
     total = num_train_timesteps
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= total:
         raise ValueError(f"num_steps must be an integer in [1, {total}], got {num_steps!r}")
+    if steps_offset < 0:
+        raise ValueError(f"steps_offset must be >= 0, got {steps_offset}")
     ratio = total // num_steps
     first = (num_steps - 1) * ratio + steps_offset
-    if first > total - 1 or steps_offset < 0:
+    if first > total - 1:
         raise ValueError(
             f"num_steps={num_steps} with steps_offset={steps_offset}: the first timestep would be {first}, "
             f"past the last training timestep {total - 1}; use at most {total - 1} steps"
@@ -133,17 +141,14 @@ class DDIM:
         prediction_type: str = "epsilon",
         steps_offset: int = 1,
     ):
-        self.process = process or DDPM()
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         if not 0 <= eta <= 1:  # also refuses NaN
             raise ValueError(
                 f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's variance), got {eta}; "
                 "above 1 the variance exceeds 1 - a_prev and its square root is NaN"
             )
+        self.process, self.prediction_type = process or DDPM(), check_prediction_type(prediction_type)
         self.timesteps = leading_timesteps(num_steps, self.process.num_train_timesteps, steps_offset)
-        self.num_steps, self.eta, self.prediction_type = num_steps, eta, prediction_type
-        self.steps_offset = steps_offset
+        self.num_steps, self.eta, self.steps_offset = num_steps, eta, steps_offset
         self.step_ratio = self.process.num_train_timesteps // num_steps
         self._index = {t: i for i, t in enumerate(self.timesteps)}
         self.timestep_table = DeviceTable(torch.tensor(self.timesteps))  # (num_steps,) int64

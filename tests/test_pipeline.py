@@ -131,6 +131,7 @@ def test_each_module_keeps_its_own_dtype(unet_dtype, vae_dtype):
         (torch.zeros(1, 1, SIDE, SIDE), r"sar must have 3 channels.*repeat the channel: sar.repeat\(1, 3, 1, 1\)"),
         (torch.zeros(1, 3, 96, 96), "multiples of 64 .*got 96x96"),
         (torch.zeros(3, SIDE, SIDE), r"sar must be SAR images of shape \(B, 3, H, W\)"),
+        (torch.zeros(0, 3, SIDE, SIDE), "sar holds no images"),
     ],
 )
 def test_translate_refuses_bad_input(sar, message):
