@@ -18,7 +18,8 @@ DEFAULT_PROMPT = "electro-optical image"
 @dataclass
 class Translation:
     eo: torch.Tensor  # (B, 3, H, W) in [-1, 1], in the VAE's dtype
-    confidence: torch.Tensor | None  # (B, 1, H/8, W/8) fp32 = 1 / variance at the midpoint step; None for a 4-out U-Net
+    # (B, 1, H/8, W/8) fp32 = 1 / variance at the first step with t <= T/2 (confidence_step); None for a 4-out U-Net
+    confidence: torch.Tensor | None
 
 
 def confidence_step(timesteps: list[int], num_train_timesteps: int) -> int:
@@ -92,7 +93,8 @@ class Pipeline:
                 noise on CPU and GPU) and, with eta > 0, DDIM's fresh noise.
             latents: (B, 4, H/8, W/8) the starting noise instead of drawing it; the noise drawn
                 from a seed, passed here, reproduces that seeded run exactly.
-            sampler: "ddim" (default) or "dpmpp_2m" (DPM-Solver++(2M); good at 10-20 steps).
+            sampler: "ddim" (default) or "dpmpp_2m" (DPM-Solver++(2M), second order, meant for
+                10-20 steps; its quality against DDIM-50 is not measured yet).
             show_progress: a progress bar over the steps on stderr.
 
         Returns:
@@ -105,6 +107,7 @@ class Pipeline:
         all within [0, 1], warn once per pipeline.
         """
         self._check_sar(sar)
+        chosen = make_sampler(sampler, self.process, steps, eta)  # checks steps, eta, sampler first
         unet_param, vae_param = next(self.unet.parameters()), next(self.vae.parameters())
         device, dtype = unet_param.device, unet_param.dtype
 
@@ -113,7 +116,6 @@ class Pipeline:
         context = self.context.to(device, dtype).expand(sar.shape[0], -1, -1)  # (B, L, context_dim)
         noise = self._starting_noise(sar_latent.shape, latents, generator, device)  # fp32
 
-        chosen = make_sampler(sampler, self.process, steps, eta)
         capture = confidence_step(chosen.timesteps, self.process.num_train_timesteps)
         latent_channels = sar_latent.shape[1]
         # Device-side bookkeeping only (no host sync per step): which steps gave NaN/Inf, and the
@@ -169,7 +171,8 @@ class Pipeline:
             noise_device = generator.device if generator is not None else device
             return torch.randn(shape, generator=generator, device=noise_device, dtype=torch.float32).to(device)
         if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
-            raise ValueError(f"latents must be a float tensor {tuple(shape)}, got {getattr(latents, 'dtype', latents)!r}")
+            got = getattr(latents, "dtype", type(latents).__name__)
+            raise ValueError(f"latents must be a float tensor {tuple(shape)}, got {got}")
         if tuple(latents.shape) != tuple(shape):
             raise ValueError(f"latents must have the SAR latent's shape {tuple(shape)}, got {tuple(latents.shape)}")
         if not torch.isfinite(latents).all():

@@ -6,7 +6,9 @@ with the same signature: ``sample(model, noise, generator=None, show_progress=Fa
 ``model(latent, t)`` gets the latent in fp32 (the loop's state stays in fp32 whatever the
 noise's dtype) and t as a 0-d int64 tensor on the latent's device, and returns the prediction
 (noise or v). Per-step coefficients live on the device, indexed by the step number:
-a step makes no host-device copy or sync.
+a step makes no host-device copy or sync, and the loop has no data-dependent control flow. The
+tables reach a device during the first run there, so capture a loop in a CUDA graph after one
+warm-up run (tests/test_samplers.py does).
 """
 
 from __future__ import annotations

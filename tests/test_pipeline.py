@@ -64,7 +64,9 @@ def test_confidence_step_is_the_release_step_at_ddim_50():
         assert grid[k] <= 500 and (k == 0 or grid[k - 1] > 500), steps
 
 
-@pytest.mark.parametrize("sampler, steps, index, t", [("ddim", 50, 25, 481), ("ddim", 6, 2, 499), ("dpmpp_2m", 12, 5, 499)])
+@pytest.mark.parametrize(
+    "sampler, steps, index, t", [("ddim", 50, 25, 481), ("ddim", 6, 2, 499), ("dpmpp_2m", 12, 5, 499)]
+)
 def test_translate_reads_confidence_at_the_step_nearest_t_half(sampler, steps, index, t):
     unet = RecordingUNet()
     result = pipeline_with(unet).translate(sar_batch(), steps=steps, sampler=sampler)
@@ -126,7 +128,7 @@ def test_each_module_keeps_its_own_dtype(unet_dtype, vae_dtype):
 @pytest.mark.parametrize(
     "sar, message",
     [
-        (torch.zeros(1, 3, SIDE, SIDE, dtype=torch.uint8), r"float tensor scaled to \[-1, 1\], got torch.uint8 .*/ 127.5 - 1"),
+        (torch.zeros(1, 3, SIDE, SIDE, dtype=torch.uint8), r"scaled to \[-1, 1\], got torch.uint8 .*/ 127.5 - 1"),
         (torch.zeros(1, 3, SIDE, SIDE, dtype=torch.int64), "float tensor"),
         (torch.zeros(1, 1, SIDE, SIDE), r"sar must have 3 channels.*repeat the channel: sar.repeat\(1, 3, 1, 1\)"),
         (torch.zeros(1, 3, 96, 96), "multiples of 64 .*got 96x96"),
@@ -137,6 +139,16 @@ def test_each_module_keeps_its_own_dtype(unet_dtype, vae_dtype):
 def test_translate_refuses_bad_input(sar, message):
     with pytest.raises(ValueError, match=message):
         tiny_pipeline(0).translate(sar, steps=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(sampler="euler"), "sampler must be one of"), (dict(steps=1000), "past the last training timestep"),
+     (dict(eta=2.0), r"eta must be in \[0, 1\]"), (dict(sampler="dpmpp_2m", eta=0.5), "eta applies to")],
+)
+def test_translate_refuses_bad_sampler_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_pipeline(0).translate(sar_batch(), **kwargs)
 
 
 def test_nan_in_the_input_is_refused_naming_the_sample():
