@@ -8,7 +8,8 @@ Large images are translated tile by tile, with peak memory bounded by the tile s
   *updated latents*; a DDIM step x_prev = a_t x_t + b_t eps (+ sigma_t z, with z drawn for the
   whole latent) is affine in eps with coefficients shared by every pixel, so averaging the
   noise predictions, as done here, gives exactly the same x_prev. Because every step re-fuses
-  the tiles, neighbouring tiles agree where they meet: no seams.
+  the tiles, neighbouring tiles agree where they meet: no seams. (DPM-Solver++(2M)'s update is
+  a fixed linear combination of the current and previous predictions, so the same holds.)
 - The VAE encodes and decodes tile by tile with the same blended overlaps. This is an
   approximation: the VAE's GroupNorms take statistics over the whole input and its
   mid-block attention is global, so a tile does not see the rest of the scene. The error
