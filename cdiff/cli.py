@@ -126,8 +126,10 @@ def _add_translate(sub) -> None:
     p.add_argument("--output", required=True, metavar="OUT_DIR", help="folder for the EO images")
     p.add_argument("--conf-dir", metavar="DIR", help="also save confidence maps here: <name>.png (grey, as the "
                    "release) and <name>_colour.png")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s, the release's)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (default: %(default)s, the release's)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta; 0 is deterministic (default: %(default)s)")
+    p.add_argument("--sampler", choices=("ddim", "dpmpp_2m"), default="ddim",
+                   help="ddim (the release's) or dpmpp_2m (DPM-Solver++(2M), for 10-20 steps) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="base seed; each image's seed also depends on its name "
                    "(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, help="same-sized images per batch (default: %(default)s)")
@@ -152,7 +154,7 @@ def _add_translate(sub) -> None:
         from cdiff.translate import Sampling, run_translate
 
         tiling = Tiling(a.tile, a.tile_overlap, a.tile_batch) if a.tile else None
-        sampling = Sampling(a.steps, a.eta, a.seed, a.batch_size, tiling)
+        sampling = Sampling(a.steps, a.eta, a.seed, a.batch_size, tiling, a.sampler)
         evaluation = None
         if a.target:
             evaluation = dict(target=a.target, report_dir=a.report_dir, metrics=parse_metrics(a.metrics),

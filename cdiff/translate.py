@@ -142,11 +142,14 @@ def distributed_env() -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class Sampling:
+    """How every image is sampled (defaults: the release's 50 DDIM steps, eta 0)."""
+
     steps: int = 50
     eta: float = 0.0
-    seed: int = 0
-    batch_size: int = 1
-    tiling: Tiling | None = Tiling()
+    seed: int = 0  # with the image's name, the seed of its starting noise (image_seed)
+    batch_size: int = 1  # same-sized images per pipeline call
+    tiling: Tiling | None = Tiling()  # None: images of any size are translated whole
+    sampler: str = "ddim"  # or "dpmpp_2m" (cdiff.samplers)
 
     def __post_init__(self):
         if self.steps < 1:
@@ -172,7 +175,7 @@ def translate_scenes(pipeline, scenes: list[SarScene], names: list[str], samplin
     generators = [torch.Generator().manual_seed(image_seed(sampling.seed, n)) for n in names]
     latents = torch.cat([torch.randn(latent_shape, generator=g) for g in generators])  # (B, 4, h, w) fp32, on the CPU
     result = pipeline.translate(sar, steps=sampling.steps, eta=sampling.eta, generator=generators[0], latents=latents,
-                                tiling=sampling.tiling, show_progress=show_progress)
+                                sampler=sampling.sampler, show_progress=show_progress, tiling=sampling.tiling)
     eo = crop(result.eo, height, width).float().permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
     out = []
     for i in range(len(scenes)):
@@ -248,7 +251,7 @@ def run_translate(
             tally.translated += 1
         batch.clear()
 
-    for job in progress(todo, desc="images", enabled=show):
+    for index, job in enumerate(progress(todo, desc="images", enabled=show)):
         try:
             scene = read_sar(job.source)
         except ValueError as err:
@@ -257,10 +260,12 @@ def run_translate(
             log.warning("skipped %s: %s", job.source, err)
             tally.bad.append(f"{job.source}: {err}")
             continue
-        if batch and (len(batch) == sampling.batch_size or batch[0][1].sar.shape != scene.sar.shape):
+        if batch and batch[0][1].sar.shape != scene.sar.shape:
             flush()
         batch.append((job, scene))
-    if batch:
+        if len(batch) == sampling.batch_size or index == len(todo) - 1:
+            flush()  # inside the loop, so the step bar nests in the image bar
+    if batch:  # the last input was bad
         flush()
     where = f"rank {rank}/{world}: " if world > 1 else ""
     print(f"cdiff translate: {where}{tally.translated} translated, {tally.already_done} already done, "

@@ -5,6 +5,7 @@ With random weights the EO images are noise-like; these tests check the plumbing
 numerics of tiling, not translation quality.
 """
 
+import io
 import json
 import os
 import subprocess
@@ -227,8 +228,9 @@ def test_a_truncated_image_stops_the_run_or_is_skipped(model, inputs, tmp_path, 
     assert err.startswith("cdiff: error: cannot read image") and "c.jpg" in err
     assert run("--model", model, "--input", inputs, "--output", out, "--steps", 1, "--skip-bad") == 0
     output = capsys.readouterr().out
-    assert "2 translated, 0 already done, 1 bad" in output and "skipped" in output and "c.jpg" in output
-    assert not (out / "c.png").exists() and (out / "a.png").is_file()
+    # a.png was written before the first run stopped at c.jpg; the rerun goes past it.
+    assert "1 translated, 1 already done, 1 bad" in output and "skipped" in output and "c.jpg" in output
+    assert not (out / "c.png").exists() and (out / "a.png").is_file() and (out / "sub" / "b.png").is_file()
 
 
 def test_an_empty_folder_and_a_missing_input(model, tmp_path, capsys):
@@ -277,3 +279,19 @@ def test_outputs_that_would_overwrite_the_inputs_are_refused(model, inputs, tmp_
     (tmp_path / "file").write_text("")
     assert run("--model", model, "--input", inputs, "--output", tmp_path / "file") == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_the_progress_bar_nests_steps_inside_images(model, inputs, tmp_path, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert run("--model", model, "--input", inputs, "--output", tmp_path / "eo", "--steps", 2,
+               "--sampler", "dpmpp_2m") == 0
+    lines = terminal.getvalue().split("\r")
+    steps = [line for line in lines if "| DPM-Solver++(2M) [" in line]
+    assert len(steps) == 3 * 2 and all(line.startswith("images [") for line in steps)  # every step, nested
+    assert steps[0].startswith("images [................] 0/3")
+    assert lines[-1].startswith("images [################] 3/3") and terminal.getvalue().endswith("\n")
