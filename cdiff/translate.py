@@ -226,6 +226,8 @@ def run_translate(
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if evaluation is not None:
         Networks.check(evaluation["metrics"], evaluation.get("lpips_vgg"), evaluation.get("fid_weights"))
+        if world > 1:
+            _join_ranks()  # now, so a launch without torchrun's rendezvous fails before the work
     all_jobs = plan_jobs(input_path, output_dir, conf_dir)
     jobs = shard(all_jobs, rank, world)
     device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
@@ -277,6 +279,20 @@ def run_translate(
     return tally
 
 
+def _join_ranks() -> None:
+    """A gloo process group over torchrun's ranks, only to wait for each other before evaluating."""
+    import datetime
+
+    import torch.distributed as dist
+
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise ValueError(f"WORLD_SIZE > 1 but {name} is not set: launch with torchrun to evaluate a sharded run")
+    # Ranks finish their shares at different times; torchrun stops every rank if one fails, so
+    # a long timeout cannot leave a rank waiting for a dead one.
+    dist.init_process_group(backend="gloo", timeout=datetime.timedelta(hours=24))
+
+
 def _evaluate_outputs(jobs: list[Job], output_dir, evaluation: dict, rank: int, world: int, device) -> None:
     """After every rank has finished, rank 0 scores every output against the target folder."""
     from cdiff.evaluate import evaluate, match_pairs
@@ -284,8 +300,6 @@ def _evaluate_outputs(jobs: list[Job], output_dir, evaluation: dict, rank: int, 
     if world > 1:
         import torch.distributed as dist
 
-        if not dist.is_initialized():
-            dist.init_process_group(backend="gloo")
         dist.barrier()
         dist.destroy_process_group()
         if rank != 0:
