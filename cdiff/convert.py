@@ -313,13 +313,11 @@ def has_text_encoder(source) -> bool:
     return layout == "diffusers" and (path / "text_encoder").is_dir()
 
 
-def stored_prompt(source) -> tuple[str, bool]:
+def stored_prompt(source) -> tuple[str, bool] | None:
     """(prompt, pad_to_77) that ``source``'s stored embedding was made with, when it has no
-    text encoder to encode another; (DEFAULT_PROMPT, False) otherwise."""
+    text encoder to encode another; None otherwise."""
     stored = None if has_text_encoder(source) else read_context(source)
-    if stored is None:
-        return DEFAULT_PROMPT, False
-    return stored[1], stored[2] == "77"
+    return None if stored is None else (stored[1], stored[2] == "77")
 
 
 def context_for(source, prompt: str = DEFAULT_PROMPT, pad_to_77: bool = False) -> torch.Tensor:
@@ -410,7 +408,7 @@ def load_pipeline(
             f"pass surgery=True or run 'cdiff convert' to make the C-DiffSET U-Net"
         )
     if prompt is None:
-        prompt, pad_to_77 = stored_prompt(source)
+        prompt, pad_to_77 = stored_prompt(source) or (DEFAULT_PROMPT, pad_to_77)
     # context_for has already checked that a stored embedding was made for this very prompt.
     context = context_for(source, prompt, pad_to_77).to(device=device, dtype=dtype or model.conv_in.weight.dtype)
     return Pipeline(model, vae, context, prompt=prompt)

@@ -295,3 +295,10 @@ def test_the_progress_bar_nests_steps_inside_images(model, inputs, tmp_path, mon
     assert len(steps) == 3 * 2 and all(line.startswith("images [") for line in steps)  # every step, nested
     assert steps[0].startswith("images [................] 0/3")
     assert lines[-1].startswith("images [################] 3/3") and terminal.getvalue().endswith("\n")
+
+
+def test_a_prompt_other_than_the_stored_one_is_refused(model, inputs, tmp_path, capsys):
+    # The model holds no text encoder: only the prompt it was converted with can be used.
+    assert run("--model", model, "--input", inputs / "a.png", "--output", tmp_path / "eo", "--prompt", "other") == 2
+    err = capsys.readouterr().err
+    assert "tiny.safetensors" in err and f"prompt {PROMPT!r}" in err and "not 'other'" in err
