@@ -1,0 +1,85 @@
+"""``cdiff train``: start a run or resume one, in one process or under torchrun."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cdiff.train import distributed
+from cdiff.train.config import RunConfig, differences, load_config, to_toml
+from cdiff.train.logs import Log
+from cdiff.train.loop import Loop
+from cdiff.train.rundir import RunDir
+
+
+def _resolve(rundir: RunDir, config: RunConfig | None, resume: bool, force: bool) -> tuple[RunConfig, list[str]]:
+    """The config to run with, and how it differs from the saved one (a resume with --force)."""
+    if not resume:
+        if config is None:
+            raise ValueError("cdiff train: give --config (a new run) or --resume RUN_DIR")
+        if rundir.config_file.exists():
+            raise ValueError(f"{rundir.path} already holds a run: continue it with --resume {rundir.path}, "
+                             "or give a new run directory")
+        return config, []
+    if not rundir.config_file.is_file():
+        raise FileNotFoundError(f"{rundir.path}: no config.toml, so not a run directory to resume")
+    saved = load_config(rundir.config_file)
+    if config is None:
+        return saved, []
+    changed = differences(saved, config)
+    if changed and not force:
+        raise ValueError(f"{rundir.path}: the config differs from the run's ({'; '.join(changed)}); "
+                         "resuming would not continue the same run. Pass --force to resume with the new config")
+    return config, changed
+
+
+@dataclass
+class Finished:
+    checkpoint: Path | None  # the newest checkpoint folder
+    task: object  # the trained task: its modules hold the final weights (e.g. task.modules["unet"])
+    step: int
+
+
+def build_task(config: RunConfig, world: distributed.World, checkpoint: Path | None):
+    """The task of ``model.kind`` (one kind today)."""
+    from cdiff.train.cdiffset import CDiffSETTask
+
+    return CDiffSETTask(config, world.device, checkpoint)
+
+
+def train(config: RunConfig | None, run_dir, resume: bool = False, force: bool = False,
+          stop_at: int | None = None) -> Finished:
+    """Train ``config`` into ``run_dir``, or continue the run there (``resume``; ``config`` None
+    keeps its saved config, another one needs ``force``). ``stop_at``: stop after that step with
+    a checkpoint."""
+    rundir = RunDir(run_dir)
+    config, changed = _resolve(rundir, config, resume, force)
+    world = distributed.setup(config.train.device)
+    try:
+        error = None
+        if world.is_main:
+            try:
+                rundir.check_writable()
+                rundir.clean()
+                rundir.write_config(to_toml(config))
+            except OSError as err:
+                error = str(err)
+        error = distributed.broadcast_object(error, world)
+        if error:
+            raise OSError(error)
+        distributed.barrier()
+        checkpoint = rundir.latest_checkpoint() if resume else None
+        log = Log(rundir.log_file, enabled=world.is_main)
+        try:
+            loop = Loop(build_task(config, world, checkpoint), config, rundir, world, log)
+            if checkpoint is not None:
+                loop.restore(checkpoint)
+            log.write("event", event="resume" if resume else "start", step=loop.step, world_size=world.size,
+                      global_batch=loop.samples_per_step, device=str(world.device), changed=changed)
+            loop.run(stop_at)
+            log.write("event", event="end", step=loop.step)
+        finally:
+            log.close()
+        return Finished(rundir.latest_checkpoint(), loop.task, loop.step)
+    finally:
+        distributed.teardown()
