@@ -31,10 +31,19 @@ def micro_model(path, out_channels: int = 4, seed: int = 0, config: dict | None 
     """A native C-DiffSET file: 8-in U-Net (4-out: the surgery adds the variance channel), tiny VAE."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        unet = UNet(UNetConfig.tiny(in_channels=8, out_channels=out_channels, **(config or MICRO_UNET)))
+        unet = UNet(UNetConfig.tiny(in_channels=8, out_channels=out_channels, **(MICRO_UNET if config is None else config)))
         vae = VAE(VAEConfig.tiny(**MICRO_VAE))
         context = torch.randn(6, unet.config.context_dim)
     return save_native(path, unet, vae, context)
+
+
+@pytest.fixture
+def one_thread():
+    """Train on one thread: two OpenMP threads on two shared, busy cores run 10-30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def small_config(model_path, *sets: str):

@@ -14,7 +14,7 @@ from cdiff.train.config import OptimConfig
 class WarmupCosine:
     """lr factor at scheduler step ``n``: n / warmup during warm-up, then 0.5 (1 + cos(pi p)) with
     p the fraction of the remaining steps done (diffusers' "cosine" schedule, which the release
-    uses), or 1 after warm-up for ``cosine=False``. A plain object, so LambdaLR saves its fields."""
+    uses), or 1 after warm-up for ``cosine=False``."""
 
     warmup: int
     total: int
@@ -36,6 +36,33 @@ def adamw(parameters, config: OptimConfig) -> torch.optim.AdamW:
     )
 
 
-def warmup_cosine(optimizer, config: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    schedule = WarmupCosine(config.warmup_steps, total_steps, cosine=config.schedule == "cosine")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+class LRSchedule:
+    """Sets every group's lr to its base lr x ``factor(n)`` after n scheduler steps.
+
+    Its state is n alone: the base lrs and the factor come from the config, so a run resumed with
+    --force and a new lr or length follows the new schedule from the step it stopped at.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor):
+        self.optimizer, self.factor, self.steps = optimizer, factor, 0
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self._apply()
+
+    def _apply(self) -> None:
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * self.factor(self.steps)
+
+    def step(self) -> None:
+        self.steps += 1
+        self._apply()
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+        self._apply()
+
+
+def warmup_cosine(optimizer, config: OptimConfig, total_steps: int) -> LRSchedule:
+    return LRSchedule(optimizer, WarmupCosine(config.warmup_steps, total_steps, cosine=config.schedule == "cosine"))

@@ -212,9 +212,16 @@ def read_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def restore_state(document: dict, tensors: dict, optimizers: dict, schedulers: dict, scaler) -> None:
-    """Load the optimisers, schedulers and scaler saved by ``write_state`` (by name)."""
+    """Load the optimisers, schedulers and scaler saved by ``write_state`` (by name).
+
+    The optimisers' moments and step counts come from the checkpoint; their settings (lr, betas,
+    weight decay...) stay those of the config they were made with (equal, unless --force).
+    """
     for name, optimizer in optimizers.items():
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         optimizer.load_state_dict(_join_optimizer(name, document["optimizers"][name], tensors))
+        for group, kept in zip(optimizer.param_groups, settings):
+            group.update(kept)
     for name, scheduler in schedulers.items():
         scheduler.load_state_dict(document["schedulers"][name])
     if document["scaler"]:
