@@ -4,6 +4,7 @@ only turns arguments into one call, so ``cdiff X --help`` and the Python API sta
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import cdiff
@@ -160,7 +161,8 @@ def _add_train(sub) -> None:
             raise ValueError("cdiff train: --force only applies to --resume")
         config = _train_config(a, a.resume)
         done = train(config, a.resume or a.run_dir, resume=a.resume is not None, force=a.force, stop_at=a.stop_at)
-        print(f"cdiff train: step {done.step}; newest checkpoint {done.checkpoint}")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the run
+            print(f"cdiff train: step {done.step}; newest checkpoint {done.checkpoint}")
 
     p.set_defaults(run=run)
 

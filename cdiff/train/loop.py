@@ -208,8 +208,7 @@ class Loop:
                 self.best = {"step": self.step, "metric": self.task.best_metric, "value": value}
             grid_name = str(grid.relative_to(self.rundir.path)) if grid else None
             self.log.write("val", step=self.step, **metrics, best=improved, grid=grid_name)
-        distributed.barrier()
-        return improved
+        return distributed.broadcast_object(improved, self.world)  # every process then saves, or none
 
     # --- the loop --------------------------------------------------------------------------
 

@@ -17,9 +17,6 @@ def _resolve(rundir: RunDir, config: RunConfig | None, resume: bool, force: bool
     if not resume:
         if config is None:
             raise ValueError("cdiff train: give --config (a new run) or --resume RUN_DIR")
-        if rundir.config_file.exists():
-            raise ValueError(f"{rundir.path} already holds a run: continue it with --resume {rundir.path}, "
-                             "or give a new run directory")
         return config, []
     if not rundir.config_file.is_file():
         raise FileNotFoundError(f"{rundir.path}: no config.toml, so not a run directory to resume")
@@ -38,6 +35,16 @@ class Finished:
     checkpoint: Path | None  # the newest checkpoint folder
     task: object  # the trained task: its modules hold the final weights (e.g. task.modules["unet"])
     step: int
+
+
+def _prepare(rundir: RunDir, config: RunConfig, resume: bool) -> None:
+    """Rank 0: check and create the run directory, remove a killed save's leftovers, write the config."""
+    if not resume and rundir.config_file.exists():
+        raise ValueError(f"{rundir.path} already holds a run: continue it with --resume {rundir.path}, "
+                         "or give a new run directory")
+    rundir.check_writable()
+    rundir.clean()
+    rundir.write_config(to_toml(config))
 
 
 def build_task(config: RunConfig, world: distributed.World, checkpoint: Path | None):
@@ -59,15 +66,12 @@ def train(config: RunConfig | None, run_dir, resume: bool = False, force: bool =
         error = None
         if world.is_main:
             try:
-                rundir.check_writable()
-                rundir.clean()
-                rundir.write_config(to_toml(config))
-            except OSError as err:
-                error = str(err)
-        error = distributed.broadcast_object(error, world)
-        if error:
-            raise OSError(error)
-        distributed.barrier()
+                _prepare(rundir, config, resume)
+            except (OSError, ValueError) as err:
+                error = err
+        error = distributed.broadcast_object(error, world)  # every process stops on rank 0's error
+        if error is not None:
+            raise error
         checkpoint = rundir.latest_checkpoint() if resume else None
         log = Log(rundir.log_file, enabled=world.is_main)
         try:
