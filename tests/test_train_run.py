@@ -186,6 +186,7 @@ def test_cli_refuses_bad_input(tmp_path, model_file, capsys):
     code, err = _cli(capsys, "train", "--config", config, "--run-dir", tmp_path / "e", "--set", "data.kind=folders",
                      "--set", f"data.root={tmp_path / 'empty'}")
     assert code == 2 and "no EO images found under" in err and "empty" in err
+    assert not (tmp_path / "e" / "config.toml").exists()  # a run that failed to start can start again there
 
     # A run directory that is not writable: under a file.
     (tmp_path / "file").write_text("")

@@ -136,6 +136,8 @@ class CDiffSETTask:
         self.optimizers = {"unet": adamw(self.unet.parameters(), config.optim)}
         self.schedulers = {"unet": warmup_cosine(self.optimizers["unet"], config.optim, config.train.steps)}
         self.phases = [Phase("unet", "unet", ("unet",), self.loss)]
+        # Opened now, so that a missing held-out split is an error at the start, not at step val.every.
+        self.val_pairs = image_pairs(config.data, "test", config.val.images) if config.val.every else None
 
     # --- training ------------------------------------------------------------------------
 
@@ -210,9 +212,8 @@ class CDiffSETTask:
         unet.eval()
         sampler = SampleAsNoise(unet, self.process) if self.model.prediction == "sample" else unet
         pipeline = Pipeline(sampler, self.vae, self.context, prompt=self.prompt or DEFAULT_PROMPT, process=self.process)
-        pairs = image_pairs(self.config.data, "test", val.images)
         scores, columns = {}, [[], [], [], []]
-        for index, batch in enumerate(DataLoader(pairs, batch_size=val.batch_size)):
+        for index, batch in enumerate(DataLoader(self.val_pairs, batch_size=val.batch_size)):
             sar, eo = batch["sar"].to(self.device), batch["eo"].to(self.device)
             result = pipeline.translate(sar, steps=val.steps, generator=generator(self.config.train.seed, "val", index))
             prediction = result.eo.float()
@@ -224,7 +225,7 @@ class CDiffSETTask:
                 confidence = result.confidence if result.confidence is not None else torch.zeros_like(sar[:, :1])
                 for column, images in zip(columns, (sar, prediction, eo, _normalise(confidence))):
                     column.append(images[keep].cpu())
-        unet.train()
+        self.unet.train()
         metrics = {name: float(torch.cat(v).double().mean()) for name, v in scores.items()}
         return metrics, [torch.cat(c) for c in columns] if columns[0] else []
 

@@ -212,10 +212,12 @@ class Loop:
 
     # --- the loop --------------------------------------------------------------------------
 
-    def run(self, stop_at: int | None = None) -> None:
+    def run(self, samples: tuple, stop_at: int | None = None) -> None:
+        """Train from the current step to train.steps (or ``stop_at``) on ``samples``: the task's
+        (items, augment), as ``task.training_samples()`` gives them."""
         train, val = self.config.train, self.config.val
         end = min(train.steps, stop_at) if stop_at is not None else train.steps
-        items, augment = self.task.training_samples()
+        items, augment = samples
         batches = MicroBatches(self.samples, (end - self.step) * train.accumulation, train.batch_size,
                                self.world.rank, self.world.size)
         pin = self.world.device.type == "cuda"

@@ -37,14 +37,26 @@ class Finished:
     step: int
 
 
-def _prepare(rundir: RunDir, config: RunConfig, resume: bool) -> None:
-    """Rank 0: check and create the run directory, remove a killed save's leftovers, write the config."""
+def _prepare(rundir: RunDir, resume: bool) -> None:
+    """Rank 0: check and create the run directory, remove what a killed save left."""
     if not resume and rundir.config_file.exists():
         raise ValueError(f"{rundir.path} already holds a run: continue it with --resume {rundir.path}, "
                          "or give a new run directory")
     rundir.check_writable()
     rundir.clean()
-    rundir.write_config(to_toml(config))
+
+
+def _on_rank0(world: distributed.World, action) -> None:
+    """Run ``action`` on rank 0; every process raises its error (so none waits forever)."""
+    error = None
+    if world.is_main:
+        try:
+            action()
+        except (OSError, ValueError) as err:
+            error = err
+    error = distributed.broadcast_object(error, world)
+    if error is not None:
+        raise error
 
 
 def build_task(config: RunConfig, world: distributed.World, checkpoint: Path | None):
@@ -63,24 +75,21 @@ def train(config: RunConfig | None, run_dir, resume: bool = False, force: bool =
     config, changed = _resolve(rundir, config, resume, force)
     world = distributed.setup(config.train.device)
     try:
-        error = None
-        if world.is_main:
-            try:
-                _prepare(rundir, config, resume)
-            except (OSError, ValueError) as err:
-                error = err
-        error = distributed.broadcast_object(error, world)  # every process stops on rank 0's error
-        if error is not None:
-            raise error
+        _on_rank0(world, lambda: _prepare(rundir, resume))
         checkpoint = rundir.latest_checkpoint() if resume else None
+        task = build_task(config, world, checkpoint)
+        samples = task.training_samples()
+        # The config is written once the model and the data have opened: a run that fails to start
+        # leaves no config.toml, and can be started again in the same folder.
+        _on_rank0(world, lambda: rundir.write_config(to_toml(config)))
         log = Log(rundir.log_file, enabled=world.is_main)
         try:
-            loop = Loop(build_task(config, world, checkpoint), config, rundir, world, log)
+            loop = Loop(task, config, rundir, world, log)
             if checkpoint is not None:
                 loop.restore(checkpoint)
             log.write("event", event="resume" if resume else "start", step=loop.step, world_size=world.size,
                       global_batch=loop.samples_per_step, device=str(world.device), changed=changed)
-            loop.run(stop_at)
+            loop.run(samples, stop_at)
             log.write("event", event="end", step=loop.step)
         finally:
             log.close()
