@@ -117,9 +117,11 @@ class CDiffSETTask:
 
     best_metric = "psnr"
 
-    def __init__(self, config: RunConfig, device: torch.device, checkpoint: Path | None = None):
+    def __init__(self, config: RunConfig, device: torch.device, checkpoint: Path | None = None,
+                 pipeline: Pipeline | None = None):
+        """The model comes from ``checkpoint`` (a resume), else ``pipeline`` (in memory), else model.init."""
         self.config, self.device, self.model = config, device, config.model
-        pipeline = start_pipeline(self.model, checkpoint)
+        pipeline = pipeline if pipeline is not None and checkpoint is None else start_pipeline(self.model, checkpoint)
         self.prompt, self.process = pipeline.prompt, cdiff.DDPM()
         self.unet = pipeline.unet.to(device).train().requires_grad_(True)
         self.vae = pipeline.vae.to(device).eval().requires_grad_(False)
