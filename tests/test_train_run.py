@@ -95,9 +95,11 @@ def test_200_steps_lower_the_loss(tmp_path, model_file):
 
 
 @pytest.mark.parametrize("option, absent", [("model.prediction=sample", None), ("model.loss=mse", "loss_logvar")])
+# (also: a DataLoader worker process, and an EMA)
 def test_options_run_and_translate(tmp_path, model_file, option, absent):
     """--prediction sample and --loss mse train, validate, and the checkpoint loads as a pipeline."""
-    done = train(small_config(model_file, option, "train.steps=3", "model.ema_decay=0.5"), tmp_path / "run")
+    done = train(small_config(model_file, option, "train.steps=3", "model.ema_decay=0.5", "data.workers=1"),
+                 tmp_path / "run")
     record = _records(tmp_path / "run")[-1]
     assert math.isfinite(record["loss"]) and (absent is None or absent not in record)
     assert math.isfinite(_records(tmp_path / "run", "val")[-1]["psnr"])

@@ -11,6 +11,7 @@ the position to restart from is just the number of samples read.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -80,19 +81,27 @@ class StreamSamples(Dataset):
         return out
 
 
-def image_augment(data: DataConfig) -> Callable | None:
-    """The paired image augmentation of ``data``: random (or centre) crop, flips, 90-degree rotations."""
+@dataclass(frozen=True)
+class ImageAugment:
+    """The paired image augmentation: a random (or, ``centre``, the centre) crop of ``crop`` px, then
+    random flips and 90-degree rotations (cdiff.data.PairAugment), from the given generator."""
+
+    random: PairAugment
+    centre: CenterCrop | None = None
+
+    def __call__(self, sample: dict, gen: torch.Generator) -> dict:
+        return self.random(self.centre(sample) if self.centre else sample, gen)
+
+
+def image_augment(data: DataConfig) -> ImageAugment | None:
+    """The augmentation ``data`` asks for, or None."""
     crop = data.crop or DEFAULT_CROPS.get(data.kind)
     random = PairAugment(crop_size=crop if data.random_crop else None, hflip=data.hflip, vflip=data.vflip,
                          rot90=data.rot90)
     centre = CenterCrop(crop) if crop and not data.random_crop else None
     if centre is None and random.crop_size is None and not (data.hflip or data.vflip or data.rot90):
         return None
-
-    def augment(sample: dict, gen: torch.Generator) -> dict:
-        return random(centre(sample) if centre else sample, gen)
-
-    return augment
+    return ImageAugment(random, centre)
 
 
 def image_pairs(data: DataConfig, split: str, count: int | None = None) -> Dataset:
