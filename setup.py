@@ -28,7 +28,7 @@ setup(
     python_requires=">=3.11",  # tomllib (the training configs); Python 3.10 reached its end of life in October 2026
     # kernels/ sits at the top of the repository (the design card's layout) and is shipped
     # inside the cdiff namespace: a top-level module named "kernels" belongs to another package.
-    packages=["cdiff", "cdiff.layouts", "cdiff.data", "cdiff.train", "cdiff.kernels"],
+    packages=["cdiff", "cdiff.layouts", "cdiff.data", "cdiff.npde", "cdiff.train", "cdiff.kernels"],
     package_dir={"cdiff": "cdiff", "cdiff.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy>=1.24", "safetensors>=0.4", "pillow>=9"],
     extras_require={

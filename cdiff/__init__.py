@@ -4,6 +4,7 @@ Public API (see README):
     UNet, UNetConfig                the SD 2.1 U-Net (cdiff.unet, cdiff.config)
     VAE, VAEConfig                  the SD 2.1 autoencoder (cdiff.vae, cdiff.config)
     DDPM, DDIM                      the forward process and the DDIM sampler (cdiff.schedulers)
+    DPMSolverPP2M                   the DPM-Solver++(2M) sampler (cdiff.samplers)
     Pipeline, Translation           SAR in, EO and confidence out (cdiff.pipeline)
     confidence_nll                  the C-Diff loss (cdiff.loss), with variance_from_raw, confidence_from_raw
     SyntheticPairs, make_pair,      synthetic SAR-EO pairs and the real datasets' readers (cdiff.data)
@@ -49,6 +50,7 @@ from cdiff.convert import cdiffset_surgery, load_native, load_pipeline, load_une
 from cdiff.data import SyntheticPairs, make_pair, open_dataset  # noqa: E402
 from cdiff.loss import confidence_from_raw, confidence_nll, variance_from_raw  # noqa: E402
 from cdiff.pipeline import Pipeline, Translation  # noqa: E402
+from cdiff.samplers import DPMSolverPP2M  # noqa: E402
 from cdiff.schedulers import DDIM, DDPM  # noqa: E402
 from cdiff.unet import UNet  # noqa: E402
 from cdiff.vae import VAE  # noqa: E402
@@ -58,3 +60,4 @@ __all__ = [
     "attention_backend", "cdiffset_surgery", "confidence_from_raw", "confidence_nll", "load_native",
     "load_pipeline", "load_unet", "load_vae", "make_pair", "open_dataset", "save_native", "variance_from_raw",
 ]
+__all__ += ["DPMSolverPP2M"]  # cdiff.samplers
