@@ -143,7 +143,7 @@ def _add_train(sub) -> None:
         "model.unet=FILE). The run directory receives config.toml, log.jsonl, validation grids in val/ and "
         "checkpoints in checkpoints/step-N/ (model.safetensors is a native model file; 'latest' and 'best' "
         "link to them). Configs: configs/*.toml; every key can be overridden with --set. Several GPUs: "
-        "torchrun --nproc-per-node N -m cdiff.cli train ... (the global batch is train.batch_size x N x "
+        "torchrun --nproc-per-node N -m cdiff train ... (the global batch is train.batch_size x N x "
         "train.accumulation).",
     )
     p.add_argument("--config", metavar="TOML", help="the run config (e.g. configs/qxs.toml); with --resume, replaces the run's own")

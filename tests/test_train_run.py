@@ -105,7 +105,7 @@ def test_options_run_and_translate(tmp_path, model_file, option, absent):
     assert math.isfinite(_records(tmp_path / "run", "val")[-1]["psnr"])
     for name in ("model.safetensors", "model_ema.safetensors"):
         pipeline = cdiff.load_pipeline(done.checkpoint / name)
-        result = pipeline.translate(torch.zeros(1, 3, 64, 64), steps=2, generator=torch.Generator().manual_seed(0))
+        result = pipeline.translate(torch.rand(1, 3, 64, 64) * 2 - 1, steps=2, generator=torch.Generator().manual_seed(0))
         assert result.eo.shape == (1, 3, 64, 64) and torch.isfinite(result.eo).all()
     trained = done.task.unet.state_dict()
     saved = cdiff.load_unet(done.checkpoint / "model.safetensors").state_dict()

@@ -21,7 +21,6 @@ the regulariser that keeps the variance from growing; with w = stopgrad(var)^sqr
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,10 +105,11 @@ class SampleAsNoise(nn.Module):
     def forward(self, sample: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
         out = self.unet(sample, t, context)  # (B, C + 1, h, w): x0_hat and the raw variance
         channels = self.config.in_channels // 2
-        alpha = self.process.alphas_cumprod[int(t)].item()
-        noisy = sample[:, channels:]  # (B, C, h, w): x_t
-        eps = (noisy - math.sqrt(alpha) * out[:, :channels]) / math.sqrt(1 - alpha)
-        return torch.cat([eps, out[:, channels:]], dim=1)
+        t = torch.as_tensor(t, device=sample.device).reshape(-1)  # (1,) or (B,): no host sync
+        alpha = self.process.alpha_bar(t).view(-1, 1, 1, 1)
+        noisy = sample[:, channels:].float()  # (B, C, h, w): x_t
+        eps = (noisy - alpha.sqrt() * out[:, :channels].float()) / (1 - alpha).sqrt()
+        return torch.cat([eps.to(out.dtype), out[:, channels:]], dim=1)
 
 
 class CDiffSETTask:
