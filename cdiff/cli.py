@@ -186,13 +186,15 @@ def _add_cache_latents(sub) -> None:
     _add_set_option(p)
     p.add_argument("--dihedral", action="store_true", help="also encode the 7 flips/rotations of each pair (8x the time and space)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs encoded at once (default: %(default)s)")
+    _add_overwrite(p, "replace a non-empty OUT_DIR once the new cache is complete")
 
     def run(a):
         import json
 
         from cdiff.train.latents import cache_latents
 
-        out = cache_latents(_train_config(a), a.out_dir, dihedral_views=a.dihedral, batch_size=a.batch_size)
+        out = cache_latents(_train_config(a), a.out_dir, dihedral_views=a.dihedral, batch_size=a.batch_size,
+                            overwrite=a.overwrite)
         index = json.loads((out / "index.json").read_text())
         errors = ", ".join(f"{k} {v:.1%}" for k, v in index["flip_error"].items())
         print(f"cdiff cache-latents: {index['count']} pairs x {index['views']} view(s) -> {out}")

@@ -92,5 +92,5 @@ def test_cache_mismatches_are_refused(tmp_path, model_file):
             train(small_config(model_file, "data.count=2", f"data.latents={cache}", *sets), tmp_path / "r")
     with pytest.raises(FileNotFoundError, match="no index.json"):
         LatentPairs(tmp_path)
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(FileExistsError, match="is a folder that is not empty; pass --overwrite"):
         cache_latents(small_config(model_file), cache)

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cdiff.data import CenterCrop
-from cdiff.files import atomic_path
+from cdiff.files import atomic_path, check_output
 from cdiff.progress import progress
 from cdiff.train.config import RunConfig, to_dict
 from cdiff.train.data import DEFAULT_CROPS, image_pairs
@@ -64,13 +64,12 @@ def flip_error(vae, images: torch.Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def cache_latents(config: RunConfig, out_dir, dihedral_views: bool = False, batch_size: int = 8,
-                  show_progress: bool = True) -> Path:
-    """Encode the training pairs of ``config`` with its model's VAE into ``out_dir`` (a new folder)."""
+                  show_progress: bool = True, overwrite: bool = False) -> Path:
+    """Encode the training pairs of ``config`` with its model's VAE into ``out_dir`` (a new or empty
+    folder; ``overwrite`` replaces a cache there once the new one is complete)."""
     from cdiff.train.cdiffset import start_pipeline, vae_fingerprint
 
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir}: already exists; give a new folder for the latent cache")
+    out_dir = check_output(out_dir, "folder", overwrite, sources=(config.model.init, config.data.root or None))
     data = config.data
     if data.latents:
         raise ValueError("data.latents is set: cache-latents reads images; unset it (--set data.latents=\"\")")
@@ -85,7 +84,7 @@ def cache_latents(config: RunConfig, out_dir, dihedral_views: bool = False, batc
         "data": to_dict(config)["data"], "model": config.model.init, "vae_sha256": vae_fingerprint(vae),
         "shards": [],
     }
-    with atomic_path(out_dir, is_dir=True) as tmp:
+    with atomic_path(out_dir, is_dir=True, overwrite=overwrite) as tmp:
         sar_rows, eo_rows, names = [], [], []
         batches = DataLoader(pairs, batch_size=batch_size, num_workers=min(data.workers, 4), collate_fn=list)
         for batch in progress(batches, desc="cache-latents", enabled=show_progress):
