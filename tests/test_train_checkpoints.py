@@ -4,6 +4,7 @@ process killed mid-save leaves a loadable checkpoint; the run directory recovers
 import json
 import multiprocessing
 import os
+import stat
 
 import pytest
 import torch
@@ -62,6 +63,10 @@ def test_resume_is_bit_identical(tmp_path, reference):
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert kept == sorted({"step-000004", "step-000006", f"step-{best['step']:06d}"})
     assert os.readlink(tmp_path / "run" / "latest") == "checkpoints/step-000006"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in (done.checkpoint, *done.checkpoint.iterdir()):  # the modes of any mkdir and open()
+        assert stat.S_IMODE(path.stat().st_mode) == (0o777 if path.is_dir() else 0o666) & ~umask, path
     assert os.readlink(tmp_path / "run" / "best") == f"checkpoints/step-{best['step']:06d}"
     assert sorted(p.name for p in (tmp_path / "run" / "val").iterdir()) == ["step-000003.png", "step-000006.png"]
     pipeline = cdiff.load_pipeline(tmp_path / "run" / "best" / "model.safetensors")

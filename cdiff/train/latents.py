@@ -32,6 +32,7 @@ from cdiff.files import atomic_path, check_output
 from cdiff.progress import progress
 from cdiff.train.config import RunConfig, to_dict
 from cdiff.train.data import DEFAULT_CROPS, image_pairs
+from cdiff.train.rundir import settle
 
 FORMAT, VERSION = "cdiff-latents", 1
 VIEWS = ("identity", "rot90", "rot180", "rot270", "hflip", "hflip+rot90", "hflip+rot180", "hflip+rot270")
@@ -109,6 +110,7 @@ def cache_latents(config: RunConfig, out_dir, dihedral_views: bool = False, batc
             _write_shard(tmp, index, sar_rows, eo_rows, names)
         index["count"] = sum(s["count"] for s in index["shards"])
         (tmp / "index.json").write_text(json.dumps(index, indent=1))
+        settle(tmp)
     return out_dir
 
 

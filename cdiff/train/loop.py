@@ -225,6 +225,7 @@ class Loop:
                                  train.seed))
         bar = Bar(train.steps, "train", enabled=self.world.is_main, start=self.step)
         window, finite_steps, window_steps, clock = {}, 0, 0, time.perf_counter()
+        postfix = ""
         while self.step < end:
             micro_batches = [next(batch_iter) for _ in range(train.accumulation)]
             values = self._step(micro_batches)
@@ -237,8 +238,9 @@ class Loop:
                     window[key] = window.get(key, 0.0) + value.detach()
             if self.step % train.log_every == 0 or self.step == end:
                 record = self._log(window, finite_steps, window_steps, time.perf_counter() - clock)
-                bar.update(self.step, f"loss {record.get('loss', float('nan')):.4g} {record['images_per_s']:.1f} img/s")
+                postfix = f"loss {record.get('loss', float('nan')):.4g} {record['images_per_s']:.1f} img/s"
                 window, finite_steps, window_steps, clock = {}, 0, 0, time.perf_counter()
+            bar.update(self.step, postfix)
             pause = time.perf_counter()
             validate = val.every > 0 and (self.step % val.every == 0 or self.step == train.steps)
             improved = self._validate() if validate else False

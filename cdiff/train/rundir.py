@@ -26,7 +26,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -52,12 +54,27 @@ def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def _fsync_tree(folder: Path) -> None:
+def settle(folder: Path) -> None:
+    """Flush every file of ``folder`` to disk, and give each the mode open() would (the umask's:
+    ``folder`` was made with mode 0o777 less the umask; safetensors leaves its files 0o600)."""
+    mode = stat.S_IMODE(folder.stat().st_mode) & 0o666
     for path in sorted(folder.rglob("*")):
         if path.is_file():
+            os.chmod(path, mode)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
     _fsync_dir(folder)
+
+
+def _new_folder(parent: Path, prefix: str) -> Path:
+    """A new, uniquely named folder in ``parent``, mode 0o777 less the umask (as mkdir gives)."""
+    while True:
+        folder = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            os.mkdir(folder, 0o777)
+            return folder
+        except FileExistsError:
+            continue
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -136,9 +153,9 @@ class RunDir:
 
         ``best_step`` is the step of the best checkpoint so far (kept, linked as ``best``).
         """
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{step_name(step)}-", dir=self.checkpoints))
+        tmp = _new_folder(self.checkpoints, f".tmp-{step_name(step)}-")
         write(tmp)
-        _fsync_tree(tmp)
+        settle(tmp)
         target = self.checkpoints / step_name(step)
         if target.exists():
             _remove(target)
