@@ -15,7 +15,7 @@ from cdiff.train.cdiffset import CDiffSETTask, SampleAsNoise
 from cdiff.train.latents import cache_latents
 from cdiff.train.loop import NonFiniteLoss
 from cdiff.train.seeds import generator
-from tests.test_train import micro_model, one_thread, small_config  # noqa: F401 (a fixture)
+from tests.test_train import ROOT, micro_model, one_thread, small_config  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -213,3 +213,18 @@ def test_cli_refuses_bad_input(tmp_path, model_file, capsys):
     code, err = _cli(capsys, "train", "--config", config, "--run-dir", tmp_path / "m", "--set", "model.init=nope.safetensors")
     assert code == 2 and "model file not found: nope.safetensors" in err
 
+
+
+def test_tiny_config_and_a_folder_dataset_run_from_the_cli(tmp_path, capsys):
+    """configs/synthetic-tiny.toml (model.init = "tiny"), and pairs on disk read by cdiff.open_dataset."""
+    from cdiff.data import write_synthetic
+
+    short = ["--set", "train.steps=1", "--set", "val.every=1", "--set", "val.images=1", "--set", "val.steps=1"]
+    code, err = _cli(capsys, "train", "--config", ROOT / "configs" / "synthetic-tiny.toml", "--run-dir", tmp_path / "tiny", *short)
+    assert code == 0, err
+    assert (tmp_path / "tiny" / "val" / "step-000001.png").is_file()
+    write_synthetic(tmp_path / "pairs", 5, size=64, show_progress=False)
+    code, err = _cli(capsys, "train", "--config", ROOT / "configs" / "synthetic-tiny.toml", "--run-dir", tmp_path / "folders",
+                     *short, "--set", "data.kind=folders", "--set", f"data.root={tmp_path / 'pairs'}")
+    assert code == 0, err
+    assert _records(tmp_path / "folders", "val")[0]["psnr"] > 0
