@@ -52,7 +52,7 @@ class Log:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
                     self.board.add_scalar(f"{kind}/{key}", value, values["step"])
-        if self.console and kind != "train":
+        if self.console and (kind != "train" or not sys.stderr.isatty()):  # on a terminal, the bar shows it
             print(f"cdiff train: {kind} " + " ".join(f"{k}={_short(v)}" for k, v in values.items()), file=sys.stderr)
 
     def close(self) -> None:
