@@ -4,6 +4,7 @@ only turns arguments into one call, so ``cdiff X --help`` and the Python API sta
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import cdiff
@@ -106,6 +107,98 @@ def _add_export(sub) -> None:
         from cdiff.export import export
 
         export(a.src, a.out, to=a.to, overwrite=a.overwrite)
+
+    p.set_defaults(run=run)
+
+
+def _train_config(a, resume_dir=None):
+    """The run config of ``cdiff train`` / ``cache-latents`` arguments: --config (or the run's own
+    config.toml) with the shorthand flags and every --set applied; None to resume unchanged."""
+    from cdiff.train.config import load_config
+
+    sets = list(a.set or [])
+    for flag, key in (("prediction", "model.prediction"), ("loss", "model.loss"), ("skip_nonfinite", "train.skip_nonfinite")):
+        if getattr(a, flag, None) is not None:
+            sets.append(f"{key}={getattr(a, flag)}")
+    if resume_dir is not None and a.config is None:
+        if not sets:
+            return None
+        from pathlib import Path
+
+        return load_config(Path(resume_dir) / "config.toml", sets)
+    return load_config(a.config, sets)
+
+
+def _add_set_option(p) -> None:
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set optim.lr=1e-5 --set data.root=/data/qxs (repeatable)")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a C-DiffSET model on paired SAR-EO data (resumable; torchrun for several GPUs)",
+        description="Fine-tune the U-Net with the C-Diff loss as the official release does, from any model "
+        "cdiff.load_pipeline reads (a native file from 'cdiff convert', or a release U-Net with --set "
+        "model.unet=FILE). The run directory receives config.toml, log.jsonl, validation grids in val/ and "
+        "checkpoints in checkpoints/step-N/ (model.safetensors is a native model file; 'latest' and 'best' "
+        "link to them). Configs: configs/*.toml; every key can be overridden with --set. Several GPUs: "
+        "torchrun --nproc-per-node N -m cdiff train ... (the global batch is train.batch_size x N x "
+        "train.accumulation).",
+    )
+    p.add_argument("--config", metavar="TOML", help="the run config (e.g. configs/qxs.toml); with --resume, replaces the run's own")
+    p.add_argument("--run-dir", metavar="DIR", help="a new folder for the run's outputs")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint, exactly")
+    p.add_argument("--force", action="store_true", help="with --resume: accept a config that differs from the run's")
+    _add_set_option(p)
+    p.add_argument("--prediction", choices=("epsilon", "sample"), help="what the U-Net predicts (sets model.prediction)")
+    p.add_argument("--loss", choices=("cdiff", "mse"), help="the C-Diff loss, or plain L2 (sets model.loss)")
+    p.add_argument("--skip-nonfinite", type=int, metavar="N", help="skip up to N steps with a NaN/Inf loss (sets train.skip_nonfinite)")
+    p.add_argument("--stop-at", type=int, metavar="STEP", help="stop after STEP with a checkpoint (continue later with --resume)")
+
+    def run(a):
+        from cdiff.train import train
+
+        if (a.run_dir is None) == (a.resume is None):
+            raise ValueError("cdiff train: give either --run-dir DIR (a new run, with --config) or --resume RUN_DIR")
+        if a.force and a.resume is None:
+            raise ValueError("cdiff train: --force only applies to --resume")
+        config = _train_config(a, a.resume)
+        done = train(config, a.resume or a.run_dir, resume=a.resume is not None, force=a.force, stop_at=a.stop_at)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the run
+            print(f"cdiff train: step {done.step}; newest checkpoint {done.checkpoint}")
+
+    p.set_defaults(run=run)
+
+
+def _add_cache_latents(sub) -> None:
+    p = sub.add_parser(
+        "cache-latents",
+        help="encode a training set once with the frozen VAE, so 'cdiff train' reads latents instead of images",
+        description="Encode the training pairs of a run config (its [data] section, at its crop's centre window) "
+        "with its model's VAE into OUT_DIR: safetensors shards of scaled posterior means plus index.json. Train "
+        "from it with --set data.latents=OUT_DIR. With --dihedral all 8 flips/rotations are encoded, so random "
+        "flips and rotations stay exact; random crops are not kept. Prints how far a flipped latent is from "
+        "the latent of the flipped image.",
+    )
+    p.add_argument("out_dir", metavar="OUT_DIR", help="a new folder for the cache")
+    p.add_argument("--config", required=True, metavar="TOML", help="the run config whose data and model to use")
+    _add_set_option(p)
+    p.add_argument("--dihedral", action="store_true", help="also encode the 7 flips/rotations of each pair (8x the time and space)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs encoded at once (default: %(default)s)")
+    _add_overwrite(p, "replace a non-empty OUT_DIR once the new cache is complete")
+
+    def run(a):
+        import json
+
+        from cdiff.train.latents import cache_latents
+
+        out = cache_latents(_train_config(a), a.out_dir, dihedral_views=a.dihedral, batch_size=a.batch_size,
+                            overwrite=a.overwrite)
+        index = json.loads((out / "index.json").read_text())
+        errors = ", ".join(f"{k} {v:.1%}" for k, v in index["flip_error"].items())
+        print(f"cdiff cache-latents: {index['count']} pairs x {index['views']} view(s) -> {out}")
+        print(f"  transformed latent vs latent of the transformed image (relative RMS): {errors}")
 
     p.set_defaults(run=run)
 
@@ -233,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_translate(sub)
     _add_evaluate(sub)
+    _add_train(sub)
+    _add_cache_latents(sub)
     return parser
 
 
