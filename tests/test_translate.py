@@ -302,3 +302,23 @@ def test_a_prompt_other_than_the_stored_one_is_refused(model, inputs, tmp_path, 
     assert run("--model", model, "--input", inputs / "a.png", "--output", tmp_path / "eo", "--prompt", "other") == 2
     err = capsys.readouterr().err
     assert "tiny.safetensors" in err and f"prompt {PROMPT!r}" in err and "not 'other'" in err
+
+
+def test_a_geotiff_scene_becomes_a_georeferenced_eo_geotiff(model, tmp_path):
+    rasterio = pytest.importorskip("rasterio")
+    from rasterio.crs import CRS
+    from rasterio.transform import Affine
+
+    bands = np.random.default_rng(0).gamma(2.0, 0.05, (96, 80, 4)).astype(np.float32)  # SpaceNet6 full-pol
+    bands[:, :16] = 0  # nodata at the swath edge
+    transform = Affine(0.5, 0.0, 594000.0, 0.0, -0.5, 5762000.0)
+    with rasterio.open(tmp_path / "scene.tif", "w", driver="GTiff", height=96, width=80, count=4, dtype="float32",
+                       crs=CRS.from_epsg(32631), transform=transform, nodata=0) as f:
+        f.write(np.moveaxis(bands, -1, 0))
+    assert run("--model", model, "--input", tmp_path / "scene.tif", "--output", tmp_path / "eo", "--steps", 1,
+               "--tile", 64, "--tile-overlap", 32) == 0  # larger than a tile: tiled
+    with rasterio.open(tmp_path / "eo" / "scene.tif") as f:
+        assert (f.count, f.dtypes[0], f.width, f.height) == (3, "uint8", 80, 96)
+        assert f.crs == CRS.from_epsg(32631) and f.transform == transform and f.nodata == 0
+        mask = f.dataset_mask()
+    assert (mask[:, :16] == 0).all() and (mask[:, 16:] == 255).all()
