@@ -54,7 +54,7 @@ def list_images(folder: str | os.PathLike, what: str) -> dict[str, Path]:
     without suffix. An empty or missing folder, or two files of one name, is an error."""
     root = Path(folder)
     if not root.is_dir():
-        raise FileNotFoundError(f"{what} folder {root}: no such folder")
+        raise FileNotFoundError(f"{what} folder {root}: no such file or folder")
     found: dict[str, Path] = {}
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)

@@ -41,6 +41,7 @@ import torch
 
 from cdiff.confidence_map import colourize, release_grey
 from cdiff.data.imageio import to_uint8, write_png
+from cdiff.evaluate import list_images
 from cdiff.files import check_output
 from cdiff.geo import TIFF_SUFFIXES, SarScene, read_sar, write_eo_geotiff
 from cdiff.progress import progress
@@ -48,7 +49,6 @@ from cdiff.tiling import Tiling, crop, pad_to_multiple
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp") + TIFF_SUFFIXES
 COLOUR_SUFFIX = "_colour"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -81,20 +81,7 @@ def list_inputs(input_path: str | os.PathLike) -> list[tuple[Path, str]]:
     root = Path(input_path)
     if root.is_file():
         return [(root, root.stem)]
-    if not root.is_dir():
-        raise FileNotFoundError(f"input {root}: no such file or folder")
-    found = []
-    for path in sorted(root.rglob("*")):
-        relative = path.relative_to(root)
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not any(p.startswith(".") for p in relative.parts):
-            found.append((path, relative.with_suffix("").as_posix()))
-    if not found:
-        raise ValueError(f"input folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    names = [name for _, name in found]
-    duplicate = next((n for n in names if names.count(n) > 1), None)
-    if duplicate is not None:
-        raise ValueError(f"input folder {root}: two images are named {duplicate!r} (different suffixes); rename one")
-    return found
+    return [(path, name) for name, path in list_images(root, "input").items()]
 
 
 def plan_jobs(input_path, output_dir, conf_dir=None) -> list[Job]:
