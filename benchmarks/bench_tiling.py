@@ -132,8 +132,8 @@ def main() -> int:
         return 0
 
     threads = torch.get_num_threads()
-    print(f"{args.preset} preset on {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.processor() or platform.machine()}, "
-          f"{threads} threads), Python {platform.python_version()}, torch {torch.__version__}; U-Net {args.dtype}, "
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine()
+    print(f"{args.preset} preset on {args.device} ({where}, {threads} threads), Python {platform.python_version()}, torch {torch.__version__}; U-Net {args.dtype}, "
           f"VAE fp32, {args.steps} DDIM steps, seeded random weights")
     print(f"\n| scene px | mode | tiles | peak memory GiB | seconds |\n|---|---|---|---|---|")
     for size in args.sizes:

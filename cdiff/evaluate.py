@@ -42,6 +42,14 @@ REPORT_NAMES = ("evaluation.json", "evaluation.md")
 SCORES = {"psnr": image_metrics.psnr, "ssim": image_metrics.ssim, "scc": image_metrics.scc}
 
 
+def skip_or_raise(err: Exception, what: str, skip_bad: bool, skipped: list[str]) -> None:
+    """Raise ``err``; with ``skip_bad``, log it and append "what: err" to ``skipped`` instead."""
+    if not skip_bad:
+        raise err
+    log.warning("skipped %s: %s", what, err)
+    skipped.append(f"{what}: {err}")
+
+
 @dataclass(frozen=True)
 class ImagePair:
     name: str  # relative path without suffix, e.g. "scene/0001"
@@ -239,10 +247,7 @@ def evaluate(
         try:
             pred, target = read_pair(pair)
         except ValueError as err:
-            if not skip_bad:
-                raise
-            log.warning("skipped %s: %s", pair.name, err)
-            result.skipped.append(f"{pair.name}: {err}")
+            skip_or_raise(err, pair.name, skip_bad, result.skipped)
             continue
         row = {"name": pair.name}
         unit_pred, unit_target = image_metrics.to_unit(pred, paper_scaling), image_metrics.to_unit(target, paper_scaling)

@@ -30,7 +30,6 @@ tile go through overlapping tiles (cdiff.tiling).
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -41,13 +40,12 @@ import torch
 
 from cdiff.confidence_map import colourize, release_grey
 from cdiff.data.imageio import to_uint8, write_png
-from cdiff.evaluate import list_images
+from cdiff.evaluate import list_images, skip_or_raise
 from cdiff.files import check_output
 from cdiff.geo import TIFF_SUFFIXES, SarScene, read_sar, write_eo_geotiff
 from cdiff.progress import progress
 from cdiff.tiling import Tiling, crop, pad_to_multiple
 
-log = logging.getLogger(__name__)
 
 COLOUR_SUFFIX = "_colour"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -244,10 +242,7 @@ def run_translate(
         try:
             scene = read_sar(job.source)
         except ValueError as err:
-            if not skip_bad:
-                raise
-            log.warning("skipped %s: %s", job.source, err)
-            tally.bad.append(f"{job.source}: {err}")
+            skip_or_raise(err, str(job.source), skip_bad, tally.bad)
             continue
         if batch and batch[0][1].sar.shape != scene.sar.shape:
             flush()

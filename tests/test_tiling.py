@@ -16,7 +16,8 @@ def single_thread():
         yield
 
 
-@pytest.mark.parametrize("length, tile, overlap, align", [(100, 32, 8, 1), (256, 64, 16, 8), (64, 64, 16, 1), (40, 64, 8, 1), (72, 64, 32, 8)])
+@pytest.mark.parametrize("length, tile, overlap, align",
+                         [(100, 32, 8, 1), (256, 64, 16, 8), (64, 64, 16, 1), (40, 64, 8, 1), (72, 64, 32, 8)])
 def test_tiles_cover_the_canvas_with_the_overlap(length, tile, overlap, align):
     starts = tile_starts(length, tile, overlap, align)
     size = min(tile, length)
@@ -36,7 +37,8 @@ def test_blending_weights_cross_fade_to_one():
     assert grid.weights(0, 0)[0, 0] == 1 and grid.weights(0, 24)[0, -1] == 1  # scene borders keep weight 1
 
 
-@pytest.mark.parametrize("shape, tile, overlap, batch", [((2, 3, 40, 72), 32, 8, 3), ((1, 4, 17, 30), 16, 4, 1), ((1, 2, 24, 24), 32, 8, 2)])
+@pytest.mark.parametrize("shape, tile, overlap, batch",
+                         [((2, 3, 40, 72), 32, 8, 3), ((1, 4, 17, 30), 16, 4, 1), ((1, 2, 24, 24), 32, 8, 2)])
 def test_a_pointwise_function_is_unchanged_by_tiling(shape, tile, overlap, batch):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     mix = torch.randn(5, shape[1], 1, 1, generator=torch.Generator().manual_seed(1))
