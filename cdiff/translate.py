@@ -217,6 +217,9 @@ def run_translate(
     jobs = shard(all_jobs, rank, world)
     device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     pipeline = load_pipeline(model, prompt=prompt, device=device)
+    if conf_dir is not None and pipeline.unet.config.out_channels <= pipeline.vae.config.latent_channels:
+        raise ValueError(f"{model}: its U-Net predicts no variance ({pipeline.unet.config.out_channels} outputs), "
+                         "so there is no confidence map: leave out --conf-dir")
     # The SD VAE overflows in fp16, so --dtype applies to the U-Net; the VAE stays fp32.
     pipeline.unet.to(DTYPES[dtype])
 

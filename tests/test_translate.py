@@ -251,6 +251,11 @@ def test_a_model_file_of_the_wrong_kind(inputs, tmp_path, capsys):
     assert run("--model", tmp_path / "plain.safetensors", "--input", inputs, "--output", tmp_path / "eo") == 2
     err = capsys.readouterr().err
     assert "plain.safetensors" in err and "takes 4 channels" in err
+    no_variance = UNet(UNetConfig.tiny(in_channels=8, model_channels=16))  # 8-in/4-out: no confidence
+    save_native(tmp_path / "eps.safetensors", no_variance, vae, context)
+    argv = ["--model", tmp_path / "eps.safetensors", "--input", inputs, "--output", tmp_path / "eo"]
+    assert run(*argv, "--conf-dir", tmp_path / "conf") == 2
+    assert "eps.safetensors: its U-Net predicts no variance" in capsys.readouterr().err
 
 
 def test_bad_sampling_options(model, inputs, tmp_path, capsys):
