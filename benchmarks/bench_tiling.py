@@ -135,7 +135,7 @@ def main() -> int:
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine()
     print(f"{args.preset} preset on {args.device} ({where}, {threads} threads), Python {platform.python_version()}, torch {torch.__version__}; U-Net {args.dtype}, "
           f"VAE fp32, {args.steps} DDIM steps, seeded random weights")
-    print(f"\n| scene px | mode | tiles | peak memory GiB | seconds |\n|---|---|---|---|---|")
+    print("\n| scene px | mode | tiles | peak memory GiB | seconds |\n|---|---|---|---|---|")
     for size in args.sizes:
         for mode in ("tiled", "untiled") if size <= args.untiled_max else ("tiled",):
             command = [sys.executable, __file__, "--one", str(size), "--mode", mode] + [
