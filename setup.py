@@ -18,6 +18,9 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "cdiff" / "__init__.py")
 
 TORCH_WITH_VISION = ["torch==2.14.1", "torchvision==0.29.1"]
 CLIP = TORCH_WITH_VISION + ["open_clip_torch==3.3.0"]
+# LPIPS and FID with the libraries the paper used (cdiff.perceptual); both need torchvision and scipy.
+METRICS = TORCH_WITH_VISION + ["lpips==0.1.4", "pytorch-fid==0.3.0", "scipy>=1.10"]
+GEO = ["rasterio>=1.3"]  # GeoTIFF scenes in and out of `cdiff translate` (cdiff.geo)
 
 setup(
     name="cdiff",
@@ -36,8 +39,12 @@ setup(
         "clip": CLIP,
         "tiff": ["tifffile>=2023.1"],
         "triton": ["triton>=3.0"],
+        "metrics": METRICS,
+        "geo": GEO,
         "train": ["tensorboard>=2.14"],  # optional: cdiff train also writes TensorBoard scalars
         "test": CLIP
+        + METRICS
+        + GEO
         + [
             "pytest>=8",
             "setuptools>=70.1",  # builds the wheel in tests/test_package.py without the `wheel` package

@@ -203,6 +203,109 @@ def _add_cache_latents(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _add_translate(sub) -> None:
+    p = sub.add_parser(
+        "translate",
+        help="translate SAR images, folders or GeoTIFF scenes to EO images (and confidence maps)",
+        description="Translate every SAR image of INPUT (a file, or a folder searched recursively) with a "
+        "C-DiffSET model, keeping relative paths: OUT/<name>.png, or an RGB GeoTIFF with the source's CRS, "
+        "transform and nodata for TIFF input. Any size: sides are padded to multiples of 64, and images "
+        "larger than --tile go through overlapping tiles. A rerun skips finished images. Under torchrun "
+        "(torchrun --nproc-per-node N -m cdiff translate ...) the images are shared among the ranks. "
+        "Each image's noise comes from --seed and its name, so reruns and sharded runs reproduce it.",
+    )
+    p.add_argument("--model", required=True, metavar="M", help="a C-DiffSET model (a cdiff native file from 'cdiff convert')")
+    p.add_argument("--input", required=True, metavar="SAR", help="a SAR image file or a folder of them")
+    p.add_argument("--output", required=True, metavar="OUT_DIR", help="folder for the EO images")
+    p.add_argument("--conf-dir", metavar="DIR", help="also save confidence maps here: <name>.png (grey, as the "
+                   "release) and <name>_colour.png")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (default: %(default)s, the release's)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta; 0 is deterministic (default: %(default)s)")
+    p.add_argument("--sampler", choices=("ddim", "dpmpp_2m"), default="ddim",
+                   help="ddim (the release's) or dpmpp_2m (DPM-Solver++(2M), for 10-20 steps) (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; each image's seed also depends on its name "
+                   "(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=1, help="same-sized images per batch (default: %(default)s)")
+    p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="the U-Net's dtype; the VAE stays fp32 (default: %(default)s)")
+    p.add_argument("--prompt", help="the prompt to encode (default: the one stored in the model)")
+    p.add_argument("--tile", type=int, default=1024, help="tile side in pixels, a multiple of 64; larger images "
+                   "are translated in overlapping tiles; 0 never tiles (default: %(default)s)")
+    p.add_argument("--tile-overlap", type=int, default=256, help="overlap of neighbouring tiles in pixels, a "
+                   "multiple of 8 (default: %(default)s)")
+    p.add_argument("--tile-batch", type=int, default=4, help="tiles per network call (default: %(default)s)")
+    p.add_argument("--skip-bad", action="store_true", help="log and count unreadable inputs instead of stopping")
+    _add_overwrite(p, "translate again images whose outputs exist (default: skip them)")
+    p.add_argument("--target", metavar="DIR", help="true EO images of the same names: evaluate the outputs "
+                   "(see 'cdiff evaluate')")
+    _add_metric_options(p)
+
+    def run(a):
+        from cdiff.evaluate import parse_metrics
+        from cdiff.tiling import Tiling
+        from cdiff.translate import Sampling, run_translate
+
+        tiling = Tiling(a.tile, a.tile_overlap, a.tile_batch) if a.tile else None
+        sampling = Sampling(a.steps, a.eta, a.seed, a.batch_size, tiling, a.sampler)
+        evaluation = None
+        if a.target:
+            evaluation = dict(target=a.target, report_dir=a.report_dir, metrics=parse_metrics(a.metrics),
+                              paper_scaling=a.paper_scaling, lpips_vgg=a.lpips_vgg, fid_weights=a.fid_weights,
+                              skip_bad=a.skip_bad)
+        run_translate(a.model, a.input, a.output, conf_dir=a.conf_dir, sampling=sampling, device=a.device,
+                      dtype=a.dtype, prompt=a.prompt, skip_bad=a.skip_bad, overwrite=a.overwrite, evaluation=evaluation)
+
+    p.set_defaults(run=run)
+
+
+def _add_metric_options(p) -> None:
+    """Options shared by `evaluate` and `translate --target`."""
+    from cdiff.evaluate import METRICS
+
+    p.add_argument("--metrics", default=",".join(METRICS),
+                   help="comma-separated metrics to compute (default: %(default)s); LPIPS and FID need the "
+                   "metrics extra and local network weights")
+    p.add_argument("--paper-scaling", action="store_true",
+                   help="score PSNR/SSIM/SCC/LPIPS on (x + 0.5).clamp(0, 1) as the release did for its published "
+                   "tables, instead of the correct (x + 1) / 2; the report says which was used")
+    p.add_argument("--lpips-vgg", metavar="FILE", help="torchvision's vgg16-397923af.pth for LPIPS "
+                   "(default: $CDIFF_LPIPS_VGG, then torch's hub cache)")
+    p.add_argument("--fid-weights", metavar="FILE", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+                   "(default: $CDIFF_FID_INCEPTION, then torch's hub cache)")
+    p.add_argument("--report-dir", metavar="DIR", help="where evaluation.json and evaluation.md go "
+                   "(default: the prediction folder)")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score translated images against targets: PSNR, SSIM, SCC, LPIPS, FID as the paper reports them",
+        description="Match the images of PRED and TARGET by name (relative path without suffix), compute "
+        "PSNR, SSIM, SCC and LPIPS per image and average them, compute FID over the two sets (pytorch-fid, "
+        "2048-d features), print a table and write evaluation.json and evaluation.md.",
+    )
+    p.add_argument("--pred", required=True, metavar="DIR", help="folder of translated (predicted) EO images")
+    p.add_argument("--target", required=True, metavar="DIR", help="folder of the true EO images, same names")
+    _add_metric_options(p)
+    p.add_argument("--device", help="torch device for LPIPS and FID (default: cuda if available, else cpu)")
+    p.add_argument("--skip-bad", action="store_true", help="log and count unreadable or mismatched pairs instead of stopping")
+
+    def run(a):
+        from cdiff.evaluate import run_evaluate
+
+        run_evaluate(a.pred, a.target, metrics=a.metrics, paper_scaling=a.paper_scaling, report_dir=a.report_dir,
+                     device=_device(a.device), lpips_vgg=a.lpips_vgg, fid_weights=a.fid_weights, skip_bad=a.skip_bad)
+
+    p.set_defaults(run=run)
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _add_overwrite(p, what: str) -> None:
     # Outputs are checked before the work starts (cdiff.files.check_output); this is the one
     # way to write over something that exists.
@@ -221,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_convert(sub)
     _add_export(sub)
+    _add_translate(sub)
+    _add_evaluate(sub)
     _add_train(sub)
     _add_cache_latents(sub)
     return parser

@@ -313,6 +313,13 @@ def has_text_encoder(source) -> bool:
     return layout == "diffusers" and (path / "text_encoder").is_dir()
 
 
+def stored_prompt(source) -> tuple[str, bool] | None:
+    """(prompt, pad_to_77) that ``source``'s stored embedding was made with, when it has no
+    text encoder to encode another; None otherwise."""
+    stored = None if has_text_encoder(source) else read_context(source)
+    return None if stored is None else (stored[1], stored[2] == "77")
+
+
 def context_for(source, prompt: str = DEFAULT_PROMPT, pad_to_77: bool = False) -> torch.Tensor:
     """The prompt embedding (L, 1024) for ``source``: encoded with its text encoder if it has
     one, else the one stored in it (which must be for the same prompt and padding)."""
@@ -374,7 +381,7 @@ def load_vae(source, dtype: torch.dtype | None = None, device=None):
 def load_pipeline(
     source,
     unet=None,
-    prompt: str = DEFAULT_PROMPT,
+    prompt: str | None = None,
     pad_to_77: bool = False,
     surgery: bool = False,
     dtype: torch.dtype | None = None,
@@ -384,8 +391,10 @@ def load_pipeline(
     of ``unet`` (e.g. a release ``model.safetensors``) or of ``source``.
 
     A native file needs nothing else. From an SD 2.1 source the prompt is encoded (needs
-    open_clip). ``surgery=True`` applies ``cdiffset_surgery`` to a 4- or 5-out U-Net first;
-    without it a plain SD 2.1 U-Net (4 in) is refused, as it cannot take a SAR latent.
+    open_clip). ``prompt`` None: the prompt (and padding) a model without a text encoder was
+    converted with, else ``DEFAULT_PROMPT``; a prompt given for such a model must be its own.
+    ``surgery=True`` applies ``cdiffset_surgery`` to a 4- or 5-out U-Net first; without it a
+    plain SD 2.1 U-Net (4 in) is refused, as it cannot take a SAR latent.
     """
     from cdiff.pipeline import Pipeline
 
@@ -398,6 +407,8 @@ def load_pipeline(
             f"{unet or source}: its U-Net takes {model.config.in_channels} channels, a plain SD 2.1 U-Net; "
             f"pass surgery=True or run 'cdiff convert' to make the C-DiffSET U-Net"
         )
+    if prompt is None:
+        prompt, pad_to_77 = stored_prompt(source) or (DEFAULT_PROMPT, pad_to_77)
     # context_for has already checked that a stored embedding was made for this very prompt.
     context = context_for(source, prompt, pad_to_77).to(device=device, dtype=dtype or model.conv_in.weight.dtype)
     return Pipeline(model, vae, context, prompt=prompt)

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
+from cdiff import tiling as tiles
 from cdiff.loss import confidence_from_raw
 from cdiff.samplers import make_sampler
 from cdiff.schedulers import DDPM
+from cdiff.tiling import Tiling
 from cdiff.vae import _check_4d
 
 DEFAULT_PROMPT = "electro-optical image"
@@ -81,6 +83,7 @@ class Pipeline:
         latents: torch.Tensor | None = None,
         sampler: str = "ddim",
         show_progress: bool = False,
+        tiling: Tiling | None = None,
     ) -> Translation:
         """Translate SAR images into EO images and confidence maps.
 
@@ -96,6 +99,9 @@ class Pipeline:
             sampler: "ddim" (default) or "dpmpp_2m" (DPM-Solver++(2M), second order, meant for
                 10-20 steps; its quality against DDIM-50 is not measured yet).
             show_progress: a progress bar over the steps on stderr.
+            tiling: images larger than ``tiling.tile`` go through overlapping tiles, with peak
+                memory set by the tile size: each step blends the U-Net's predictions of all
+                tiles (MultiDiffusion), and the VAE runs tile by tile (cdiff.tiling). None: whole.
 
         Returns:
             Translation(eo, confidence): eo (B, 3, H, W) in [-1, 1] in the VAE's dtype; the
@@ -111,7 +117,7 @@ class Pipeline:
         unet_param, vae_param = next(self.unet.parameters()), next(self.vae.parameters())
         device, dtype = unet_param.device, unet_param.dtype
 
-        sar_latent = self.vae.encode_latent(sar.to(vae_param.device, vae_param.dtype))  # (B, 4, h, w), scaled
+        sar_latent = tiles.encode(self.vae, sar.to(vae_param.device, vae_param.dtype), tiling)  # (B, 4, h, w), scaled
         sar_latent = sar_latent.to(device, dtype)
         context = self.context.to(device, dtype).expand(sar.shape[0], -1, -1)  # (B, L, context_dim)
         noise = self._starting_noise(sar_latent.shape, latents, generator, device)  # fp32
@@ -126,14 +132,17 @@ class Pipeline:
         def predict(eo_latent: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             step = calls[0]
             calls[0] += 1
-            output = self.unet(torch.cat([sar_latent, eo_latent.to(dtype)], dim=1), t, context)  # (B, 4 [+1], h, w)
+            unet_input = torch.cat([sar_latent, eo_latent.to(dtype)], dim=1)  # (B, 8, h, w)
+            # One U-Net call, or one per batch of tiles, blended (B, 4 [+1], h, w).
+            output = tiles.denoise(lambda x: self.unet(x, t, context[:1].expand(len(x), -1, -1)), unet_input,
+                                   tiling, scale=self.vae.config.downsample_factor)
             nonfinite[step] = ~torch.isfinite(output).all()
             if step == capture and output.shape[1] > latent_channels:
                 captured["raw"] = output[:, latent_channels:]
             return output[:, :latent_channels]
 
         eo_latent = chosen.sample(predict, noise, generator=generator, show_progress=show_progress)
-        eo = self.vae.decode_latent(eo_latent.to(vae_param.device, vae_param.dtype))  # (B, 3, H, W)
+        eo = tiles.decode(self.vae, eo_latent.to(vae_param.device, vae_param.dtype), tiling)  # (B, 3, H, W)
         self._check_finite(sar_latent, nonfinite, eo, chosen.timesteps)
         confidence = confidence_from_raw(captured["raw"].float()) if "raw" in captured else None
         return Translation(eo=eo.clamp(-1, 1), confidence=confidence)
