@@ -36,8 +36,9 @@ from cdiff.pipeline import DEFAULT_PROMPT, Pipeline
 from cdiff.train.config import RunConfig
 from cdiff.train.data import image_augment, image_pairs
 from cdiff.train.ema import EMA
+from cdiff.train.logs import stretch
 from cdiff.train.loop import Phase
-from cdiff.train.optim import adamw, warmup_cosine
+from cdiff.train.optim import adamw, lr_schedule
 from cdiff.train.seeds import generator
 
 PREDICTIONS = ("epsilon", "sample")
@@ -136,7 +137,7 @@ class CDiffSETTask:
         self.modules = {"unet": self.unet}
         self.wrapped = dict(self.modules)
         self.optimizers = {"unet": adamw(self.unet.parameters(), config.optim)}
-        self.schedulers = {"unet": warmup_cosine(self.optimizers["unet"], config.optim, config.train.steps)}
+        self.schedulers = {"unet": lr_schedule(self.optimizers["unet"], config.optim, config.train.steps)}
         self.phases = [Phase("unet", "unet", ("unet",), self.loss)]
         # Opened now, so that a missing held-out split is an error at the start, not at step val.every.
         self.val_pairs = image_pairs(config.data, "test", config.val.images) if config.val.every else None
@@ -225,15 +226,8 @@ class CDiffSETTask:
             if shown < val.grid_images:
                 keep = slice(0, val.grid_images - shown)
                 confidence = result.confidence if result.confidence is not None else torch.zeros_like(sar[:, :1])
-                for column, images in zip(columns, (sar, prediction, eo, _normalise(confidence))):
+                for column, images in zip(columns, (sar, prediction, eo, stretch(confidence))):
                     column.append(images[keep].cpu())
         self.unet.train()
         metrics = {name: float(torch.cat(v).double().mean()) for name, v in scores.items()}
         return metrics, [torch.cat(c) for c in columns] if columns[0] else []
-
-
-def _normalise(confidence: torch.Tensor) -> torch.Tensor:
-    """Per image min-max to [-1, 1], for display (as the release shows its confidence maps)."""
-    flat = confidence.float().flatten(1)
-    low, high = flat.min(1).values.view(-1, 1, 1, 1), flat.max(1).values.view(-1, 1, 1, 1)
-    return (confidence.float() - low) / (high - low).clamp_min(1e-12) * 2 - 1

@@ -74,6 +74,14 @@ def _as_rgb(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
+def stretch(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> per image min-max to [-1, 1], for display (as the release shows its
+    confidence maps)."""
+    flat = images.float().flatten(1)
+    low, high = flat.min(1).values.view(-1, 1, 1, 1), flat.max(1).values.view(-1, 1, 1, 1)
+    return (images.float() - low) / (high - low).clamp_min(1e-12) * 2 - 1
+
+
 def write_grid(path: Path, columns: list[torch.Tensor]) -> Path:
     """One PNG: a row per image, the ``columns`` ((B, C, h, w) in [-1, 1], C 1 or 3) side by side."""
     size = tuple(columns[0].shape[-2:])
