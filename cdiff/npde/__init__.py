@@ -3,7 +3,7 @@ from the paper (no code was published). A CycleGAN-style GAN whose generator has
 residual blocks (Eq. 4) and a parallel Perona-Malik (PMD) module (Eq. 7), trained with
 adversarial, pixel, perceptual, cycle and PDE losses (Eq. 8-9).
 
-    config.py    NPDEConfig: every number, with presets paper(), tiny(), ablation(row)
+    config.py    NPDEConfig: every network and loss number, presets paper(), tiny(), ablation(row)
     pde.py       PMDHead: the fixed finite-difference head phi of Eq. 7
     model.py     NPDEGenerator, PatchDiscriminator, NPDEModel (the four networks), translate
     vgg.py       VGGFeatures, load_vgg: the perceptual loss's VGG from a local file
