@@ -8,9 +8,9 @@ Public API (see README):
     confidence_nll                  the C-Diff loss (cdiff.loss), with variance_from_raw, confidence_from_raw
     SyntheticPairs, make_pair,      synthetic SAR-EO pairs and the real datasets' readers (cdiff.data)
     open_dataset
-    load_unet, load_vae, load_pipeline      read any checkpoint layout (cdiff.convert)
-    cdiffset_surgery                        SD 2.1 U-Net -> C-DiffSET U-Net (cdiff.convert)
-    save_native, load_native                cdiff's one-file format (cdiff.convert); exporters: cdiff.export
+    load_unet, load_vae, load_pipeline      read any checkpoint layout (cdiff.load)
+    cdiffset_surgery                        SD 2.1 U-Net -> C-DiffSET U-Net (cdiff.surgery)
+    save_native, load_native                cdiff's one-file format (cdiff.native); exporters: cdiff.export
     attention_backend               force the "sdpa" or "math" attention (cdiff.attention)
 """
 
@@ -45,11 +45,13 @@ _expose_checkout_kernels()
 
 from cdiff.attention import attention_backend  # noqa: E402
 from cdiff.config import UNetConfig, VAEConfig  # noqa: E402
-from cdiff.convert import cdiffset_surgery, load_native, load_pipeline, load_unet, load_vae, save_native  # noqa: E402
+from cdiff.load import load_pipeline, load_unet, load_vae  # noqa: E402
+from cdiff.native import load_native, save_native  # noqa: E402
 from cdiff.data import SyntheticPairs, make_pair, open_dataset  # noqa: E402
 from cdiff.loss import confidence_from_raw, confidence_nll, variance_from_raw  # noqa: E402
 from cdiff.pipeline import Pipeline, Translation  # noqa: E402
 from cdiff.schedulers import DDIM, DDPM  # noqa: E402
+from cdiff.surgery import cdiffset_surgery  # noqa: E402
 from cdiff.unet import UNet  # noqa: E402
 from cdiff.vae import VAE  # noqa: E402
 

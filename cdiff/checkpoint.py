@@ -7,7 +7,7 @@ Formats read: ``.safetensors`` (lazily, one prefix at a time, so loading the U-N
 Layouts recognised (``detect_layout``):
 
 - ``"native"``    cdiff's own file: one ``.safetensors`` with ``unet.*``, ``vae.*``,
-                  ``context`` and the configs in its metadata (see cdiff.convert).
+                  ``context`` and the configs in its metadata (see cdiff.native).
 - ``"original"``  Stability's single file: ``model.diffusion_model.*``,
                   ``first_stage_model.*``, ``cond_stage_model.model.*``.
 - ``"diffusers"`` a model folder with ``model_index.json`` or ``unet/`` and ``vae/``.

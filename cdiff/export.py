@@ -1,7 +1,7 @@
 """Exporting models from cdiff: to a diffusers folder, Stability's original single file, or
 the official C-DiffSET release's U-Net file, so a model can be taken into other tools.
 
-Every exporter reads its source through cdiff.convert (any layout cdiff reads) and writes
+Every exporter reads its source through cdiff.read (any layout cdiff reads) and writes
 atomically. The prompt embedding travels beside the weights: ``cdiff_context.safetensors``
 in a diffusers folder, the key ``cdiff.context`` in an original single file.
 """
@@ -15,16 +15,10 @@ import torch
 
 from cdiff.checkpoint import atomic_path, detect_layout, save_safetensors
 from cdiff.config import UNetConfig, VAEConfig
-from cdiff.convert import (
-    CONTEXT_KEY,
-    DIFFUSERS_CONTEXT_FILE,
-    ORIGINAL_CONTEXT_KEY,
-    read_context,
-    read_unet,
-    read_vae,
-)
 from cdiff.layouts import diffusers as diffusers_layout
 from cdiff.layouts import original as original_layout
+from cdiff.native import CONTEXT_KEY
+from cdiff.read import read_context, read_unet, read_vae
 
 # SD 2.1 base's noise schedule, written into exported diffusers folders (DDIM, as C-DiffSET samples).
 SCHEDULER_CONFIG = {
@@ -124,7 +118,7 @@ def export_diffusers(source, out) -> Path:
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         if stored is not None:
-            save_safetensors({CONTEXT_KEY: stored[0]}, tmp / DIFFUSERS_CONTEXT_FILE, stored[1])
+            save_safetensors({CONTEXT_KEY: stored[0]}, tmp / diffusers_layout.CONTEXT_FILE, stored[1])
     return out
 
 
@@ -145,7 +139,7 @@ def export_original(source, out) -> Path:
     stored = _context_metadata(source)
     metadata = None
     if stored is not None:
-        tensors[ORIGINAL_CONTEXT_KEY] = stored[0]
+        tensors[original_layout.CONTEXT_KEY] = stored[0]
         metadata = stored[1]
     save_safetensors(tensors, out, metadata)
     return Path(out)

@@ -29,6 +29,7 @@ from cdiff.layouts import RenameTable
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.model."
+CONTEXT_KEY = "cdiff.context"  # the prompt embedding, in cdiff's exports to this layout
 
 # Res block parts: diffusers name -> original name (the original wraps them in Sequentials).
 _RESNET_PARTS = (
@@ -84,6 +85,24 @@ def unet_table(config: UNetConfig) -> RenameTable:
     return RenameTable("original SD U-Net", rules=tuple(rules))
 
 
+def unet_table_for(state: Mapping[str, torch.Tensor]) -> RenameTable:
+    """The table for the block structure that ``state`` (original U-Net keys, prefix stripped) has.
+
+    Raises ValueError when the keys hold no downsampling block (``input_blocks.N.0.op``).
+    """
+    op = sorted({int(k.split(".")[1]) for k in state if k.startswith("input_blocks.") and ".0.op." in k})
+    if not op:
+        raise ValueError("no downsampling blocks (input_blocks.N.0.op) in the U-Net")
+    per_level = op[0]
+    levels = len(op) + 1
+    attention = tuple(
+        any(k.startswith(f"input_blocks.{1 + i * per_level}.1.") for k in state) for i in range(levels)
+    )
+    # Only the block structure matters to the table; the tiny preset carries it validly.
+    shape = UNetConfig.tiny(channel_mult=(1,) * levels, attention_levels=attention, num_res_blocks=per_level - 1)
+    return unet_table(shape)
+
+
 # VAE res block parts that the layouts name differently (norm1/conv1/norm2/conv2 agree).
 _VAE_RESNET_PARTS = (("conv_shortcut", "nin_shortcut"),)
 # Mid-block attention: diffusers Linear name -> original 1x1 conv name.
@@ -134,9 +153,11 @@ def _is_attention_linear(diffusers_key: str) -> bool:
     )
 
 
-def vae_to_diffusers(state: Mapping[str, torch.Tensor], config: VAEConfig) -> dict[str, torch.Tensor]:
+def vae_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Original ``first_stage_model.*`` tensors (prefix stripped) -> diffusers AutoencoderKL keys."""
-    out = vae_table(config).rename(state, to="cdiff")
+    levels = len({k.split(".")[2] for k in state if k.startswith("encoder.down.")})
+    # Only the level count matters to the table; the tiny preset carries it validly.
+    out = vae_table(VAEConfig.tiny(block_channels=(32,) * max(levels, 1))).rename(state, to="cdiff")
     for key, value in out.items():
         if _is_attention_linear(key) and value.ndim == 4:
             out[key] = value.reshape(value.shape[0], value.shape[1])  # (C, C, 1, 1) conv -> (C, C) linear
