@@ -9,9 +9,12 @@ Public API (see README):
     SyntheticPairs, make_pair,      synthetic SAR-EO pairs and the real datasets' readers (cdiff.data)
     open_dataset
     load_unet, load_vae, load_pipeline      read any checkpoint layout (cdiff.load)
+    load_weights                            ... into a model one has built or changed, strict or not
     cdiffset_surgery                        SD 2.1 U-Net -> C-DiffSET U-Net (cdiff.surgery)
     save_native, load_native                cdiff's one-file format (cdiff.native); exporters: cdiff.export
-    attention_backend               force the "sdpa" or "math" attention (cdiff.attention)
+    attention_backend               the process-wide attention backend: "sdpa", "math" or a function (cdiff.attention)
+    set_attention_backend           ... for one model or module
+    capture_attention               record attention probabilities, per layer
 """
 
 __version__ = "0.1.0"
@@ -43,9 +46,9 @@ def _expose_checkout_kernels() -> None:
 
 _expose_checkout_kernels()
 
-from cdiff.attention import attention_backend  # noqa: E402
+from cdiff.attention import attention_backend, capture_attention, set_attention_backend  # noqa: E402
 from cdiff.config import UNetConfig, VAEConfig  # noqa: E402
-from cdiff.load import load_pipeline, load_unet, load_vae  # noqa: E402
+from cdiff.load import load_pipeline, load_unet, load_vae, load_weights  # noqa: E402
 from cdiff.native import load_native, save_native  # noqa: E402
 from cdiff.data import SyntheticPairs, make_pair, open_dataset  # noqa: E402
 from cdiff.loss import confidence_from_raw, confidence_nll, variance_from_raw  # noqa: E402
@@ -57,6 +60,7 @@ from cdiff.vae import VAE  # noqa: E402
 
 __all__ = [
     "DDIM", "DDPM", "Pipeline", "SyntheticPairs", "Translation", "UNet", "UNetConfig", "VAE", "VAEConfig",
-    "attention_backend", "cdiffset_surgery", "confidence_from_raw", "confidence_nll", "load_native",
-    "load_pipeline", "load_unet", "load_vae", "make_pair", "open_dataset", "save_native", "variance_from_raw",
+    "attention_backend", "capture_attention", "cdiffset_surgery", "confidence_from_raw", "confidence_nll",
+    "load_native", "load_pipeline", "load_unet", "load_vae", "load_weights", "make_pair", "open_dataset",
+    "save_native", "set_attention_backend", "variance_from_raw",
 ]

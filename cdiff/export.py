@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from cdiff.checkpoint import atomic_path, detect_layout, save_safetensors
-from cdiff.config import UNetConfig, VAEConfig
 from cdiff.layouts import diffusers as diffusers_layout
 from cdiff.layouts import original as original_layout
+from cdiff.layouts.diffusers_config import diffusers_unet_config, diffusers_vae_config
 from cdiff.native import CONTEXT_KEY
 from cdiff.read import read_context, read_unet, read_vae
 
@@ -33,55 +33,6 @@ SCHEDULER_CONFIG = {
     "prediction_type": "epsilon",
     "timestep_spacing": "leading",
 }
-
-
-def diffusers_unet_config(config: UNetConfig) -> dict:
-    """The diffusers UNet2DConditionModel config.json of ``config``."""
-    return {
-        "_class_name": "UNet2DConditionModel",
-        "act_fn": "silu",
-        # diffusers' "attention_head_dim" is the number of heads per level (a historical name).
-        "attention_head_dim": [c // config.head_dim for c in config.level_channels],
-        "block_out_channels": list(config.level_channels),
-        "center_input_sample": False,
-        "cross_attention_dim": config.context_dim,
-        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels],
-        "downsample_padding": 1,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "in_channels": config.in_channels,
-        "layers_per_block": config.num_res_blocks,
-        "mid_block_scale_factor": 1,
-        "norm_eps": config.norm_eps,
-        "norm_num_groups": config.norm_groups,
-        "out_channels": config.out_channels,
-        "sample_size": 64,
-        "transformer_layers_per_block": config.transformer_depth,
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention_levels)],
-        "upcast_attention": config.upcast_attention,
-        "use_linear_projection": True,
-    }
-
-
-def diffusers_vae_config(config: VAEConfig) -> dict:
-    """The diffusers AutoencoderKL config.json of ``config`` (its GroupNorm eps is fixed at 1e-6)."""
-    if config.norm_eps != 1e-6:
-        raise ValueError(f"VAEConfig.norm_eps={config.norm_eps}: diffusers' AutoencoderKL fixes it at 1e-6")
-    levels = len(config.block_channels)
-    return {
-        "_class_name": "AutoencoderKL",
-        "act_fn": "silu",
-        "block_out_channels": list(config.block_channels),
-        "down_block_types": ["DownEncoderBlock2D"] * levels,
-        "in_channels": config.image_channels,
-        "latent_channels": config.latent_channels,
-        "layers_per_block": config.layers_per_block,
-        "norm_num_groups": config.norm_groups,
-        "out_channels": config.image_channels,
-        "sample_size": 512,
-        "scaling_factor": config.scaling_factor,
-        "up_block_types": ["UpDecoderBlock2D"] * levels,
-    }
 
 
 def _context_metadata(source) -> tuple[torch.Tensor, dict] | None:
@@ -131,10 +82,11 @@ def export_original(source, out) -> Path:
     vae_state = diffusers_layout.VAE.rename(vae_state, to="foreign")
     tensors = {
         original_layout.UNET_PREFIX + k: v
-        for k, v in original_layout.unet_table(unet_config).rename(unet_state, to="foreign").items()
+        for k, v in original_layout.unet_table(unet_config.level_res_blocks, unet_config.attention_levels)
+        .rename(unet_state, to="foreign").items()
     }
     tensors.update(
-        {original_layout.VAE_PREFIX + k: v for k, v in original_layout.vae_to_original(vae_state, vae_config).items()}
+        {original_layout.VAE_PREFIX + k: v for k, v in original_layout.vae_to_original(vae_state, len(vae_config.block_channels)).items()}
     )
     stored = _context_metadata(source)
     metadata = None

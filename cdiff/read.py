@@ -73,13 +73,17 @@ def _read_json(path: Path) -> dict | None:
         raise CheckpointError(f"{path}: not valid JSON: {err}") from None
 
 
-def read_component(source, part: Component) -> tuple[dict, object, str]:
-    """(cdiff-keyed state dict, config, layout) of ``part`` in ``source``."""
+def read_component(source, part: Component, config=None) -> tuple[dict, object, str]:
+    """(cdiff-keyed state dict, config, layout) of ``part`` in ``source``.
+
+    ``config`` given is taken as is (for a model that differs from the stored one); else it
+    comes from the native metadata, or cdiff.infer_config.
+    """
     path = Path(source)
     layout = detect_layout(path)
     if layout == "native":
         f = open_native(path)
-        return f.load(f"{part.name}."), config_from_json(f.metadata[f"{part.name}_config"]), layout
+        return f.load(f"{part.name}."), config or config_from_json(f.metadata[f"{part.name}_config"]), layout
     if layout == "original":
         state = WeightFile(path).load(part.original_prefix)
         if not state:
@@ -105,18 +109,19 @@ def read_component(source, part: Component) -> tuple[dict, object, str]:
             state = {strip_wrapper(k): v for k, v in state.items()}
     else:
         raise CheckpointError(f"{path}: holds no {part.what} (layout {layout!r}{part.no_source_hint})")
-    config = part.infer_config(state, config_json, where=path)
+    if config is None:
+        config = part.infer_config(state, config_json, where=path)
     return _rename(part.table, state, path), config, layout
 
 
-def read_unet(source) -> tuple[dict, UNetConfig, str]:
+def read_unet(source, config: UNetConfig | None = None) -> tuple[dict, UNetConfig, str]:
     """(cdiff-keyed state dict, UNetConfig, layout) of the U-Net in ``source``."""
-    return read_component(source, UNET)
+    return read_component(source, UNET, config)
 
 
-def read_vae(source) -> tuple[dict, VAEConfig, str]:
+def read_vae(source, config: VAEConfig | None = None) -> tuple[dict, VAEConfig, str]:
     """(cdiff-keyed state dict, VAEConfig, layout) of the VAE in ``source``."""
-    return read_component(source, VAE)
+    return read_component(source, VAE, config)
 
 
 def read_context(source) -> tuple[torch.Tensor, str, str] | None:

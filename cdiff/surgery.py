@@ -9,7 +9,6 @@ import torch
 
 from cdiff.build import build_model
 from cdiff.loss import variance_from_raw
-from cdiff.unet import UNet
 
 log = logging.getLogger("cdiff.surgery")
 
@@ -27,7 +26,8 @@ def cdiffset_surgery(unet):
 
     A C-in/C-out U-Net (SD 2.1) gets both; a 2C-in/C-out one (the release's SAR-conditioned
     starting point) only the variance channel; a 2C-in/(C+1)-out one is returned unchanged.
-    The result shares every other parameter with ``unet`` (no copy). Other shapes raise.
+    The result is of ``unet``'s class (a UNet subclass with changed blocks stays one) and shares
+    every other parameter with ``unet`` (no copy). Other shapes raise.
     """
     cfg = unet.config
     c_in, c_out = cfg.in_channels, cfg.out_channels
@@ -56,4 +56,4 @@ def cdiffset_surgery(unet):
     start = variance_from_raw(torch.zeros(())).item()
     log.info("cdiffset_surgery: conv_out %d -> %d channels, raw variance zero-initialised (variance %g)", c_out, c_out + 1, start)
     config = replace(cfg, in_channels=2 * latent, out_channels=latent + 1)
-    return build_model(UNet, config, state, "cdiffset_surgery")
+    return build_model(type(unet), config, state, "cdiffset_surgery")
