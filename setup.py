@@ -28,7 +28,7 @@ setup(
     python_requires=">=3.10",
     # kernels/ sits at the top of the repository (the design card's layout) and is shipped
     # inside the cdiff namespace: a top-level module named "kernels" belongs to another package.
-    packages=["cdiff", "cdiff.layouts", "cdiff.data", "cdiff.kernels"],
+    packages=["cdiff", "cdiff.layouts", "cdiff.data", "cdiff.npde", "cdiff.kernels"],
     package_dir={"cdiff": "cdiff", "cdiff.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy>=1.24", "safetensors>=0.4", "pillow>=9"],
     extras_require={
@@ -45,6 +45,7 @@ setup(
             "accelerate>=1.0",
             "tifffile>=2023.1",
             "triton>=3.0",
+            "torchmetrics==1.9.0",  # the metrics the release reports with; cdiff.metrics is compared to it
         ],
     },
     entry_points={"console_scripts": ["cdiff=cdiff.cli:main"]},

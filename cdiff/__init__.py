@@ -4,6 +4,7 @@ Public API (see README):
     UNet, UNetConfig                the SD 2.1 U-Net (cdiff.unet, cdiff.config)
     VAE, VAEConfig                  the SD 2.1 autoencoder (cdiff.vae, cdiff.config)
     DDPM, DDIM                      the forward process and the DDIM sampler (cdiff.schedulers)
+    DPMSolverPP2M                   the DPM-Solver++(2M) sampler (cdiff.samplers)
     Pipeline, Translation           SAR in, EO and confidence out (cdiff.pipeline)
     confidence_nll                  the C-Diff loss (cdiff.loss), with variance_from_raw, confidence_from_raw
     SyntheticPairs, make_pair,      synthetic SAR-EO pairs and the real datasets' readers (cdiff.data)
@@ -48,11 +49,12 @@ _expose_checkout_kernels()
 
 from cdiff.attention import attention_backend, capture_attention, set_attention_backend  # noqa: E402
 from cdiff.config import UNetConfig, VAEConfig  # noqa: E402
-from cdiff.load import load_pipeline, load_unet, load_vae, load_weights  # noqa: E402
-from cdiff.native import load_native, save_native  # noqa: E402
 from cdiff.data import SyntheticPairs, make_pair, open_dataset  # noqa: E402
+from cdiff.load import load_pipeline, load_unet, load_vae, load_weights  # noqa: E402
 from cdiff.loss import confidence_from_raw, confidence_nll, variance_from_raw  # noqa: E402
+from cdiff.native import load_native, save_native  # noqa: E402
 from cdiff.pipeline import Pipeline, Translation  # noqa: E402
+from cdiff.samplers import DPMSolverPP2M  # noqa: E402
 from cdiff.schedulers import DDIM, DDPM  # noqa: E402
 from cdiff.surgery import cdiffset_surgery  # noqa: E402
 from cdiff.unet import UNet  # noqa: E402
@@ -64,3 +66,4 @@ __all__ = [
     "load_native", "load_pipeline", "load_unet", "load_vae", "load_weights", "make_pair", "open_dataset",
     "save_native", "set_attention_backend", "variance_from_raw",
 ]
+__all__ += ["DPMSolverPP2M"]  # cdiff.samplers

@@ -2,7 +2,10 @@
 
 Formats read: ``.safetensors`` (lazily, one prefix at a time, so loading the U-Net of a
 5 GB single file does not read its VAE and text encoder), and pickled ``.ckpt`` / ``.bin``
-/ ``.pt`` / ``.pth`` files through ``torch.load(..., weights_only=True)`` only.
+/ ``.pt`` / ``.pth`` files through ``torch.load(..., weights_only=True)`` only. The first
+bytes decide (``sniff``), not the name: safetensors bytes are read whatever the extension,
+and a file that holds no weights at all (an HTML login page, a git-LFS pointer, JSON, plain
+text, an empty file) is reported for what it is.
 
 Layouts recognised (``detect_layout``):
 
@@ -84,13 +87,27 @@ class WeightFile:
         name = self.path.name
         if name.endswith(".index.json"):
             self._open_index()
-        elif name.endswith(SAFETENSORS_SUFFIXES):
-            self._open_safetensors(self.path)
+            return
+        # The bytes decide, not the name: a download that went wrong keeps its name.
+        kind = sniff(self.path)
+        if kind == "safetensors":
+            self._open_safetensors(self.path)  # whatever the extension says
+        elif kind in NOT_WEIGHTS:
+            raise CheckpointError(f"{self.path}: {_not_weights_message(self.path, kind)}")
         elif name.endswith(PICKLE_SUFFIXES):
             self._eager = _torch_load(self.path)
+        elif name.endswith(SAFETENSORS_SUFFIXES):
+            if kind in PICKLE_KINDS:
+                # A .safetensors name promises no unpickling; keep that promise.
+                raise CheckpointError(
+                    f"{self.path}: is a PyTorch pickle checkpoint under a .safetensors name; cdiff "
+                    f"does not unpickle a file named .safetensors. Rename it to .ckpt if you trust it"
+                )
+            self._open_safetensors(self.path)  # unknown bytes: the reader says what is wrong
         else:
+            found = " (its bytes are a PyTorch checkpoint: name it .ckpt or .pt)" if kind in PICKLE_KINDS else ""
             raise CheckpointError(
-                f"{self.path}: unknown weights format (expected one of {', '.join(WEIGHT_SUFFIXES)})"
+                f"{self.path}: unknown weights format (expected one of {', '.join(WEIGHT_SUFFIXES)}){found}"
             )
 
     def _open_safetensors(self, path: Path) -> None:
@@ -166,6 +183,95 @@ def _check_safetensors_size(path: Path) -> None:
         )
 
 
+# --- what a file really is ------------------------------------------------------------
+
+SNIFF_BYTES = 512
+PICKLE_KINDS = ("torch-zip", "pickle")
+# Files that are certainly not weights, and what to tell the user about each.
+NOT_WEIGHTS = {
+    "empty": "is empty (0 bytes): the download or copy did not finish",
+    "zip": "is a zip archive, not a PyTorch checkpoint (it holds no data.pkl): unpack it and give "
+    "cdiff the weights file inside",
+    "git-lfs": "is a git-LFS pointer, not the weights: the real file{size} was never downloaded. "
+    "Run `git lfs pull` in its repository, or download the file itself",
+    "html": "is an HTML page, not weights: a login, error or download page was saved in place of "
+    "the file. Download it again (with an access token if the site needs one)",
+    "xml": "is an XML document, not weights: often a storage service's error reply (e.g. AccessDenied) "
+    "saved in place of the file. Download it again",
+    "json": "is a JSON file, not weights (it starts {start!r})",
+    "text": "is a text file, not weights (it starts {start!r})",
+}
+
+
+def sniff(path: str | os.PathLike) -> str:
+    """What the first bytes of ``path`` say it is, whatever its name.
+
+    One of "safetensors" (8-byte header length, then ``{``), "torch-zip" (``torch.save``'s
+    zip), "pickle" (a legacy ``torch.save`` or any pickle, protocol 2-5), the NOT_WEIGHTS
+    kinds ("empty", "zip", "git-lfs", "html", "xml", "json", "text"), or "unknown".
+    """
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    if not head:
+        return "empty"
+    if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= 100 * 2**20:
+        return "safetensors"  # the format caps its header at 100 MB
+    if head.startswith(b"PK\x03\x04"):
+        return "torch-zip" if _zip_holds_pickle(path) else "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO opcode
+        return "pickle"
+    text = _as_text(head)
+    if text is None:
+        return "unknown"
+    start = text.lstrip("\ufeff \t\r\n").lower()
+    if start.startswith("version https://git-lfs"):
+        return "git-lfs"
+    if start.startswith("<?xml") and "<html" not in start:
+        return "xml"
+    if start.startswith("<"):
+        return "html"
+    if start.startswith(("{", "[")):
+        return "json"
+    return "text"
+
+
+def _zip_holds_pickle(path) -> bool:
+    """Whether a zip file is a ``torch.save`` archive (it holds ``<name>/data.pkl``)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return True  # a damaged torch archive: torch.load reports it as truncated or corrupt
+
+
+def _as_text(head: bytes) -> str | None:
+    """``head`` decoded as UTF-8 text without control characters, else None."""
+    for cut in range(4):  # the read may end inside a multi-byte character
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        return None
+    if any(ord(c) < 32 and c not in "\t\n\r\f" for c in text):
+        return None
+    return text
+
+
+def _not_weights_message(path: Path, kind: str) -> str:
+    with open(path, "rb") as f:
+        text = (_as_text(f.read(SNIFF_BYTES)) or "").strip()
+    size = ""
+    if kind == "git-lfs":
+        sizes = [line.split()[1] for line in text.splitlines() if line.startswith("size ") and len(line.split()) == 2]
+        size = f" ({int(sizes[0]):,} bytes)" if sizes and sizes[0].isdigit() else ""
+    start = " ".join(text.split())[:60]
+    return NOT_WEIGHTS[kind].format(size=size, start=start)
+
+
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     """``torch.load`` with ``weights_only=True``; unwraps ``{"state_dict": ...}``."""
     try:
@@ -180,9 +286,9 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: refusing to load: this file needs unpickling arbitrary Python objects, "
             f"which can run code. cdiff reads pickled checkpoints only with "
             f"torch.load(weights_only=True). Convert it to .safetensors with a tool you trust. "
-            f"({str(err).splitlines()[0]})"
+            f"({(str(err).strip().splitlines() or [type(err).__name__])[0]})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:  # torch.load raises many types for damaged bytes; all mean "unreadable"
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {err}") from None
     for wrapper in ("state_dict", "module", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):

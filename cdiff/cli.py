@@ -39,20 +39,21 @@ def _add_synth(sub) -> None:
         "eo/, discrepancy/, misregistration/ (PNG), pairs.csv and synth.json. The masks mark objects "
         "present in one image only and SAR patches shifted by a few pixels (see cdiff.data.synth).",
     )
-    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created if missing)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created if missing; an existing one must be empty)")
     p.add_argument("--count", type=int, default=100, help="number of pairs (default: %(default)s)")
-    p.add_argument("--size", type=int, default=256, help="image side in pixels, >= 16 (default: %(default)s)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels, a multiple of 64 (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first pair, >= 0 (default: %(default)s)")
     p.add_argument("--looks", type=float, default=4.0, help="looks of the SAR speckle; 0 for none (default: %(default)s)")
     p.add_argument("--discrepancies", type=int, default=3, help="objects in one image only, per pair (default: %(default)s)")
     p.add_argument("--misregistrations", type=int, default=2, help="shifted SAR patches per pair (default: %(default)s)")
+    _add_overwrite(p, "replace a non-empty OUT_DIR: everything in it is deleted once the new dataset is complete")
 
     def run(a):
         from cdiff.data.synth import write_synthetic
 
         write_synthetic(
             a.out_dir, a.count, size=a.size, seed=a.seed, looks=a.looks or None,
-            discrepancies=a.discrepancies, misregistrations=a.misregistrations,
+            discrepancies=a.discrepancies, misregistrations=a.misregistrations, overwrite=a.overwrite,
         )
 
     p.set_defaults(run=run)
@@ -77,11 +78,13 @@ def _add_convert(sub) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the fixed prompt (default: %(default)r)")
     p.add_argument("--pad-to-77", action="store_true", help="pad the prompt to 77 tokens (SD's convention; the release does not)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="cast the weights (default: keep the stored dtype)")
+    _add_overwrite(p, "replace an existing OUT (never SRC itself)")
 
     def run(a):
         from cdiff.convert import convert
 
-        convert(a.src, a.out, unet=a.unet, plain=a.plain, prompt=a.prompt, pad_to_77=a.pad_to_77, dtype=a.dtype)
+        convert(a.src, a.out, unet=a.unet, plain=a.plain, prompt=a.prompt, pad_to_77=a.pad_to_77, dtype=a.dtype,
+                overwrite=a.overwrite)
 
     p.set_defaults(run=run)
 
@@ -97,13 +100,20 @@ def _add_export(sub) -> None:
     p.add_argument("src", metavar="SRC", help="the model to export (any layout cdiff reads)")
     p.add_argument("out", metavar="OUT", help="the folder (diffusers) or .safetensors file to write")
     p.add_argument("--to", required=True, choices=("diffusers", "original", "release"), help="the layout to write")
+    _add_overwrite(p, "replace an existing OUT file, or a non-empty OUT folder (never SRC itself)")
 
     def run(a):
         from cdiff.export import export
 
-        export(a.src, a.out, to=a.to)
+        export(a.src, a.out, to=a.to, overwrite=a.overwrite)
 
     p.set_defaults(run=run)
+
+
+def _add_overwrite(p, what: str) -> None:
+    # Outputs are checked before the work starts (cdiff.files.check_output); this is the one
+    # way to write over something that exists.
+    p.add_argument("--overwrite", action="store_true", help=what)
 
 
 def build_parser() -> argparse.ArgumentParser:

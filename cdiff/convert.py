@@ -12,6 +12,7 @@ import torch
 
 from cdiff.build import build_model
 from cdiff.checkpoint import detect_layout
+from cdiff.files import check_output
 from cdiff.native import NATIVE_VERSION, save_native
 from cdiff.pipeline import DEFAULT_PROMPT
 from cdiff.read import context_for, read_unet, read_vae
@@ -37,12 +38,16 @@ def convert(
     pad_to_77: bool = False,
     dtype: str | None = None,
     echo=print,
+    overwrite: bool = False,
 ) -> Path:
     """``cdiff convert``: write a native C-DiffSET model (or, ``plain``, the SD 2.1 model as is).
 
     ``src`` gives the VAE and the text encoder (and the U-Net unless ``unet`` names a release
-    file). ``dtype`` ("fp32", "fp16", "bf16") casts; None keeps the stored dtype.
+    file). ``dtype`` ("fp32", "fp16", "bf16") casts; None keeps the stored dtype. An existing
+    ``out`` is refused unless ``overwrite``; ``out`` is never a source.
     """
+    check_output(out, "file", overwrite, sources=(src, unet))  # before any slow step
+
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES.get(dtype)

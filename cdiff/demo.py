@@ -15,6 +15,7 @@ import torch
 from cdiff.config import UNetConfig, VAEConfig
 from cdiff.data.imageio import to_uint8, write_png
 from cdiff.data.synth import make_pair
+from cdiff.files import check_output
 from cdiff.pipeline import Pipeline
 from cdiff.unet import UNet
 from cdiff.vae import VAE
@@ -47,6 +48,9 @@ def run_demo(out_dir: str, size: int = 128, steps: int = 10, seed: int = 0) -> d
         raise ValueError(f"--size must be a positive multiple of 64, got {size}")
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
+    # The demo writes its four files into --out (an existing folder is fine): check the
+    # path before the compute, not after it.
+    check_output(out_dir, "folder", overwrite=True)
     start = time.perf_counter()
     pair = make_pair(seed, size=size)
     sar = torch.from_numpy(pair.sar)[None, None].repeat(1, 3, 1, 1)  # (1, 3, H, W): single-pol to 3 channels

@@ -1,9 +1,16 @@
 """Exporting models from cdiff: to a diffusers folder, Stability's original single file, or
 the official C-DiffSET release's U-Net file, so a model can be taken into other tools.
 
-Every exporter reads its source through cdiff.read (any layout cdiff reads) and writes
-atomically. The prompt embedding travels beside the weights: ``cdiff_context.safetensors``
-in a diffusers folder, the key ``cdiff.context`` in an original single file.
+Every exporter checks its output path first (cdiff.files.check_output: never the source,
+never an existing output unless ``overwrite``), reads its source through cdiff.read (any
+layout cdiff reads) and writes atomically. The prompt embedding travels beside the weights:
+``cdiff_context.safetensors`` in a diffusers folder, the key ``cdiff.context`` in an
+original single file.
+
+The single-file exports are safetensors and must be named ``.safetensors``: a ``.ckpt``
+name promises a pickle, which cdiff never writes (a pickle can run code when loaded, and
+safetensors is what every current tool reads), and safetensors bytes under a ``.ckpt`` name
+would fail in tools that trust the name.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from pathlib import Path
 import torch
 
 from cdiff.checkpoint import atomic_path, detect_layout, save_safetensors
+from cdiff.files import check_output
 from cdiff.layouts import diffusers as diffusers_layout
 from cdiff.layouts import original as original_layout
 from cdiff.layouts.diffusers_config import diffusers_unet_config, diffusers_vae_config
@@ -43,15 +51,17 @@ def _context_metadata(source) -> tuple[torch.Tensor, dict] | None:
     return context, {"prompt": prompt, "padding": padding}
 
 
-def export_diffusers(source, out) -> Path:
+def export_diffusers(source, out, overwrite: bool = False) -> Path:
     """Write ``source`` (any layout; normally a native file) as a diffusers model folder:
     ``unet/``, ``vae/``, ``scheduler/``, ``model_index.json`` and the prompt embedding in
-    ``cdiff_context.safetensors``. No text encoder: the prompt is already encoded."""
+    ``cdiff_context.safetensors``. No text encoder: the prompt is already encoded.
+    ``overwrite`` replaces a non-empty folder ``out`` (atomically, once the new one is whole)."""
+    check_output(out, "folder", overwrite, sources=(source,))
     unet_state, unet_config, _ = read_unet(source)
     vae_state, vae_config, _ = read_vae(source)
     stored = _context_metadata(source)
     out = Path(out)
-    with atomic_path(out, is_dir=True) as tmp:
+    with atomic_path(out, is_dir=True, overwrite=overwrite) as tmp:
         for name, state, table, config in (
             ("unet", unet_state, diffusers_layout.UNET, diffusers_unet_config(unet_config)),
             ("vae", vae_state, diffusers_layout.VAE, diffusers_vae_config(vae_config)),
@@ -73,9 +83,11 @@ def export_diffusers(source, out) -> Path:
     return out
 
 
-def export_original(source, out) -> Path:
-    """Write ``source`` as one file in Stability's original layout (``model.diffusion_model.*``,
-    ``first_stage_model.*``); the prompt embedding goes under ``cdiff.context``."""
+def export_original(source, out, overwrite: bool = False) -> Path:
+    """Write ``source`` as one ``.safetensors`` file in Stability's original layout
+    (``model.diffusion_model.*``, ``first_stage_model.*``); the prompt embedding goes under
+    ``cdiff.context``."""
+    check_output(out, "file", overwrite, sources=(source,), suffix=".safetensors")
     unet_state, unet_config, _ = read_unet(source)
     vae_state, vae_config, _ = read_vae(source)
     unet_state = diffusers_layout.UNET.rename(unet_state, to="foreign")
@@ -97,9 +109,10 @@ def export_original(source, out) -> Path:
     return Path(out)
 
 
-def export_release(source, out) -> Path:
+def export_release(source, out, overwrite: bool = False) -> Path:
     """Write the U-Net of ``source`` as the official release's ``model.safetensors``
     (diffusers U-Net keys, no prefix)."""
+    check_output(out, "file", overwrite, sources=(source,), suffix=".safetensors")
     unet_state, _, _ = read_unet(source)
     save_safetensors(diffusers_layout.UNET.rename(unet_state, to="foreign"), out)
     return Path(out)
@@ -108,12 +121,11 @@ def export_release(source, out) -> Path:
 EXPORTERS = {"diffusers": export_diffusers, "original": export_original, "release": export_release}
 
 
-
-def export(src, out, to: str, echo=print) -> Path:
+def export(src, out, to: str, echo=print, overwrite: bool = False) -> Path:
     """``cdiff export``: write ``src`` in another layout (``to`` in EXPORTERS)."""
     if to not in EXPORTERS:
         raise ValueError(f"--to: expected one of {sorted(EXPORTERS)}, got {to!r}")
     echo(f"source: {src} ({detect_layout(src)} layout)")
-    path = EXPORTERS[to](src, out)
+    path = EXPORTERS[to](src, out, overwrite=overwrite)
     echo(f"wrote {path} ({to} layout)")
     return path

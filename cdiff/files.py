@@ -1,39 +1,161 @@
-"""Atomic writes: a file or folder appears under its final name only once it is complete."""
+"""Writing files that never surprise: outputs checked before the work starts, written
+atomically, with the permissions a plain ``open()`` would give.
+
+Every writer in cdiff (convert, export, demo, synth, split lists) goes through these two:
+
+- :func:`check_output` refuses, in one line naming the path, an output that cannot or should
+  not be written: the source itself, an existing output without ``overwrite``, a folder where
+  a file is wanted (or the reverse), a parent that is a file, a parent that is not writable.
+  It is called before any slow work, so a bad path never costs a conversion.
+- :func:`atomic_path` writes under a temporary name beside the target and renames it only on
+  success: an exception or Ctrl-C leaves the target as it was and no temporary behind.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+KINDS = ("file", "folder")
+
+
+def check_output(
+    path: str | os.PathLike,
+    kind: str = "file",
+    overwrite: bool = False,
+    sources: Iterable[str | os.PathLike | None] = (),
+    suffix: str | None = None,
+) -> Path:
+    """Raise unless ``path`` can be written as a ``kind`` ("file" or "folder"); return it.
+
+    ``sources``: inputs the output must not be (compared after resolving links, and by
+    inode when both exist), nor, for a folder that would be replaced, contain. ``suffix``:
+    the file name's required ending (".safetensors"). A folder counts as existing only when
+    it is not empty: writing into an empty folder needs no ``overwrite``.
+    Errors: ValueError (wrong kind, name or source), FileExistsError (exists, no
+    ``overwrite``), PermissionError (not writable); every message names ``path``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"check_output: kind must be one of {KINDS}, got {kind!r}")
+    path = Path(path)
+    if path.name in ("", ".", ".."):
+        raise ValueError(f"{str(path) or repr('')}: give the output a name (a new {kind})")
+    if suffix is not None and path.suffix != suffix:
+        raise ValueError(f"{path}: the output must be a {suffix} file (got {path.suffix or 'no suffix'!r})")
+    for source in sources:
+        if source is None:
+            continue
+        if _same_path(path, Path(source)):
+            raise ValueError(f"{path}: is the source {source}; write the output to another path")
+        if kind == "folder" and overwrite and _inside(Path(source), path):
+            raise ValueError(f"{path}: holds the source {source}; replacing the folder would delete it")
+    if path.exists():
+        if kind == "file" and path.is_dir():
+            raise ValueError(f"{path}: is a folder; the output is a file, give a file name")
+        if kind == "folder" and not path.is_dir():
+            raise ValueError(f"{path}: exists and is not a folder; the output is a folder")
+        if not overwrite and (kind == "file" or any(path.iterdir())):
+            what = "already exists" if kind == "file" else "is a folder that is not empty"
+            raise FileExistsError(f"{path}: {what}; pass --overwrite to replace it")
+        if kind == "folder" and not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"{path}: cannot write into this folder: permission denied")
+        parent = path.parent
+    else:
+        parent = path.parent
+        while not parent.exists():  # the nearest folder that exists; atomic_path makes the rest
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ValueError(f"{path}: cannot be created: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{path}: cannot write into {parent}: permission denied")
+    return path
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)  # also a hard link or another mount of the same file
+    return a.resolve() == b.resolve()
+
+
+def _inside(inner: Path, outer: Path) -> bool:
+    return outer.resolve() in inner.resolve().parents
 
 
 @contextmanager
-def atomic_path(target: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, is_dir: bool = False, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it to ``target`` only on success.
 
-    A crash or an exception leaves ``target`` untouched and removes the temporary, so
-    ``convert`` never leaves a half-written output behind.
+    A crash, an exception or Ctrl-C leaves ``target`` untouched and removes the temporary.
+    The temporary is made as ``open()`` / ``mkdir()`` would make it (mode 0o666 / 0o777
+    less the umask, e.g. 0644 / 0755), so what lands under ``target`` is as readable as any
+    file the user writes. A file replaces an existing ``target``; a folder replaces only an
+    empty folder unless ``overwrite`` (callers check with :func:`check_output` first).
     """
     target = Path(target)
     if is_dir and target.exists():
-        # Never replace a folder: OUT could be a user's folder with other things in it.
-        raise FileExistsError(f"{target}: already exists; give a new folder to write into")
+        if not target.is_dir():
+            raise ValueError(f"{target}: exists and is not a folder")
+        if not overwrite and any(target.iterdir()):
+            # Never replace a folder unasked: OUT could be a user's folder with other things in it.
+            raise FileExistsError(f"{target}: already exists and is not empty; give a new folder to write into")
     target.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        tmp = Path(name)
+    tmp = _new_temporary(target, is_dir)
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # what the umask made of 0o666 / 0o777
     try:
         yield tmp
-        os.replace(tmp, target)
+        # Some writers replace the file they are given by one of their own (safetensors'
+        # save_file leaves 0600): give back the mode open() would have given.
+        os.chmod(tmp, mode)
+        if is_dir:
+            _replace_folder(tmp, target)
+        else:
+            os.replace(tmp, target)
     except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        _remove(tmp)
         raise
+
+
+def _temporary_name(target: Path, tag: str) -> Path:
+    # A dot name beside the target (same file system, so the rename is atomic), short enough
+    # for NAME_MAX whatever the target's name.
+    return target.parent / f".{target.name[:200]}.{secrets.token_hex(4)}.{tag}"
+
+
+def _new_temporary(target: Path, is_dir: bool) -> Path:
+    while True:
+        tmp = _temporary_name(target, "tmp")
+        try:
+            if is_dir:
+                os.mkdir(tmp, 0o777)  # the kernel applies the umask, as for any mkdir
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _replace_folder(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``; an existing ``target`` is moved aside first and deleted after."""
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    old = _temporary_name(target, "old")
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()

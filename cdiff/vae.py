@@ -180,7 +180,10 @@ def _check_4d(x: torch.Tensor, name: str, channels: int, what: str) -> None:
     if x.ndim != 4:
         raise ValueError(f"{name} must be {what} of shape (B, {channels}, H, W), got {x.ndim} dims {tuple(x.shape)}")
     if x.shape[1] != channels:
-        raise ValueError(f"{name} must have {channels} channels ({what}), got shape {tuple(x.shape)}")
+        hint = ""
+        if x.shape[1] == 1 and channels > 1:  # single-pol SAR: the release feeds it as identical channels
+            hint = f"; for a single-channel image repeat the channel: {name}.repeat(1, {channels}, 1, 1)"
+        raise ValueError(f"{name} must have {channels} channels ({what}), got shape {tuple(x.shape)}{hint}")
 
 
 class VAE(nn.Module):

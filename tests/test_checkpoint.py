@@ -73,9 +73,12 @@ def test_unknown_layout_and_format(tmp_path):
     save_file({"foo.weight": torch.ones(1)}, str(tmp_path / "foo.safetensors"))
     with pytest.raises(CheckpointError, match=r"foo\.safetensors: unknown layout: its 1 keys \(first: \['foo\.weight'\]\)"):
         detect_layout(tmp_path / "foo.safetensors")
-    (tmp_path / "w.npz").write_bytes(b"x")
+    (tmp_path / "w.npz").write_bytes(b"\x93NUMPY\x01\x00")
     with pytest.raises(CheckpointError, match=r"w\.npz: unknown weights format"):
         detect_layout(tmp_path / "w.npz")
+    torch.save(TENSORS, tmp_path / "w.model")
+    with pytest.raises(CheckpointError, match=r"w\.model: unknown weights format .*its bytes are a PyTorch checkpoint"):
+        detect_layout(tmp_path / "w.model")
     with pytest.raises(FileNotFoundError, match=r"nowhere\.safetensors: no such file or folder"):
         detect_layout(tmp_path / "nowhere.safetensors")
 
@@ -124,7 +127,61 @@ def test_atomic_writes_leave_nothing_behind(tmp_path):
 def test_atomic_folder_never_replaces_an_existing_one(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("precious")
-    with pytest.raises(FileExistsError, match=r"mine: already exists; give a new folder"):
+    with pytest.raises(FileExistsError, match=r"mine: already exists and is not empty; give a new folder"):
         with atomic_path(tmp_path / "mine", is_dir=True):
             pass
     assert (tmp_path / "mine" / "keep.txt").read_text() == "precious"
+
+
+# --- files that are not what their name says ---------------------------------------------------
+
+LFS_POINTER = (
+    "version https://git-lfs.github.com/spec/v1\n"
+    "oid sha256:dcd690123cfc64383981a31d955694f6acf2072a80537fdb612c8e58ec87a8ac\n"
+    "size 5214865159\n"
+)
+NOT_WEIGHTS = {
+    "html": ("<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Log in to continue</body></html>",
+             r"is an HTML page, not weights: a login, error or download page"),
+    "git-lfs": (LFS_POINTER, r"is a git-LFS pointer, not the weights: the real file \(5,214,865,159 bytes\) was never downloaded"),
+    "json": ('{"error": "Repository not found"}', r"""is a JSON file, not weights \(it starts '\{"error": "Repository not found"\}'\)"""),
+    "xml": ('<?xml version="1.0"?><Error><Code>AccessDenied</Code></Error>', r"is an XML document, not weights"),
+    # One byte of text: torch.load raised a bare IndexError for it ("pop from empty list").
+    "text-1-byte": ("a", r"is a text file, not weights \(it starts 'a'\)"),
+    "text": ("hello world\n", r"is a text file, not weights \(it starts 'hello world'\)"),
+    "empty": ("", r"is empty \(0 bytes\)"),
+}
+
+
+@pytest.mark.parametrize("kind", NOT_WEIGHTS)
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_ckpt_that_is_not_a_pickle_is_reported_for_what_it_is(tmp_path, kind, suffix):
+    content, message = NOT_WEIGHTS[kind]
+    path = tmp_path / f"v2-1_512-ema-pruned{suffix}"
+    path.write_text(content)
+    with pytest.raises(CheckpointError, match=rf"pruned\{suffix}: {message}") as info:
+        read_state_dict(path)
+    assert "\n" not in str(info.value) and "unpickling arbitrary" not in str(info.value)
+
+
+def test_ckpt_that_is_a_zip_archive_is_reported(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "model.ckpt", "w") as z:
+        z.writestr("model/v2-1.ckpt", b"weights")
+    with pytest.raises(CheckpointError, match=r"model\.ckpt: is a zip archive, not a PyTorch checkpoint \(it holds no data\.pkl\)"):
+        read_state_dict(tmp_path / "model.ckpt")
+
+
+@pytest.mark.parametrize("name", ["sd21.ckpt", "sd21.bin", "sd21.pt", "sd21.weights"])
+def test_safetensors_bytes_are_read_whatever_the_extension(tmp_path, name):
+    save_file(TENSORS, str(tmp_path / name), metadata={"k": "v"})
+    f = WeightFile(tmp_path / name)
+    _assert_same(f.load(), TENSORS)
+    assert f.metadata == {"k": "v"} and detect_layout(tmp_path / name) == "original"
+
+
+def test_pickle_under_a_safetensors_name_is_refused(tmp_path):
+    torch.save(TENSORS, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: is a PyTorch pickle checkpoint under a \.safetensors name"):
+        read_state_dict(tmp_path / "model.safetensors")

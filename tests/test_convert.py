@@ -204,7 +204,7 @@ def test_release_unet_files(tiny_folder, reference, tmp_path):
     # The SAR-conditioned starting point (8-in/4-out), keys prefixed "unet.": variance only.
     start = release_surgery(reference[0], variance=False)
     path = write_release(tmp_path / "start.safetensors", start, prefix="unet.")
-    convert(tiny_folder, out, unet=path, echo=lambda *_: None)
+    convert(tiny_folder, out, unet=path, echo=lambda *_: None, overwrite=True)
     converted = load_unet(out)
     check_unet_parity(converted, release_surgery(start), "release 8-in/4-out + variance channel")
     # Export back to the release file: bit-exact.

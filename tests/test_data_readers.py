@@ -24,7 +24,7 @@ from cdiff.data import (
     spacenet6,
     write_split,
 )
-from cdiff.data.datasets import sen12_sar_path
+from cdiff.data.datasets import qxs_group, sen12_sar_path
 
 SN6 = "train/AOI_11_Rotterdam"
 
@@ -47,10 +47,10 @@ def unit(v):
     return v / 127.5 - 1.0
 
 
-def make_qxs(root: Path, n=10):
-    for k in range(n):
-        png(root / "opt_256_oc_0.2" / f"{k}.png", rgb(10, 100 + k, 200))
-        png(root / "sar_256_oc_0.2" / f"{k}.png", grey(10 * k + 20))
+def make_qxs(root: Path, n=10, numbers=None):
+    for i, k in enumerate(numbers if numbers is not None else range(n)):
+        png(root / "opt_256_oc_0.2" / f"{k}.png", rgb(10, 100 + i, 200))
+        png(root / "sar_256_oc_0.2" / f"{k}.png", grey(10 * i + 20))
     return root
 
 
@@ -75,27 +75,30 @@ def test_qxs_reads_pairs_scaled_and_matched(tmp_path):
 
 
 def test_own_split_deterministic_release_format(tmp_path):
-    root = make_qxs(tmp_path)
+    # Numbers 100 apart: each pair is a QXS block (scene group) of its own.
+    root = make_qxs(tmp_path, numbers=[100 * k for k in range(10)])
     train = qxs_saropt(root, split="train", transform=None)
     test = qxs_saropt(root, split="test", transform=None)
-    train_file = root / "cdiff_split" / "train_eo_list_080.txt"
-    test_file = root / "cdiff_split" / "test_eo_list_080.txt"
+    train_file = root / "cdiff_split_qxs" / "train_eo_list_080.txt"
+    test_file = root / "cdiff_split_qxs" / "test_eo_list_080.txt"
     train_lines = train_file.read_text().splitlines()
     test_lines = test_file.read_text().splitlines()
-    all_eo = sorted(f"opt_256_oc_0.2/{k}.png" for k in range(10))
+    all_eo = sorted(f"opt_256_oc_0.2/{100 * k}.png" for k in range(10))
     # Format: EO paths relative to the root, sorted, one per line, newline-terminated.
     assert train_file.read_text().endswith("\n")
     assert train_lines == sorted(train_lines) and test_lines == sorted(test_lines)
     assert len(train_lines) == 8 and len(test_lines) == 2
     assert sorted(train_lines + test_lines) == all_eo
-    # The spec: keys from random.Random(2025).random() over the sorted paths; smallest keys -> test.
+    # The spec: numbers from random.Random(2025).random() over the sorted group keys
+    # ("block0".."block9"); the groups with the smallest numbers -> test.
     rng = random.Random(2025)
-    keys = {p: rng.random() for p in all_eo}
-    assert test_lines == sorted(sorted(all_eo, key=keys.get)[:2])
+    draws = {f"block{k}": rng.random() for k in sorted(range(10), key=lambda k: f"block{k}")}
+    smallest = sorted(draws, key=draws.get)[:2]
+    assert test_lines == sorted(f"opt_256_oc_0.2/{100 * int(g[5:])}.png" for g in smallest)
     assert len(train) == 8 and len(test) == 2
     assert {test[i]["name"] for i in range(2)} == {Path(p).stem for p in test_lines}
     # Re-reading uses the written lists (same result); a shuffled input gives the same split.
-    assert make_split(list(reversed(all_eo))) == (train_lines, test_lines)
+    assert make_split(list(reversed(all_eo)), group=qxs_group) == (train_lines, test_lines)
     assert make_split(all_eo, seed=7) != (train_lines, test_lines) or make_split(all_eo, seed=8) != (train_lines, test_lines)
     assert qxs_saropt(root, split="test", transform=None).pairs == test.pairs
 
@@ -116,7 +119,7 @@ def test_release_list_file_is_used(tmp_path):
     assert isinstance(ds.transform, type(None))  # QXS has no crop: the test split gets no transform
     assert [p.sar for p in ds.pairs] == [root / "sar_256_oc_0.2" / "3.png", root / "sar_256_oc_0.2" / "7.png"]
     assert ds[1]["sar"][0, 0, 0] == torch.tensor(unit(np.float32(90)))
-    assert not (root / "cdiff_split").exists()
+    assert not list(root.glob("cdiff_split*"))
     with pytest.raises(ValueError, match="named as a test list"):
         qxs_saropt(root, list_file=lst, split="train")
     train_lst = lst.with_name("train_eo_list_080.txt")
@@ -141,7 +144,7 @@ def test_sar2opt_keeps_its_folders(tmp_path):
         assert s["eo"][0, 0, 0] == torch.tensor(unit(np.float32(k)))
         assert s["sar"].shape == (3, 20, 24)
     assert [p.sar.parent.name for p in train.pairs] == ["trainA"] * 3
-    assert not (tmp_path / "cdiff_split").exists()
+    assert not list(tmp_path.glob("cdiff_split*"))
     lst = tmp_path / "train_eo_list.txt"
     lst.write_text("trainB/train1.png\n")
     from_list = sar2opt(tmp_path, None, list_file=lst, transform=None)
@@ -203,7 +206,7 @@ def test_spacenet6_uint16_eo_joint_stretch_and_split(tmp_path):
         tifffile.imwrite(eo_path, eo, photometric="rgb")
     ds = spacenet6(tmp_path, split="train")
     assert len(ds) == 4 and ds.transform == PairAugment(crop_size=512)
-    lines = read_split(tmp_path / "cdiff_split" / "train_eo_list_080.txt")
+    lines = read_split(tmp_path / "cdiff_split_spacenet6" / "train_eo_list_080.txt")
     assert all(line.startswith(f"{SN6}/PS-RGB/SN6_Train_AOI_11_Rotterdam_PS-RGB_tile_") for line in lines)
     assert ds.pairs[0].sar == tmp_path / lines[0].replace("PS-RGB", "SAR-Intensity")
     raw = spacenet6(tmp_path, split="train", transform=None)
@@ -228,7 +231,13 @@ def test_sen12_path_derivation_and_reader(tmp_path):
         k = int(s["name"][-1])
         assert s["sar"][0, 0, 0] == torch.tensor(unit(np.float32(40 + k)))
         assert s["eo"][0, 0, 0] == torch.tensor(unit(np.float32(k)))
-    assert len(sen12(tmp_path, "train")) + len(sen12(tmp_path, "test")) == 6
+    # Split by scene: each season's s2_5 folder is one scene of 3 patches, so at 50% one
+    # scene goes to each side, whole.
+    train, test = sen12(tmp_path, "train", ratio=50), sen12(tmp_path, "test", ratio=50)
+    assert len(train) == len(test) == 3
+    assert len({p.eo.parent for p in train.pairs}) == len({p.eo.parent for p in test.pairs}) == 1
+    with pytest.raises(ValueError, match=r"cannot split 6 pairs in 2 scene groups 80/20: the test set would be empty"):
+        sen12(tmp_path, "train", split_dir=tmp_path / "other")
     with pytest.raises(ValueError, match="s2_N"):
         sen12_sar_path("ROIs2017_winter/other/x.png")
 
@@ -252,8 +261,10 @@ def test_generic_folders_csv_and_tiff_via_pillow(tmp_path):
     assert len(cds) == 2
     s = {cds[i]["name"]: cds[i] for i in range(2)}["p3"]  # names come from the EO file
     assert s["sar"][0, 0, 0] == torch.tensor(unit(np.float32(61)))
-    assert csv_pairs(sub / "pairs.csv", "train", transform=None).__len__() == 2  # 2 * 20 // 100 == 0 test
-    assert (sub / "cdiff_split" / "train_eo_list_080.txt").read_text() == "../eo/p0.png\n../eo/p3.png\n"
+    with pytest.raises(ValueError, match=r"cannot split 2 pairs .* the test set would be empty"):
+        csv_pairs(sub / "pairs.csv", "train", transform=None)  # 2 * 20 // 100 == 0 test pairs
+    assert csv_pairs(sub / "pairs.csv", "train", ratio=50, transform=None).__len__() == 1
+    assert (sub / "cdiff_split_csv_pairs" / "train_eo_list_050.txt").is_file()
 
 
 def test_write_split_format(tmp_path):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cdiff.cli import main
-from cdiff.data import PairAugment, SyntheticPairs, csv_pairs, folder_pairs, make_pair, to_uint8
-from cdiff.data.imageio import read_image
+from cdiff.data import PairAugment, SyntheticPairs, csv_pairs, folder_pairs, make_pair, to_uint8, write_synthetic
+from cdiff.data.imageio import read_image, write_png
 from cdiff.files import atomic_path
 from cdiff.data.synth import BUILDING, CLASSES, VEGETATION, WATER
 
@@ -148,7 +148,7 @@ def test_dataset_samples_and_shared_augmentation():
 
 def test_cli_writes_a_readable_dataset(tmp_path):
     out = tmp_path / "syn"
-    assert main(["synth", str(out), "--count", "3", "--size", "32", "--seed", "4"]) == 0
+    assert main(["synth", str(out), "--count", "3", "--size", "64", "--seed", "4"]) == 0
     names = [f"synth_{k:06d}" for k in (4, 5, 6)]
     for sub in ("sar", "eo", "discrepancy", "misregistration"):
         assert sorted(p.stem for p in (out / sub).iterdir()) == names
@@ -156,7 +156,7 @@ def test_cli_writes_a_readable_dataset(tmp_path):
     ds = folder_pairs(out)
     assert len(ds) == 3 and len(csv_pairs(out / "pairs.csv")) == 3
     for i, k in enumerate((4, 5, 6)):
-        p = make_pair(k, 32)
+        p = make_pair(k, 64)
         s = ds[i]
         assert s["name"] == names[i]
         # 8-bit files: what was written is the generator's output rounded to 1/127.5 steps.
@@ -181,3 +181,63 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
             raise OSError("disk full")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+
+
+def synth(out, *args) -> int:
+    return main(["synth", str(out), "--size", "64", *[str(a) for a in args]])
+
+
+def pair_names(out):
+    return {sub: sorted(p.stem for p in (out / sub).iterdir()) for sub in ("sar", "eo", "discrepancy", "misregistration")}
+
+
+def test_synth_refuses_a_non_empty_folder_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "syn"
+    assert synth(out, "--count", "3") == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # A rerun would mix old and new pairs while pairs.csv lists only the new: refused.
+    assert synth(out, "--count", "2", "--seed", "10") == 2
+    assert "is a folder that is not empty; pass --overwrite" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert synth(out, "--count", "2", "--seed", "10", "--overwrite") == 0
+    names = ["synth_000010", "synth_000011"]
+    assert pair_names(out) == {sub: names for sub in ("sar", "eo", "discrepancy", "misregistration")}
+    assert (out / "pairs.csv").read_text().count("\n") == 3 and len(csv_pairs(out / "pairs.csv")) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["syn"]  # no temporary or old copy left
+    (tmp_path / "empty").mkdir()
+    assert synth(tmp_path / "empty", "--count", "1") == 0  # an empty folder is fine
+
+
+def test_synth_dataset_appears_complete_or_not_at_all(tmp_path, monkeypatch):
+    # Ctrl-C (KeyboardInterrupt) in the middle of the third pair's files.
+    real_write, written = write_png, []
+
+    def interrupted(path, array):
+        written.append(path)
+        if len(written) == 9:
+            raise KeyboardInterrupt
+        real_write(path, array)
+
+    monkeypatch.setattr("cdiff.data.synth.write_png", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        synth(tmp_path / "syn", "--count", "5")
+    assert list(tmp_path.iterdir()) == []  # nothing half-made, no temporary folder
+    # Interrupting a rerun with --overwrite keeps the old dataset whole.
+    monkeypatch.setattr("cdiff.data.synth.write_png", real_write)
+    assert synth(tmp_path / "syn", "--count", "2") == 0
+    old = {p: p.read_bytes() for p in (tmp_path / "syn").rglob("*") if p.is_file()}
+    written.clear()
+    monkeypatch.setattr("cdiff.data.synth.write_png", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        synth(tmp_path / "syn", "--count", "5", "--seed", "7", "--overwrite")
+    assert {p: p.read_bytes() for p in (tmp_path / "syn").rglob("*") if p.is_file()} == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["syn"]
+
+
+@pytest.mark.parametrize("size", [32, 96, 100, 0])
+def test_synth_refuses_sizes_the_pipeline_cannot_take(tmp_path, capsys, size):
+    assert main(["synth", str(tmp_path / "syn"), "--size", str(size)]) == 2
+    assert "--size must be a positive multiple of 64" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="multiple of 64"):
+        write_synthetic(tmp_path / "syn", 1, size=(64, size))

@@ -62,6 +62,37 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return array
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(H, W)`` of an image file from its header, without decoding the pixels.
+
+    Catches what a header shows (not an image, an empty or cut header, an unknown format);
+    damage further in (truncated pixel data) shows only when :func:`read_image` decodes.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            return height, width
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        if path.suffix.lower() not in _TIFF_SUFFIXES:
+            raise ValueError(f"cannot read image {path}: {err}") from err
+    tifffile = _import_tifffile(path)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            return series.shape[series.axes.index("Y")], series.shape[series.axes.index("X")]
+    except Exception as err:  # tifffile raises many types for damaged files; all mean "unreadable"
+        raise ValueError(f"cannot read GeoTIFF {path}: {type(err).__name__}: {err}") from err
+
+
+def _import_tifffile(path: Path):
+    try:
+        import tifffile
+    except ImportError as err:
+        raise ImportError(f"reading the GeoTIFF {path} needs tifffile: pip install cdiff[tiff]") from err
+    return tifffile
+
+
 def read_geotiff(path: str | os.PathLike) -> np.ndarray:
     """Read the first image of a (Geo)TIFF as ``(H, W, bands)`` in its own dtype.
 
@@ -71,10 +102,7 @@ def read_geotiff(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
-    try:
-        import tifffile
-    except ImportError as err:
-        raise ImportError(f"reading the GeoTIFF {path} needs tifffile: pip install cdiff[tiff]") from err
+    tifffile = _import_tifffile(path)
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]

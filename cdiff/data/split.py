@@ -1,23 +1,39 @@
-"""Train/test split lists in the C-DiffSET release's format.
+"""Train/test split lists in the C-DiffSET release's format, and cdiff's own split by scene.
 
 A split is two text files, ``train_eo_list_080.txt`` and ``test_eo_list_080.txt`` (the
 number is the train percentage, three digits): EO image paths relative to the data root,
 ``/``-separated, one per line, sorted. Only EO paths are stored; each reader derives the
 SAR path from the EO path the way the release does.
 
-When no list is given, cdiff makes its own split: the sorted EO paths, each given a key
-from ``random.Random(seed).random()`` in that order (the one stream Python promises to keep
-stable across versions), and the ``len * (100 - ratio) // 100`` paths with the smallest keys
-form the test set. Integer arithmetic, so 10 paths at 80% give exactly 2 test paths.
+When no list is given, cdiff makes its own split, by scene: patches cut from one scene
+look alike (they overlap, or show the same ground), so they must all land on the same side.
+Each reader gives every EO path a group key (its scene; see each reader's docstring), and
+whole groups go to train or test:
+
+- the group keys, sorted, each get a number from ``random.Random(seed).random()`` in that
+  order (the one stream Python promises to keep stable across versions);
+- groups in the order of those numbers (smallest first) form the test set: the shortest
+  run of them whose pair count is nearest ``len * (100 - ratio) // 100``. The train share
+  is therefore kept by pairs, within half the largest group. With one group per pair this
+  is exactly that many test pairs: 10 pairs at 80% give exactly 2 test pairs.
+
+Beside the lists goes ``split_080.json``, the record of how they were made: the reader, the
+seed, the ratio, the group rule and a SHA-256 of the file list. A split found on disk is
+used only when its record matches what the reader finds now; a stale one (files added or
+removed, another reader, seed or group rule) is refused with a message that says how to
+make a new one. A release list passed as ``list_file`` is read as it is, unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from cdiff.data.imageio import write_text
 
@@ -40,20 +56,59 @@ def _check_ratio(ratio: int) -> None:
         raise ValueError(f"ratio (train percentage) must be an integer in 1..99, got {ratio!r}")
 
 
-def make_split(eo_paths: Sequence[str], ratio: int = 80, seed: int = SPLIT_SEED) -> tuple[list[str], list[str]]:
-    """Deterministic (train, test) lists of ``eo_paths``, each sorted (see module docstring)."""
+@dataclass(frozen=True)
+class Grouping:
+    """How a reader groups its pairs into scenes for cdiff's own split.
+
+    ``reader`` names the default split folder (``cdiff_split_<reader>``), ``rule`` says in
+    words what the key is (it is recorded beside the split, so a changed rule makes an old
+    split stale), ``key`` maps an EO path (relative to the root) to its group; None puts
+    every pair in a group of its own.
+    """
+
+    reader: str
+    rule: str = "one group per pair"
+    key: Callable[[str], str] | None = None
+
+
+def make_split(
+    eo_paths: Sequence[str], ratio: int = 80, seed: int = SPLIT_SEED, group: Callable[[str], str] | None = None
+) -> tuple[list[str], list[str]]:
+    """Deterministic (train, test) lists of ``eo_paths``, each sorted, whole groups on one
+    side (``group``: EO path -> key; None: one group per path). See the module docstring."""
     _check_ratio(ratio)
     paths = sorted(set(eo_paths))
     if len(paths) != len(eo_paths):
         raise ValueError("make_split: the EO path list has duplicates")
+    members: dict[str, list[str]] = {}
+    for p in paths:
+        members.setdefault(group(p) if group is not None else p, []).append(p)
     rng = random.Random(seed)
-    keys = [rng.random() for _ in paths]
+    draws = {g: rng.random() for g in sorted(members)}
+    order = sorted(members, key=draws.__getitem__)
     n_test = len(paths) * (100 - ratio) // 100
-    order = sorted(range(len(paths)), key=lambda i: keys[i])
-    test_ids = set(order[:n_test])
-    train = [p for i, p in enumerate(paths) if i not in test_ids]
-    test = [p for i, p in enumerate(paths) if i in test_ids]
+    # The shortest prefix of `order` whose pair count is nearest n_test.
+    best_k, best_gap, count = 0, n_test, 0
+    for k, g in enumerate(order, start=1):
+        if count >= n_test:
+            break
+        count += len(members[g])
+        if abs(count - n_test) < best_gap:
+            best_k, best_gap = k, abs(count - n_test)
+    test_set = {p for g in order[:best_k] for p in members[g]}
+    train = [p for p in paths if p not in test_set]
+    test = [p for p in paths if p in test_set]
+    if not train or not test:
+        raise ValueError(
+            f"cannot split {len(paths)} pairs in {len(members)} scene groups {ratio}/{100 - ratio}: the "
+            f"{'test' if not test else 'train'} set would be empty. Use every pair (split=None) or give a list_file"
+        )
     return train, test
+
+
+def files_hash(eo_paths: Sequence[str]) -> str:
+    """SHA-256 of the sorted EO path list, one path per line."""
+    return hashlib.sha256("".join(f"{p}\n" for p in sorted(eo_paths)).encode()).hexdigest()
 
 
 def write_split(out_dir: str | os.PathLike, train: Sequence[str], test: Sequence[str], ratio: int = 80) -> tuple[Path, Path]:
@@ -89,16 +144,71 @@ def split_from_list_name(list_file: str | os.PathLike) -> str:
     return found[0]
 
 
+def record_name(ratio: int = 80) -> str:
+    """``split_080.json``: the record written beside the lists of that ratio."""
+    _check_ratio(ratio)
+    return f"split_{ratio:03d}.json"
+
+
 def load_or_make_split(
-    split_dir: str | os.PathLike, eo_paths: Sequence[str], split: str, ratio: int = 80, seed: int = SPLIT_SEED
+    split_dir: str | os.PathLike,
+    eo_paths: Sequence[str],
+    split: str,
+    ratio: int = 80,
+    seed: int = SPLIT_SEED,
+    grouping: Grouping | None = None,
 ) -> list[str]:
-    """The ``split`` list from ``split_dir``; made from ``eo_paths`` and written there if absent."""
-    path = Path(split_dir) / split_list_name(split, ratio)
-    if not path.is_file():
-        train, test = make_split(eo_paths, ratio, seed)
+    """The ``split`` list from ``split_dir``, checked against ``eo_paths`` (what the reader
+    finds now); made by scene and written there (with its record) if absent."""
+    grouping = grouping or Grouping(reader="")
+    split_dir = Path(split_dir)
+    lists = [split_dir / split_list_name(s, ratio) for s in SPLITS]
+    record_path = split_dir / record_name(ratio)
+    expected = {
+        "reader": grouping.reader, "seed": seed, "ratio": ratio, "group_rule": grouping.rule,
+        "files_sha256": files_hash(eo_paths),
+    }
+    if not any(p.exists() for p in (*lists, record_path)):
+        train, test = make_split(eo_paths, ratio, seed, grouping.key)
+        groups = len({grouping.key(p) for p in eo_paths}) if grouping.key else len(eo_paths)
+        record = {**expected, "pairs": len(eo_paths), "groups": groups, "train": len(train), "test": len(test)}
         try:
             write_split(split_dir, train, test, ratio)
+            write_text(record_path, json.dumps(record, indent=2) + "\n")  # last: its presence means "complete"
         except OSError as err:
             raise OSError(f"cannot write the split lists into {split_dir} ({err}); pass split_dir= a writable folder") from err
-        log.info("wrote a %d/%d split (%d train, %d test) into %s", ratio, 100 - ratio, len(train), len(test), split_dir)
-    return read_split(path)
+        log.info("wrote a %d/%d split by scene (%d groups; %d train, %d test pairs) into %s",
+                 ratio, 100 - ratio, groups, len(train), len(test), split_dir)
+    else:
+        _check_split(split_dir, lists, record_path, expected, eo_paths)
+    return read_split(split_dir / split_list_name(split, ratio))
+
+
+def _check_split(split_dir: Path, lists: list[Path], record_path: Path, expected: dict, eo_paths) -> None:
+    """Raise ValueError unless the split in ``split_dir`` was made from ``expected``."""
+    how = (
+        f"To make a new split, delete {', '.join(p.name for p in (*lists, record_path))} in {split_dir} "
+        f"(or pass split_dir= another folder); to use these lists unchecked, pass list_file= one of them"
+    )
+    missing = [p.name for p in (*lists, record_path) if not p.is_file()]
+    if missing:
+        raise ValueError(f"incomplete split in {split_dir}: {', '.join(missing)} missing (made by an older cdiff, "
+                         f"or interrupted), so it cannot be checked against the files. {how}")
+    try:
+        record = json.loads(record_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"split record {record_path} is not valid JSON ({err}). {how}") from None
+    listed = [p for path in lists for p in read_split(path)]
+    reasons = [
+        f"it was made with {key} {record.get(key)!r}, now {key} is {value!r}"
+        for key, value in expected.items() if key != "files_sha256" and record.get(key) != value
+    ]
+    if files_hash(listed) != record.get("files_sha256"):
+        reasons.append("its lists were edited after it was made")
+    if not reasons and record.get("files_sha256") != expected["files_sha256"]:
+        found = set(eo_paths)
+        added, removed = sorted(found - set(listed)), sorted(set(listed) - found)
+        examples = ", ".join((added + removed)[:3])
+        reasons.append(f"the files changed: {len(added)} added, {len(removed)} removed since (e.g. {examples})")
+    if reasons:
+        raise ValueError(f"stale split in {split_dir}: {'; '.join(reasons)}. {how}")

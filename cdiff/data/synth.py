@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cdiff.data.imageio import to_uint8, write_png, write_text
+from cdiff.files import atomic_path, check_output
 from cdiff.progress import progress
 
 CLASSES = ("water", "vegetation", "fields", "bare_soil", "road", "building")
@@ -365,33 +366,37 @@ class SyntheticPairs(Dataset):
         return self.transform(sample) if self.transform is not None else sample
 
 
-def write_synthetic(out_dir: str | os.PathLike, count: int, size: int = 256, seed: int = 0, looks: float | None = 4.0,
-                    discrepancies: int = 3, misregistrations: int = 2, max_shift: int = 3,
-                    show_progress: bool = True) -> Path:
+def write_synthetic(out_dir: str | os.PathLike, count: int, size: int | tuple[int, int] = 256, seed: int = 0,
+                    looks: float | None = 4.0, discrepancies: int = 3, misregistrations: int = 2, max_shift: int = 3,
+                    show_progress: bool = True, overwrite: bool = False) -> Path:
     """Write ``count`` pairs into ``out_dir`` in the generic layout; return ``out_dir``.
 
     ``sar/NAME.png`` (8-bit grey), ``eo/NAME.png`` (RGB), ``discrepancy/NAME.png`` and
     ``misregistration/NAME.png`` (0 / 255), ``pairs.csv`` (columns sar, eo, discrepancy,
-    misregistration) and ``synth.json`` (the parameters). Every file is written under a
-    temporary name and renamed, so an interrupted run leaves only whole files; running
-    again with the same arguments rewrites the same bytes.
+    misregistration) and ``synth.json`` (the parameters). The dataset appears complete or
+    not at all: it is written into a temporary folder beside ``out_dir`` and renamed when
+    done, so Ctrl-C or an error leaves nothing. An existing ``out_dir`` must be empty unless
+    ``overwrite`` (its contents are then replaced, once the new dataset is whole). Sides
+    must be multiples of 64, as the pipeline takes them. The same arguments give the same bytes.
     """
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output folder {out} exists and is not a folder")
+    h, w = (size, size) if isinstance(size, int) else size
+    if h < 64 or w < 64 or h % 64 or w % 64:
+        raise ValueError(f"--size must be a positive multiple of 64 (the pipeline's size rule), got {size}")
+    out = check_output(out_dir, "folder", overwrite)
     options = dict(size=size, looks=looks, discrepancies=discrepancies, misregistrations=misregistrations,
                    max_shift=max_shift)
     rows = ["sar,eo,discrepancy,misregistration\n"]
-    for i in progress(range(count), desc="synth", enabled=show_progress):
-        pair = make_pair(seed + i, **options)
-        name = pair_name(seed + i)
-        write_png(out / "sar" / f"{name}.png", to_uint8(pair.sar))
-        write_png(out / "eo" / f"{name}.png", to_uint8(pair.eo))
-        write_png(out / "discrepancy" / f"{name}.png", pair.discrepancy.astype(np.uint8) * 255)
-        write_png(out / "misregistration" / f"{name}.png", pair.misregistration.astype(np.uint8) * 255)
-        rows.append(f"sar/{name}.png,eo/{name}.png,discrepancy/{name}.png,misregistration/{name}.png\n")
-    write_text(out / "pairs.csv", "".join(rows))
-    write_text(out / "synth.json", json.dumps(dict(count=count, seed=seed, **options), indent=2) + "\n")
+    with atomic_path(out, is_dir=True, overwrite=overwrite) as tmp:
+        for i in progress(range(count), desc="synth", enabled=show_progress):
+            pair = make_pair(seed + i, **options)
+            name = pair_name(seed + i)
+            write_png(tmp / "sar" / f"{name}.png", to_uint8(pair.sar))
+            write_png(tmp / "eo" / f"{name}.png", to_uint8(pair.eo))
+            write_png(tmp / "discrepancy" / f"{name}.png", pair.discrepancy.astype(np.uint8) * 255)
+            write_png(tmp / "misregistration" / f"{name}.png", pair.misregistration.astype(np.uint8) * 255)
+            rows.append(f"sar/{name}.png,eo/{name}.png,discrepancy/{name}.png,misregistration/{name}.png\n")
+        write_text(tmp / "pairs.csv", "".join(rows))
+        write_text(tmp / "synth.json", json.dumps(dict(count=count, seed=seed, **options), indent=2) + "\n")
     return out

@@ -37,7 +37,12 @@ def _randint(high: int, generator: torch.Generator | None) -> int:
 class PairAugment:
     """Training augmentation: random square crop (``crop_size``; None keeps the full image),
     then a horizontal flip, a vertical flip (each with probability 1/2) and a rotation by
-    k * 90 degrees, k uniform in {0, 1, 2, 3}. Call as ``augment(sample, generator)``."""
+    k * 90 degrees, k uniform in {0, 1, 2, 3}. Call as ``augment(sample, generator)``.
+
+    Only square images rotate: a quarter turn of an H x W image (H != W) would give W x H,
+    and a batch of mixed shapes fails to collate. A non-square image (no crop, or before
+    one) keeps its shape; the two flips still give it every orientation that does.
+    """
 
     crop_size: int | None = None
     hflip: bool = True
@@ -70,7 +75,7 @@ class PairAugment:
                 x = x.flip(-1)
             if self.vflip and flip_v:
                 x = x.flip(-2)
-            if self.rot90 and k:
+            if self.rot90 and k and x.shape[-1] == x.shape[-2]:
                 x = torch.rot90(x, k, dims=(-2, -1))
             out[key] = x.contiguous()
         return out

@@ -1,0 +1,132 @@
+"""Image-quality metrics of the paper, in plain PyTorch: PSNR, SSIM and SCC.
+
+Every function takes ``pred`` and ``target`` of shape (B, C, H, W) with values in [0, 1] and
+returns one score per image, (B,) float32 (fp64 inputs give fp64). The paper's tables are
+means of per-image scores (the release evaluates with batch size 1), so average the (B,)
+results over a test set, never pool the squared errors of several images.
+
+The definitions follow the ones the release computes with (torchmetrics' PeakSignalNoiseRatio,
+StructuralSimilarityIndexMeasure and SpatialCorrelationCoefficient with their defaults and
+``data_range=1.0``); tests/test_metrics.py compares them with torchmetrics on the same images.
+
+Images in [-1, 1] are mapped to [0, 1] by ``to_unit``: ``(x + 1) / 2`` by default, or, with
+``paper_scaling=True``, the release's ``(x + 0.5).clamp(0, 1)`` that its published numbers were
+computed with (it clips the darkest quarter of the range and shifts the rest).
+LPIPS and FID need pretrained networks and live in ``cdiff.perceptual`` (optional extra).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+SSIM_SIGMA = 1.5  # Gaussian window of SSIM (Wang et al. 2004), 11 x 11 taps
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+SCC_WINDOW = 8  # local window of the spatial correlation coefficient (Zhou et al. 1998)
+METRICS = ("psnr", "ssim", "scc")
+
+
+def to_unit(images: torch.Tensor, paper_scaling: bool = False) -> torch.Tensor:
+    """Images in [-1, 1] -> [0, 1]: ``(x + 1) / 2``, or the release's ``(x + 0.5).clamp(0, 1)``."""
+    if paper_scaling:
+        return (images + 0.5).clamp(0, 1)
+    return ((images + 1) / 2).clamp(0, 1)
+
+
+def _check(pred: torch.Tensor, target: torch.Tensor, name: str) -> None:
+    if pred.ndim != 4:
+        raise ValueError(f"{name}: pred must be (B, C, H, W), got shape {tuple(pred.shape)}")
+    if pred.shape != target.shape:
+        raise ValueError(f"{name}: pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+    if not (pred.is_floating_point() and target.is_floating_point()):
+        raise ValueError(f"{name}: pred and target must be float images in [0, 1], got {pred.dtype}, {target.dtype}")
+
+
+def _compute_dtype(pred: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(pred.dtype, torch.float32)
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB, 10 log10(data_range^2 / MSE), per image: (B,)."""
+    _check(pred, target, "psnr")
+    dtype = _compute_dtype(pred)
+    mse = (pred.to(dtype) - target.to(dtype)).square().flatten(1).mean(1)  # (B,)
+    return 10 * torch.log10(data_range**2 / mse)  # identical images give +inf, as torchmetrics
+
+
+def _gaussian_window(sigma: float, channels: int, dtype, device) -> torch.Tensor:
+    """(C, 1, k, k) normalised Gaussian, k = 2 * int(3.5 sigma + 0.5) + 1 (11 for sigma 1.5)."""
+    size = 2 * int(3.5 * sigma + 0.5) + 1
+    x = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
+    g = torch.exp(-0.5 * (x / sigma) ** 2)
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Structural similarity with an 11 x 11 Gaussian window (sigma 1.5), per image: (B,).
+
+    Local means, variances and covariance come from the window over reflect-padded images;
+    the SSIM map is averaged over every pixel and channel.
+    """
+    _check(pred, target, "ssim")
+    dtype = _compute_dtype(pred)
+    pred, target = pred.to(dtype), target.to(dtype)
+    batch, channels = pred.shape[:2]
+    window = _gaussian_window(SSIM_SIGMA, channels, dtype, pred.device)
+    pad = window.shape[-1] // 2
+    stack = torch.cat([pred, target, pred * pred, target * target, pred * target])  # (5B, C, H, W)
+    stack = F.pad(stack, (pad, pad, pad, pad), mode="reflect")
+    mu_p, mu_t, pp, tt, pt = F.conv2d(stack, window, groups=channels).split(batch)  # each (B, C, H, W)
+    var_p = (pp - mu_p**2).clamp_min(0)
+    var_t = (tt - mu_t**2).clamp_min(0)
+    cov = pt - mu_p * mu_t
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    ssim_map = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2))
+    return ssim_map.flatten(1).mean(1)
+
+
+def _laplacian(images: torch.Tensor) -> torch.Tensor:
+    """8-neighbour Laplacian high-pass per channel, edges mirrored including the edge pixel."""
+    channels = images.shape[1]
+    kernel = -torch.ones(3, 3, dtype=images.dtype, device=images.device)
+    kernel[1, 1] = 8
+    padded = F.pad(images, (1, 1, 1, 1), mode="replicate")  # a 1-pixel symmetric mirror repeats the edge
+    return F.conv2d(padded, kernel.expand(channels, 1, 3, 3), groups=channels)
+
+
+def scc(pred: torch.Tensor, target: torch.Tensor, window: int = SCC_WINDOW) -> torch.Tensor:
+    """Spatial correlation coefficient, per image: (B,).
+
+    The correlation of the Laplacian-filtered images in a ``window`` x ``window`` box around
+    every pixel (zero padding), 0 where either local variance is 0, averaged over pixels and
+    channels. It measures agreement of fine detail, and is small (about 0.01) for SAR-to-EO.
+    """
+    _check(pred, target, "scc")
+    height, width = pred.shape[-2:]
+    if not 0 < window <= min(height, width):
+        raise ValueError(f"scc: window {window} must be in 1..{min(height, width)} for {height}x{width} images")
+    dtype = _compute_dtype(pred)
+    high_p, high_t = _laplacian(pred.to(dtype)), _laplacian(target.to(dtype))
+    channels = pred.shape[1]
+    box = torch.full((channels, 1, window, window), 1.0 / window**2, dtype=dtype, device=pred.device)
+    before, after = math.ceil((window - 1) / 2), (window - 1) // 2
+
+    def local_mean(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, (before, after, before, after)), box, groups=channels)
+
+    mean_p, mean_t = local_mean(high_p), local_mean(high_t)
+    var_p = (local_mean(high_p * high_p) - mean_p**2).clamp_min(0)
+    var_t = (local_mean(high_t * high_t) - mean_t**2).clamp_min(0)
+    cov = local_mean(high_p * high_t) - mean_p * mean_t
+    denominator = var_p.sqrt() * var_t.sqrt()
+    zero = denominator == 0
+    scc_map = torch.where(zero, torch.zeros_like(cov), cov / torch.where(zero, torch.ones_like(denominator), denominator))
+    return scc_map.flatten(1).mean(1)
+
+
+def image_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"psnr", "ssim", "scc"}: each (B,) for images in [0, 1] of shape (B, C, H, W)."""
+    return {"psnr": psnr(pred, target), "ssim": ssim(pred, target), "scc": scc(pred, target)}

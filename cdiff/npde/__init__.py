@@ -1,0 +1,25 @@
+"""S2O-NPDE (Zhang et al., IJCAI 2022): SAR-to-optical translation with neural PDEs, built
+from the paper (no code was published). A CycleGAN-style GAN whose generator has TCD
+residual blocks (Eq. 4) and a parallel Perona-Malik (PMD) module (Eq. 7), trained with
+adversarial, pixel, perceptual, cycle and PDE losses (Eq. 8-9).
+
+    config.py    NPDEConfig: every number, with presets paper(), tiny(), ablation(row)
+    pde.py       PMDHead: the fixed finite-difference head phi of Eq. 7
+    model.py     NPDEGenerator, PatchDiscriminator, NPDEModel (the four networks), translate
+    vgg.py       VGGFeatures, load_vgg: the perceptual loss's VGG from a local file
+    losses.py    NPDELoss: Eq. 8-9
+    training.py  training_step, make_optimizers, lr_factor, ImagePool / FakePools
+"""
+
+from cdiff.npde.config import TABLE2_ROWS, NPDEConfig
+from cdiff.npde.losses import NPDELoss, lsgan
+from cdiff.npde.model import GeneratorOutput, NPDEGenerator, NPDEModel, PatchDiscriminator, translate
+from cdiff.npde.pde import PMDHead
+from cdiff.npde.training import FakePools, ImagePool, Optimizers, lr_factor, make_optimizers, training_step
+from cdiff.npde.vgg import VGGFeatures, load_vgg
+
+__all__ = [
+    "TABLE2_ROWS", "FakePools", "GeneratorOutput", "ImagePool", "NPDEConfig", "NPDEGenerator", "NPDELoss", "NPDEModel",
+    "Optimizers", "PMDHead", "PatchDiscriminator", "VGGFeatures", "load_vgg", "lr_factor", "lsgan",
+    "make_optimizers", "training_step", "translate",
+]
