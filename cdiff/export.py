@@ -92,14 +92,10 @@ def export_original(source, out, overwrite: bool = False) -> Path:
     vae_state, vae_config, _ = read_vae(source)
     unet_state = diffusers_layout.UNET.rename(unet_state, to="foreign")
     vae_state = diffusers_layout.VAE.rename(vae_state, to="foreign")
-    tensors = {
-        original_layout.UNET_PREFIX + k: v
-        for k, v in original_layout.unet_table(unet_config.level_res_blocks, unet_config.attention_levels)
-        .rename(unet_state, to="foreign").items()
-    }
-    tensors.update(
-        {original_layout.VAE_PREFIX + k: v for k, v in original_layout.vae_to_original(vae_state, len(vae_config.block_channels)).items()}
-    )
+    table = original_layout.unet_table(unet_config.level_res_blocks, unet_config.attention_levels)
+    tensors = {original_layout.UNET_PREFIX + k: v for k, v in table.rename(unet_state, to="foreign").items()}
+    vae_state = original_layout.vae_to_original(vae_state, len(vae_config.block_channels))
+    tensors.update({original_layout.VAE_PREFIX + k: v for k, v in vae_state.items()})
     stored = _context_metadata(source)
     metadata = None
     if stored is not None:

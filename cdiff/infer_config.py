@@ -27,7 +27,9 @@ from cdiff.checkpoint import CheckpointError
 from cdiff.config import UNetConfig, VAEConfig
 from cdiff.layouts.diffusers_config import unet_config_from_diffusers, vae_config_from_diffusers
 
-NO_CONFIG_HINT = "give its config (load_unet/load_vae(source, config=...)), or read it from a diffusers folder with its config.json"
+NO_CONFIG_HINT = (
+    "give its config (load_unet/load_vae(source, config=...)), or read it from a diffusers folder with its config.json"
+)
 
 
 def count_indices(state, prefix: str) -> int:

@@ -258,7 +258,6 @@ class UNet(nn.Module):
         self.config = config
         self.checkpointing = False
         levels = config.level_channels
-        last = len(levels) - 1
         width = config.model_channels
         self.conv_in = nn.Conv2d(config.in_channels, width, 3, padding=1)
         self.time_embed = nn.Sequential(  # indices 0 and 2 are the two linears of the time MLP
@@ -296,7 +295,8 @@ class UNet(nn.Module):
     # --- the blocks: override one of these to put a changed block in --------------------------
 
     def make_down_block(self, level: int, in_channels: int, out_channels: int) -> nn.Module:
-        return DownBlock(in_channels, out_channels, self.config, level, downsample=level < len(self.config.channel_mult) - 1)
+        last = len(self.config.channel_mult) - 1
+        return DownBlock(in_channels, out_channels, self.config, level, downsample=level < last)
 
     def make_mid_block(self, channels: int) -> nn.Module:
         return MidBlock(channels, self.config)
@@ -372,7 +372,7 @@ class UNet(nn.Module):
         elif not isinstance(t, numbers.Real):
             raise ValueError(f"t: expected a number or a tensor, got {type(t).__name__}")
 
-    def forward(self, sample: torch.Tensor, t, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, t, context: torch.Tensor, context_mask: torch.Tensor | None = None):
         self.check_inputs(sample, t, context, context_mask)
         batch = sample.shape[0]
         dtype = self.conv_in.weight.dtype

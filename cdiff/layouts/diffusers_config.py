@@ -156,8 +156,9 @@ def diffusers_unet_config(config: UNetConfig) -> dict:
     """The diffusers UNet2DConditionModel config.json of ``config``; ValueError for what diffusers cannot say."""
     fixed = UNetConfig()
     for name in ("transformer_norm_eps", "layer_norm_eps", "ff_mult", "timestep_max_period"):
-        if getattr(config, name) != getattr(fixed, name):
-            raise ValueError(f"UNetConfig.{name}={getattr(config, name)}: diffusers' UNet2DConditionModel fixes it at {getattr(fixed, name)}")
+        value, fixed_value = getattr(config, name), getattr(fixed, name)
+        if value != fixed_value:
+            raise ValueError(f"UNetConfig.{name}={value}: diffusers' UNet2DConditionModel fixes it at {fixed_value}")
     return {
         "_class_name": "UNet2DConditionModel",
         "act_fn": "silu",
