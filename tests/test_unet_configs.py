@@ -88,6 +88,8 @@ REFUSED = {
     "use_linear_projection": (dict(use_linear_projection=False), r"use_linear_projection=False asks for 1x1 conv projections"),
     "missing use_linear_projection": ({"use_linear_projection": None}, r"use_linear_projection=False .*Stable Diffusion 1\.x"),
     "class embedding": (dict(class_embed_type="timestep"), r"class_embed_type='timestep' asks for a class embedding"),
+    "cross-attention only, one level": (dict(only_cross_attention=[False, True, False, False]),
+                                        r"only_cross_attention=\[False, True, False, False\] asks for transformers without self"),
     "block type": (dict(down_block_types=["SimpleCrossAttnDownBlock2D"] * 4),
                    r"down_block_types \['SimpleCrossAttnDownBlock2D'.*cdiff builds 4 levels of \['CrossAttnDownBlock2D', 'DownBlock2D'\]"),
     "unmirrored": (dict(up_block_types=["CrossAttnUpBlock2D"] * 4), r"up_block_types .* do not mirror down_block_types"),

@@ -79,6 +79,10 @@ def _uniform(value):
     return value
 
 
+def _off(value) -> bool:
+    return value is None or value is False
+
+
 def _per_level(value, levels: int, name: str, where) -> tuple:
     if isinstance(value, (list, tuple)):
         if len(value) != levels:
@@ -96,7 +100,7 @@ def unet_config_from_diffusers(config: dict, where="config.json") -> UNetConfig:
         raise ValueError(f"{where}: a {config['_class_name']}, not a UNet2DConditionModel")
     for key, (default, built, meaning) in _UNET_FIXED.items():
         value = _uniform(config.get(key, default))
-        if value != built and {value, built} != {None, False}:
+        if value != built and not (_off(value) and _off(built)):
             raise ValueError(f"{where}: {key}={value!r} asks for {meaning}; cdiff builds SD 2.x-style U-Nets only")
     unknown = sorted(k for k in config if not k.startswith("_") and k not in _UNET_FIXED.keys() | _UNET_READ | _UNET_INERT)
     if unknown:

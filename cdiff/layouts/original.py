@@ -2,11 +2,11 @@
 
 The original layout numbers the U-Net's blocks sequentially (``input_blocks.4.1`` is the
 attention of level 1's first res block), so its tables are generated from the block
-structure (res blocks and attention per level, which ``unet_table_for`` reads off the keys);
-the VAE's only need the level count. Both tables are written
-against diffusers key names (the "cdiff" side of these RenameTables is the diffusers
-name): a file in the original layout is read as original -> diffusers -> cdiff, with the
-diffusers tables of ``cdiff.layouts.diffusers`` doing the second step.
+structure (res blocks and attention per level, which ``unet_table_for`` reads off the
+keys); the VAE's only need the level count. Both tables are written against diffusers key
+names (the "cdiff" side of these RenameTables is the diffusers name): a file in the
+original layout is read as original -> diffusers -> cdiff, with the diffusers tables of
+``cdiff.layouts.diffusers`` doing the second step.
 
 Inside the U-Net's spatial transformers the two layouts use the same names, so one rule
 per attention block suffices. The original VAE's mid-block attention stores q, k, v and
