@@ -127,8 +127,6 @@ class CDiffSETTask:
         self.vae = pipeline.vae.to(device).eval().requires_grad_(False)
         self.context = pipeline.context.to(device, torch.float32)  # (L, context_dim)
         if self.model.gradient_checkpointing:
-            if not hasattr(self.unet, "gradient_checkpointing"):
-                raise ValueError("model.gradient_checkpointing needs UNet.gradient_checkpointing (not in this cdiff yet)")
             self.unet.gradient_checkpointing(True)
         self.ema = EMA(self.unet, self.model.ema_decay) if self.model.ema_decay else None
         if checkpoint is not None and self.ema is not None:
