@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import cdiff
 from cdiff.cli import main
 from cdiff.train import train
-from cdiff.train.cdiffset import CDiffSETTask, SampleAsNoise
+from cdiff.pipeline import SampleAsNoise
+from cdiff.train.cdiffset import CDiffSETTask
 from cdiff.train.latents import cache_latents
 from cdiff.train.loop import NonFiniteLoss
 from cdiff.train.seeds import generator
@@ -105,6 +106,8 @@ def test_options_run_and_translate(tmp_path, model_file, option, absent):
     assert math.isfinite(_records(tmp_path / "run", "val")[-1]["psnr"])
     for name in ("model.safetensors", "model_ema.safetensors"):
         pipeline = cdiff.load_pipeline(done.checkpoint / name)
+        # An x0-predicting U-Net reaches the sampler as a noise predictor; a noise predictor as it is.
+        assert isinstance(pipeline.unet, SampleAsNoise) == (option == "model.prediction=sample")
         result = pipeline.translate(torch.rand(1, 3, 64, 64) * 2 - 1, steps=2, generator=torch.Generator().manual_seed(0))
         assert result.eo.shape == (1, 3, 64, 64) and torch.isfinite(result.eo).all()
     trained = done.task.unet.state_dict()
@@ -153,12 +156,11 @@ def test_release_unet_start_gets_the_variance_channel(tmp_path, model_file):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(model_file):
-    if not hasattr(cdiff.UNet, "gradient_checkpointing"):
-        pytest.skip("needs UNet.gradient_checkpointing from the research branch (not merged into main yet)")
     batch = {"sar": torch.rand(2, 3, 64, 64) * 2 - 1, "eo": torch.rand(2, 3, 64, 64) * 2 - 1, "position": torch.tensor([0, 1])}
     grads = []
     for switch in (False, True):
         task = CDiffSETTask(small_config(model_file, f"model.gradient_checkpointing={str(switch).lower()}"), torch.device("cpu"))
+        assert task.unet.checkpointing is switch
         task.loss(batch)[0].backward()
         grads.append([p.grad for p in task.unet.parameters()])
     for a, b in zip(*grads):

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 import cdiff
 from cdiff.loss import LOG_2PI, confidence_nll, variance_from_raw
 from cdiff.metrics import image_metrics, to_unit
-from cdiff.pipeline import DEFAULT_PROMPT, Pipeline
+from cdiff.pipeline import DEFAULT_PROMPT, Pipeline, SampleAsNoise
 from cdiff.train.config import RunConfig
 from cdiff.train.data import image_augment, image_pairs
 from cdiff.train.ema import EMA
@@ -95,24 +95,6 @@ def vae_fingerprint(vae: nn.Module) -> str:
     return digest.hexdigest()
 
 
-class SampleAsNoise(nn.Module):
-    """A U-Net trained with prediction = "sample", seen as a noise predictor, so DDIM (and
-    cdiff.Pipeline) can sample with it: eps = (x_t - sqrt(a_t) x0_hat) / sqrt(1 - a_t)."""
-
-    def __init__(self, unet: nn.Module, process: cdiff.DDPM):
-        super().__init__()
-        self.unet, self.config, self.process = unet, unet.config, process
-
-    def forward(self, sample: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
-        out = self.unet(sample, t, context)  # (B, C + 1, h, w): x0_hat and the raw variance
-        channels = self.config.in_channels // 2
-        t = torch.as_tensor(t, device=sample.device).reshape(-1)  # (1,) or (B,): no host sync
-        alpha = self.process.alpha_bar(t).view(-1, 1, 1, 1)
-        noisy = sample[:, channels:].float()  # (B, C, h, w): x_t
-        eps = (noisy - alpha.sqrt() * out[:, :channels].float()) / (1 - alpha).sqrt()
-        return torch.cat([eps.to(out.dtype), out[:, channels:]], dim=1)
-
-
 class CDiffSETTask:
     """The C-DiffSET model in training (see cdiff.train.loop for what a task provides)."""
 
@@ -128,8 +110,6 @@ class CDiffSETTask:
         self.vae = pipeline.vae.to(device).eval().requires_grad_(False)
         self.context = pipeline.context.to(device, torch.float32)  # (L, context_dim)
         if self.model.gradient_checkpointing:
-            if not hasattr(self.unet, "gradient_checkpointing"):
-                raise ValueError("model.gradient_checkpointing needs UNet.gradient_checkpointing (not in this cdiff yet)")
             self.unet.gradient_checkpointing(True)
         self.ema = EMA(self.unet, self.model.ema_decay) if self.model.ema_decay else None
         if checkpoint is not None and self.ema is not None:
@@ -202,10 +182,10 @@ class CDiffSETTask:
 
     def save(self, folder: Path) -> None:
         padding = "77" if self.context.shape[0] == 77 else "none"
-        cdiff.save_native(folder / MODEL_FILE, self.unet, self.vae, self.context, prompt=self.prompt, padding=padding)
-        if self.ema is not None:
-            cdiff.save_native(folder / EMA_FILE, self.ema.module, self.vae, self.context, prompt=self.prompt,
-                              padding=padding)
+        for name, unet in ((MODEL_FILE, self.unet), (EMA_FILE, self.ema.module if self.ema else None)):
+            if unet is not None:
+                cdiff.save_native(folder / name, unet, self.vae, self.context, prompt=self.prompt, padding=padding,
+                                  prediction=self.model.prediction)
 
     @torch.no_grad()
     def validate(self, step: int):
