@@ -15,7 +15,9 @@ from cdiff.config import config_from_json, config_to_json
 from cdiff.data import write_synthetic
 from cdiff.data.imageio import to_uint8, write_png
 from cdiff.geo import read_sar
-from cdiff.npde import GeneratorOutput, NPDEConfig, NPDEModel, is_model_file, load_generator, load_model, save_model, translate_image
+from cdiff.npde import (
+    GeneratorOutput, NPDEConfig, NPDEModel, is_model_file, load_generator, load_model, save_model, translate_image,
+)
 from cdiff.tiling import Tiling
 from cdiff.train import load_config, train
 
@@ -156,8 +158,8 @@ def test_translate_and_evaluate_a_run_directory(run_dir, pairs, tmp_path, capsys
     assert again["means"] == report["means"]
 
     # The model file itself, an image whose sides are not multiples of 4, bf16.
-    code, stdout, err = cli(capsys, "translate", "--model", best, "--input", pairs / "odd", "--output", tmp_path / "odd",
-                            "--dtype", "bf16")
+    code, stdout, err = cli(capsys, "translate", "--model", best, "--input", pairs / "odd",
+                            "--output", tmp_path / "odd", "--dtype", "bf16")
     assert code == 0, err
     assert read(tmp_path / "odd" / "odd.png").shape == (70, 90, 3) and "model " not in stdout
 

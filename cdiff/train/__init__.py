@@ -10,6 +10,7 @@
     optim.py        AdamW and the lr schedules (warm-up + cosine, constant, linear decay)
     ema.py          the EMA of the weights
     logs.py         log.jsonl, TensorBoard, validation grids
+    validation.py   held-out PSNR, SSIM, SCC and the grid's columns, for every model
     distributed.py  torch.distributed as torchrun launches it
     cdiffset.py     the C-DiffSET model: its [model] section, training step and validation
     s2o_npde.py     the S2O-NPDE baseline (cdiff.npde): its [model] section, two phases, validation

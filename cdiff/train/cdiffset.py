@@ -27,19 +27,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 import cdiff
 from cdiff.loss import LOG_2PI, confidence_nll, variance_from_raw
-from cdiff.metrics import image_metrics, to_unit
 from cdiff.pipeline import DEFAULT_PROMPT, Pipeline, SampleAsNoise
 from cdiff.train.config import RunConfig
 from cdiff.train.data import image_augment, image_pairs
 from cdiff.train.ema import EMA
-from cdiff.train.logs import stretch
 from cdiff.train.loop import Phase
 from cdiff.train.optim import adamw, lr_schedule
 from cdiff.train.seeds import generator
+from cdiff.train.validation import score_pairs
 
 PREDICTIONS = ("epsilon", "sample")
 LOSSES = ("cdiff", "mse")
@@ -195,19 +193,12 @@ class CDiffSETTask:
         unet.eval()
         sampler = SampleAsNoise(unet, self.process) if self.model.prediction == "sample" else unet
         pipeline = Pipeline(sampler, self.vae, self.context, prompt=self.prompt or DEFAULT_PROMPT, process=self.process)
-        scores, columns = {}, [[], [], [], []]
-        for index, batch in enumerate(DataLoader(self.val_pairs, batch_size=val.batch_size)):
-            sar, eo = batch["sar"].to(self.device), batch["eo"].to(self.device)
+
+        def predict(index, sar):
             result = pipeline.translate(sar, steps=val.steps, generator=generator(self.config.train.seed, "val", index))
-            prediction = result.eo.float()
-            for name, values in image_metrics(to_unit(prediction), to_unit(eo)).items():
-                scores.setdefault(name, []).append(values.cpu())
-            shown = sum(len(c) for c in columns[0])
-            if shown < val.grid_images:
-                keep = slice(0, val.grid_images - shown)
-                confidence = result.confidence if result.confidence is not None else torch.zeros_like(sar[:, :1])
-                for column, images in zip(columns, (sar, prediction, eo, stretch(confidence))):
-                    column.append(images[keep].cpu())
+            confidence = result.confidence if result.confidence is not None else torch.zeros_like(sar[:, :1])
+            return result.eo, confidence
+
+        out = score_pairs(self.val_pairs, predict, val.batch_size, val.grid_images, self.device)
         self.unet.train()
-        metrics = {name: float(torch.cat(v).double().mean()) for name, v in scores.items()}
-        return metrics, [torch.cat(c) for c in columns] if columns[0] else []
+        return out

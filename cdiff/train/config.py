@@ -5,9 +5,10 @@ picks the dataclass: ``"cdiffset"`` -> cdiff.train.cdiffset.CDiffSETConfig, ``"s
 cdiff.train.s2o_npde.S2ONPDEConfig); ``[data]``, ``[optim]``, ``[train]`` and ``[val]`` have the
 same keys for every model. Defaults are the paper's and the official release's (see each field);
 a model whose paper trains otherwise gives its own defaults for those sections
-(``section_defaults()`` on its [model] class: S2O-NPDE's Adam, lr schedule and batch 1). Every key of a file or of ``--set section.key=value`` is
-checked: an unknown one is an error that names it and the nearest valid key, and a value of the
-wrong type or outside its range is an error that names the key.
+(``section_defaults()`` on its [model] class: S2O-NPDE's Adam, lr schedule and batch 1). Every
+key of a file or of ``--set section.key=value`` is checked: an unknown one is an error that names
+it and the nearest valid key (or the model kind it belongs to), and a value of the wrong type or
+outside its range is an error that names the key.
 """
 
 from __future__ import annotations
@@ -221,7 +222,8 @@ def from_dict(tree: dict, where: str = "config") -> RunConfig:
         kwargs = {}
         for key, value in values.items():
             if key not in types:
-                owner = [k for k, c in _model_classes().items() if section == "model" and key in typing.get_type_hints(c)]
+                owner = [k for k, c in _model_classes().items()
+                         if section == "model" and key in typing.get_type_hints(c)]
                 if owner:  # e.g. a C-DiffSET option in an S2O-NPDE run
                     raise ValueError(f"{where}: model.{key} is an option of model.kind {owner[0]!r}, not of {kind!r}")
                 raise _unknown(f"{section}.{key}", valid_keys, where)

@@ -4,9 +4,10 @@ log.jsonl holds one JSON object per line, each with ``kind``:
 - "train": averages over the last ``train.log_every`` steps: ``step``, ``loss`` and the model's
   own terms (C-DiffSET: ``loss_residual`` and ``loss_logvar``, see cdiff.train.cdiffset;
   ``mean_variance``; S2O-NPDE: per phase ``loss_generator``, ``loss_discriminator`` and their
-  terms, see cdiff.train.s2o_npde), ``lr``, ``grad_norm`` (before clipping; per phase, as the loss), ``images_per_s`` (all processes),
-  ``peak_memory_mb`` (CUDA: the most allocated in the window; CPU: the process's peak resident
-  memory), ``skipped_nonfinite`` (so far), ``seconds`` since the run (or resume) began;
+  terms, see cdiff.train.s2o_npde), ``lr``, ``grad_norm`` (before clipping; per phase, as the
+  loss), ``images_per_s`` (all processes), ``peak_memory_mb`` (CUDA: the most allocated in the
+  window; CPU: the process's peak resident memory), ``skipped_nonfinite`` (so far), ``seconds``
+  since the run (or resume) began;
 - "val": ``step``, the metrics (C-DiffSET: ``psnr``, ``ssim``, ``scc``), ``best``, ``grid``;
 - "event": ``event`` ("start", "resume", "nonfinite", "checkpoint", "end") and its details.
 """
@@ -73,14 +74,6 @@ def _as_rgb(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if images.shape[-2:] != size:
         images = F.interpolate(images, size=size, mode="nearest")
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-
-
-def stretch(images: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> per image min-max to [-1, 1], for display (as the release shows its
-    confidence maps)."""
-    flat = images.float().flatten(1)
-    low, high = flat.min(1).values.view(-1, 1, 1, 1), flat.max(1).values.view(-1, 1, 1, 1)
-    return (images.float() - low) / (high - low).clamp_min(1e-12) * 2 - 1
 
 
 def write_grid(path: Path, columns: list[torch.Tensor]) -> Path:

@@ -16,13 +16,13 @@ A model plugs in as a *task* (cdiff.train.cdiffset.CDiffSETTask is one) with the
 
 One phase is one optimiser's update: C-DiffSET has one; S2O-NPDE, a GAN, has a generator phase
 and a discriminator phase (cdiff.train.s2o_npde). With several phases the log names each one's
-loss and gradient norm ``loss_<phase>``, ``grad_norm_<phase>``, and its terms by their own names. Per phase and step: ``train.accumulation`` micro-batches, each forward in
-the precision's autocast and backward through the gradient scaler (fp16), DDP's gradient
-averaging only on the last; unscale; clip the global norm; step. A step whose loss (or, without
-fp16's scaler, gradient norm) is not finite on any process is skipped while fewer than
-``train.skip_nonfinite`` were, else the run stops with NonFiniteLoss naming the step and the
-last good checkpoint. Schedulers step every step, skipped or not, so the lr is a function of
-the step.
+loss and gradient norm ``loss_<phase>``, ``grad_norm_<phase>``, and its terms by their own names.
+Per phase and step: ``train.accumulation`` micro-batches, each forward in the precision's autocast
+and backward through the gradient scaler (fp16), DDP's gradient averaging only on the last;
+unscale; clip the global norm; step. A step whose loss (or, without fp16's scaler, gradient norm)
+is not finite on any process is skipped while fewer than ``train.skip_nonfinite`` were, else the
+run stops with NonFiniteLoss naming the step and the last good checkpoint. Schedulers step every
+step, skipped or not, so the lr is a function of the step.
 """
 
 from __future__ import annotations

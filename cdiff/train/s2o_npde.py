@@ -37,10 +37,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from cdiff.checkpoint import read_state_dict, save_safetensors
-from cdiff.metrics import image_metrics, to_unit
 from cdiff.npde import (
     PAPER_BATCH_SIZE, PAPER_BETAS, PAPER_EPOCHS, PAPER_LR, FakePools, NPDEConfig, NPDELoss, NPDEModel, load_model,
     make_optimizers, save_model,
@@ -48,10 +46,10 @@ from cdiff.npde import (
 from cdiff.npde.training import frozen
 from cdiff.train.config import DataConfig, OptimConfig, RunConfig, TrainConfig
 from cdiff.train.data import DEFAULT_CROPS, image_augment, image_pairs
-from cdiff.train.logs import stretch
 from cdiff.train.loop import Phase
 from cdiff.train.optim import lr_schedule
 from cdiff.train.seeds import derive_seed
+from cdiff.train.validation import score_pairs
 
 MODEL_FILE, POOLS_FILE = "model.safetensors", "pools.safetensors"
 PAPER_PAIRS = 1_600  # the paper's SEN1-2 training pairs (section 4.1, after Guo et al. 2021)
@@ -88,7 +86,8 @@ class S2ONPDEConfig(NPDEConfig):
 
 
 def initial_model(network: NPDEConfig, seed: int) -> NPDEModel:
-    """The four networks with CycleGAN's init, drawn from a generator seeded by ``seed`` alone."""
+    """The four networks with CycleGAN's init, drawn with torch's generator seeded from ``seed`` (its
+    state is restored afterwards)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "s2o_npde init"))
         return NPDEModel(network)
@@ -105,14 +104,17 @@ class S2ONPDETask:
 
     def __init__(self, config: RunConfig, device: torch.device, checkpoint: Path | None = None):
         if config.data.latents:
-            raise ValueError("data.latents: a latent cache is for C-DiffSET; S2O-NPDE trains on images (set it to \"\")")
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            raise ValueError("S2O-NPDE trains in one process (batch 1, as the paper): run 'cdiff train' without torchrun")
+            raise ValueError("data.latents: a latent cache is for C-DiffSET; S2O-NPDE trains on images "
+                             "(set it to \"\")")
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError("S2O-NPDE trains in one process (batch 1, as the paper): run 'cdiff train' "
+                             "without torchrun")
         self.config, self.device, self.network = config, device, config.model.network()
         crop, multiple = config.data.crop or DEFAULT_CROPS.get(config.data.kind, 0), self.network.size_multiple
         if crop % multiple:
-            raise ValueError(f"data.crop {crop} must be a multiple of {multiple} for S2O-NPDE's {self.network.n_downsampling} "
-                             "downsamplings")
+            raise ValueError(f"data.crop {crop} must be a multiple of {multiple} for S2O-NPDE's "
+                             f"{self.network.n_downsampling} downsamplings")
         seed = config.train.seed
         self.pools = fake_pools(self.network, seed)
         if checkpoint is not None:
@@ -127,7 +129,8 @@ class S2ONPDETask:
                         "disc_sar": model.disc_sar}
         self.wrapped = dict(self.modules)
         optim = config.optim
-        optimizers = make_optimizers(model, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+        optimizers = make_optimizers(model, lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                                     weight_decay=optim.weight_decay)
         self.optimizers = optimizers._asdict()
         self.schedulers = {name: lr_schedule(o, optim, config.train.steps) for name, o in self.optimizers.items()}
         self.phases = [
@@ -173,19 +176,11 @@ class S2ONPDETask:
         """The generator on the first val.images held-out pairs: mean PSNR, SSIM, SCC; grid columns."""
         val, generator = self.config.val, self.model.generator
         generator.eval()
-        scores, columns = {}, [[], [], [], []] if self.network.pmd else [[], [], []]
-        for batch in DataLoader(self.val_pairs, batch_size=val.batch_size):
-            sar, eo = self._images(batch)
+
+        def predict(index, sar):
             out = generator(sar)
-            prediction = out.image.float()
-            for name, values in image_metrics(to_unit(prediction), to_unit(eo)).items():
-                scores.setdefault(name, []).append(values.cpu())
-            shown = sum(len(c) for c in columns[0])
-            if shown < val.grid_images:
-                keep = slice(0, val.grid_images - shown)
-                images = (sar, prediction, eo, stretch(out.pmd_image) if self.network.pmd else None)
-                for column, image in zip(columns, images):
-                    column.append(image[keep].cpu())
+            return out.image, out.pmd_image
+
+        result = score_pairs(self.val_pairs, predict, val.batch_size, val.grid_images, self.device)
         generator.train()
-        metrics = {name: float(torch.cat(v).double().mean()) for name, v in scores.items()}
-        return metrics, [torch.cat(c) for c in columns] if columns[0] else []
+        return result
