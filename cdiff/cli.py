@@ -234,7 +234,7 @@ def _add_translate(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="same-sized images per batch (default: %(default)s)")
     p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                   help="the U-Net's dtype; the VAE stays fp32 (default: %(default)s)")
+                   help="the U-Net's dtype, the VAE stays fp32 (S2O-NPDE: the generator's) (default: %(default)s)")
     p.add_argument("--prompt", help="the prompt to encode (default: the one stored in the model)")
     p.add_argument("--tile", type=int, default=1024, help="tile side in pixels, a multiple of 64; larger images "
                    "are translated in overlapping tiles; 0 never tiles (default: %(default)s)")

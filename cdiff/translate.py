@@ -183,7 +183,6 @@ def translate_npde_scenes(generator, scenes: list[SarScene], names: list[str], s
     """``translate_scenes`` for an S2O-NPDE generator: one pass, no noise, no confidence map."""
     from cdiff.npde import translate_image
 
-    height, width = scenes[0].sar.shape[:2]
     sar = torch.stack([torch.from_numpy(s.sar).permute(2, 0, 1) for s in scenes])  # (B, 3, H, W)
     eo = translate_image(generator, sar, sampling.tiling).float().permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
     return [(to_uint8(eo[i]), None) for i in range(len(scenes))]

@@ -127,7 +127,7 @@ def test_tiles_and_padding_cover_any_size():
     tiled = translate_image(generator, sar, Tiling(tile=64, overlap=16))
     assert tiled.shape == whole.shape == (1, 3, 158, 94)
     error = ((tiled - whole).square().mean() / whole.square().mean()).sqrt().item()
-    print(f"64-px tiles vs the whole image, random weights: relative RMS {error:.2f}")  # measured 0.29
+    print(f"64-px tiles vs the whole image, random weights: relative RMS {error:.2f}")  # measured 0.30
     assert error > 0.01
     torch.testing.assert_close(translate_image(generator, sar, Tiling(tile=192, overlap=16)), whole, rtol=0, atol=0)
 
