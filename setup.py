@@ -18,6 +18,9 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "cdiff" / "__init__.py")
 
 TORCH_WITH_VISION = ["torch==2.14.1", "torchvision==0.29.1"]
 CLIP = TORCH_WITH_VISION + ["open_clip_torch==3.3.0"]
+# LPIPS and FID with the libraries the paper used (cdiff.perceptual); both need torchvision and scipy.
+METRICS = TORCH_WITH_VISION + ["lpips==0.1.4", "pytorch-fid==0.3.0", "scipy>=1.10"]
+GEO = ["rasterio>=1.3"]  # GeoTIFF scenes in and out of `cdiff translate` (cdiff.geo)
 
 setup(
     name="cdiff",
@@ -25,10 +28,10 @@ setup(
     description="C-DiffSET SAR-to-EO translation on a plain-PyTorch Stable Diffusion 2.1 stack",
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # tomllib (the training configs); Python 3.10 reached its end of life in October 2026
     # kernels/ sits at the top of the repository (the design card's layout) and is shipped
     # inside the cdiff namespace: a top-level module named "kernels" belongs to another package.
-    packages=["cdiff", "cdiff.layouts", "cdiff.data", "cdiff.npde", "cdiff.kernels"],
+    packages=["cdiff", "cdiff.layouts", "cdiff.data", "cdiff.npde", "cdiff.train", "cdiff.kernels"],
     package_dir={"cdiff": "cdiff", "cdiff.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy>=1.24", "safetensors>=0.4", "pillow>=9"],
     extras_require={
@@ -36,7 +39,12 @@ setup(
         "clip": CLIP,
         "tiff": ["tifffile>=2023.1"],
         "triton": ["triton>=3.0"],
+        "metrics": METRICS,
+        "geo": GEO,
+        "train": ["tensorboard>=2.14"],  # optional: cdiff train also writes TensorBoard scalars
         "test": CLIP
+        + METRICS
+        + GEO
         + [
             "pytest>=8",
             "setuptools>=70.1",  # builds the wheel in tests/test_package.py without the `wheel` package

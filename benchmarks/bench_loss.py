@@ -10,9 +10,10 @@ CUDA events after warm-up), GPU kernel launches per step (torch.profiler), and b
 Byte model (stated once, used for every implementation): the minimum any implementation must
 move, i.e. read target, eps_hat (B*C*h*w each) and raw (B*h*w) once, write d eps_hat (B*C*h*w)
 and d raw (B*h*w) once: (3*B*C*h*w + 2*B*h*w) * element size. "model GB/s" = those bytes / time.
-The kernel's actual traffic adds its backward (one in-place scaling of both saved gradients:
-read + write, 2*(B*C*h*w + B*h*w) * element size); "actual GB/s" counts that too, and the
-bandwidth target is checked on it. alpha_bar, the loss scalar and the partial sums are negligible.
+The kernel's actual traffic adds a second read of the inputs (forward reads them for the loss,
+backward reads them again to write both gradients with the incoming gradient applied before
+rounding: (2*B*C*h*w + B*h*w) * element size); "actual GB/s" counts that too, and the bandwidth
+target is checked on it. alpha_bar, the loss scalar and the partial sums are negligible.
 
 Targets, checked on a GPU: kernel >= 3x faster than eager at the training sizes (64,4,32,32) and
 (16,4,64,64); kernel actual bandwidth >= 70% of the card's peak at (64,4,256,256). The exit status
@@ -71,7 +72,7 @@ def model_bytes(shape, element_size: int) -> int:
 def kernel_actual_bytes(shape, element_size: int) -> int:
     batch, channels, height, width = shape
     pixels = batch * height * width
-    return model_bytes(shape, element_size) + 2 * (pixels * channels + pixels) * element_size
+    return model_bytes(shape, element_size) + (2 * pixels * channels + pixels) * element_size
 
 
 def make_inputs(shape, dtype, device):

@@ -10,7 +10,7 @@ text, an empty file) is reported for what it is.
 Layouts recognised (``detect_layout``):
 
 - ``"native"``    cdiff's own file: one ``.safetensors`` with ``unet.*``, ``vae.*``,
-                  ``context`` and the configs in its metadata (see cdiff.convert).
+                  ``context`` and the configs in its metadata (see cdiff.native).
 - ``"original"``  Stability's single file: ``model.diffusion_model.*``,
                   ``first_stage_model.*``, ``cond_stage_model.model.*``.
 - ``"diffusers"`` a model folder with ``model_index.json`` or ``unet/`` and ``vae/``.
@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -389,7 +390,49 @@ def detect_layout(source: str | os.PathLike) -> str:
     return kind
 
 
-# --- writing ----------------------------------------------------------------------------
+# --- matching tensors to models ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """How a checkpoint's tensors met a model's parameters and buffers, by name and shape."""
+
+    loaded: tuple[str, ...]  # taken from the checkpoint
+    missing: tuple[str, ...]  # the model's, absent from the checkpoint: left as they were
+    unexpected: tuple[str, ...]  # the checkpoint's, absent from the model: ignored
+    mismatched: tuple[tuple[str, tuple, tuple], ...]  # (name, checkpoint shape, model shape): left as they were
+
+    @property
+    def exact(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        def first(names):
+            return f" (first: {', '.join(names[:5])})" if names else ""
+
+        shapes = [f"{k} {tuple(a)} in the checkpoint, {tuple(b)} in the model" for k, a, b in self.mismatched]
+        return (
+            f"{len(self.loaded)} tensors loaded; {len(self.missing)} missing, left at their initialisation"
+            f"{first(self.missing)}; {len(self.unexpected)} unexpected, ignored{first(self.unexpected)}; "
+            f"{len(self.mismatched)} of another shape, left at their initialisation{first(shapes)}"
+        )
+
+
+def compare_state_dicts(expected: dict, state: dict) -> LoadReport:
+    """Match ``state`` (a checkpoint's tensors) against ``expected`` (a model's state dict)."""
+    fits, mismatched = [], []
+    for key, value in state.items():
+        if key in expected:
+            if value.shape == expected[key].shape:
+                fits.append(key)
+            else:
+                mismatched.append((key, tuple(value.shape), tuple(expected[key].shape)))
+    return LoadReport(
+        loaded=tuple(fits),
+        missing=tuple(k for k in expected if k not in state),
+        unexpected=tuple(k for k in state if k not in expected),
+        mismatched=tuple(mismatched),
+    )
 
 
 def check_state_dict(expected: dict, state: dict, where, what: str) -> None:
@@ -398,19 +441,18 @@ def check_state_dict(expected: dict, state: dict, where, what: str) -> None:
     Lists the first missing and unexpected keys with their counts, or names the key whose
     shape differs with both shapes.
     """
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+    report = compare_state_dicts(expected, state)
+    missing, unexpected = list(report.missing), list(report.unexpected)
     if missing or unexpected:
         raise CheckpointError(
             f"{where}: {what} state does not match: {len(missing)} missing keys "
             f"(first: {missing[:5]}), {len(unexpected)} unexpected keys (first: {unexpected[:5]})"
         )
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise CheckpointError(
-                f"{where}: {key} has shape {tuple(value.shape)} in the checkpoint, "
-                f"{what} expects {tuple(expected[key].shape)}"
-            )
+    for key, stored, wanted in report.mismatched[:1]:
+        raise CheckpointError(f"{where}: {key} has shape {stored} in the checkpoint, {what} expects {wanted}")
+
+
+# --- writing ----------------------------------------------------------------------------
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

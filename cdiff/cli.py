@@ -4,6 +4,7 @@ only turns arguments into one call, so ``cdiff X --help`` and the Python API sta
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import cdiff
@@ -110,6 +111,207 @@ def _add_export(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _train_config(a, resume_dir=None):
+    """The run config of ``cdiff train`` / ``cache-latents`` arguments: --config (or the run's own
+    config.toml) with the shorthand flags and every --set applied; None to resume unchanged."""
+    from cdiff.train.config import load_config
+
+    sets = list(a.set or [])
+    for flag, key in (("prediction", "model.prediction"), ("loss", "model.loss"), ("skip_nonfinite", "train.skip_nonfinite")):
+        if getattr(a, flag, None) is not None:
+            sets.append(f"{key}={getattr(a, flag)}")
+    if resume_dir is not None and a.config is None:
+        if not sets:
+            return None
+        from pathlib import Path
+
+        return load_config(Path(resume_dir) / "config.toml", sets)
+    return load_config(a.config, sets)
+
+
+def _add_set_option(p) -> None:
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set optim.lr=1e-5 --set data.root=/data/qxs (repeatable)")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a C-DiffSET model, or train the S2O-NPDE baseline, on paired SAR-EO data (resumable)",
+        description="Fine-tune the U-Net with the C-Diff loss as the official release does, from any model "
+        "cdiff.load_pipeline reads (a native file from 'cdiff convert', or a release U-Net with --set "
+        "model.unet=FILE). The run directory receives config.toml, log.jsonl, validation grids in val/ and "
+        "checkpoints in checkpoints/step-N/ (model.safetensors is a native model file; 'latest' and 'best' "
+        "link to them). Configs: configs/*.toml; every key can be overridden with --set. Several GPUs: "
+        "torchrun --nproc-per-node N -m cdiff train ... (the global batch is train.batch_size x N x "
+        "train.accumulation). With model.kind = \"s2o_npde\" (configs/s2o_npde_sen12.toml) it trains the "
+        "S2O-NPDE GAN from scratch instead, with the paper's Adam and schedule, in one process; "
+        "model.tcd / model.pmd / model.pde_loss switch its components off (the paper's Table 2).",
+    )
+    p.add_argument("--config", metavar="TOML", help="the run config (e.g. configs/qxs.toml); with --resume, replaces the run's own")
+    p.add_argument("--run-dir", metavar="DIR", help="a new folder for the run's outputs")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint, exactly")
+    p.add_argument("--force", action="store_true", help="with --resume: accept a config that differs from the run's")
+    _add_set_option(p)
+    p.add_argument("--prediction", choices=("epsilon", "sample"), help="what the U-Net predicts (sets model.prediction)")
+    p.add_argument("--loss", choices=("cdiff", "mse"), help="the C-Diff loss, or plain L2 (sets model.loss)")
+    p.add_argument("--skip-nonfinite", type=int, metavar="N", help="skip up to N steps with a NaN/Inf loss (sets train.skip_nonfinite)")
+    p.add_argument("--stop-at", type=int, metavar="STEP", help="stop after STEP with a checkpoint (continue later with --resume)")
+
+    def run(a):
+        from cdiff.train import train
+
+        if (a.run_dir is None) == (a.resume is None):
+            raise ValueError("cdiff train: give either --run-dir DIR (a new run, with --config) or --resume RUN_DIR")
+        if a.force and a.resume is None:
+            raise ValueError("cdiff train: --force only applies to --resume")
+        config = _train_config(a, a.resume)
+        done = train(config, a.resume or a.run_dir, resume=a.resume is not None, force=a.force, stop_at=a.stop_at)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the run
+            print(f"cdiff train: step {done.step}; newest checkpoint {done.checkpoint}")
+
+    p.set_defaults(run=run)
+
+
+def _add_cache_latents(sub) -> None:
+    p = sub.add_parser(
+        "cache-latents",
+        help="encode a training set once with the frozen VAE, so 'cdiff train' reads latents instead of images",
+        description="Encode the training pairs of a run config (its [data] section, at its crop's centre window) "
+        "with its model's VAE into OUT_DIR: safetensors shards of scaled posterior means plus index.json. Train "
+        "from it with --set data.latents=OUT_DIR. With --dihedral all 8 flips/rotations are encoded, so random "
+        "flips and rotations stay exact; random crops are not kept. Prints how far a flipped latent is from "
+        "the latent of the flipped image.",
+    )
+    p.add_argument("out_dir", metavar="OUT_DIR", help="a new folder for the cache")
+    p.add_argument("--config", required=True, metavar="TOML", help="the run config whose data and model to use")
+    _add_set_option(p)
+    p.add_argument("--dihedral", action="store_true", help="also encode the 7 flips/rotations of each pair (8x the time and space)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs encoded at once (default: %(default)s)")
+    _add_overwrite(p, "replace a non-empty OUT_DIR once the new cache is complete")
+
+    def run(a):
+        import json
+
+        from cdiff.train.latents import cache_latents
+
+        out = cache_latents(_train_config(a), a.out_dir, dihedral_views=a.dihedral, batch_size=a.batch_size,
+                            overwrite=a.overwrite)
+        index = json.loads((out / "index.json").read_text())
+        errors = ", ".join(f"{k} {v:.1%}" for k, v in index["flip_error"].items())
+        print(f"cdiff cache-latents: {index['count']} pairs x {index['views']} view(s) -> {out}")
+        print(f"  transformed latent vs latent of the transformed image (relative RMS): {errors}")
+
+    p.set_defaults(run=run)
+
+
+def _add_translate(sub) -> None:
+    p = sub.add_parser(
+        "translate",
+        help="translate SAR images, folders or GeoTIFF scenes to EO images (and confidence maps)",
+        description="Translate every SAR image of INPUT (a file, or a folder searched recursively) with a "
+        "C-DiffSET model, keeping relative paths: OUT/<name>.png, or an RGB GeoTIFF with the source's CRS, "
+        "transform and nodata for TIFF input. Any size: sides are padded to multiples of 64, and images "
+        "larger than --tile go through overlapping tiles. A rerun skips finished images. Under torchrun "
+        "(torchrun --nproc-per-node N -m cdiff translate ...) the images are shared among the ranks. "
+        "Each image's noise comes from --seed and its name, so reruns and sharded runs reproduce it. "
+        "An S2O-NPDE model translates in one generator pass: no steps, no noise, no confidence map, so "
+        "--steps, --eta, --sampler, --seed, --prompt and --conf-dir are refused for it.",
+    )
+    p.add_argument("--model", required=True, metavar="M", help="a C-DiffSET model (a cdiff native file from 'cdiff "
+                   "convert'), an S2O-NPDE model file, or a 'cdiff train' run directory (its best checkpoint, else "
+                   "its newest)")
+    p.add_argument("--input", required=True, metavar="SAR", help="a SAR image file or a folder of them")
+    p.add_argument("--output", required=True, metavar="OUT_DIR", help="folder for the EO images")
+    p.add_argument("--conf-dir", metavar="DIR", help="also save confidence maps here: <name>.png (grey, as the "
+                   "release) and <name>_colour.png")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (default: %(default)s, the release's)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta; 0 is deterministic (default: %(default)s)")
+    p.add_argument("--sampler", choices=("ddim", "dpmpp_2m"), default="ddim",
+                   help="ddim (the release's) or dpmpp_2m (DPM-Solver++(2M), for 10-20 steps) (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; each image's seed also depends on its name "
+                   "(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=1, help="same-sized images per batch (default: %(default)s)")
+    p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="the U-Net's dtype, the VAE stays fp32 (S2O-NPDE: the generator's) (default: %(default)s)")
+    p.add_argument("--prompt", help="the prompt to encode (default: the one stored in the model)")
+    p.add_argument("--tile", type=int, default=1024, help="tile side in pixels, a multiple of 64; larger images "
+                   "are translated in overlapping tiles; 0 never tiles (default: %(default)s)")
+    p.add_argument("--tile-overlap", type=int, default=256, help="overlap of neighbouring tiles in pixels, a "
+                   "multiple of 8 (default: %(default)s)")
+    p.add_argument("--tile-batch", type=int, default=4, help="tiles per network call (default: %(default)s)")
+    p.add_argument("--skip-bad", action="store_true", help="log and count unreadable inputs instead of stopping")
+    _add_overwrite(p, "translate again images whose outputs exist (default: skip them)")
+    p.add_argument("--target", metavar="DIR", help="true EO images of the same names: evaluate the outputs "
+                   "(see 'cdiff evaluate')")
+    _add_metric_options(p)
+
+    def run(a):
+        from cdiff.evaluate import parse_metrics
+        from cdiff.tiling import Tiling
+        from cdiff.translate import Sampling, run_translate
+
+        tiling = Tiling(a.tile, a.tile_overlap, a.tile_batch) if a.tile else None
+        sampling = Sampling(a.steps, a.eta, a.seed, a.batch_size, tiling, a.sampler)
+        evaluation = None
+        if a.target:
+            evaluation = dict(target=a.target, report_dir=a.report_dir, metrics=parse_metrics(a.metrics),
+                              paper_scaling=a.paper_scaling, lpips_vgg=a.lpips_vgg, fid_weights=a.fid_weights,
+                              skip_bad=a.skip_bad)
+        run_translate(a.model, a.input, a.output, conf_dir=a.conf_dir, sampling=sampling, device=a.device,
+                      dtype=a.dtype, prompt=a.prompt, skip_bad=a.skip_bad, overwrite=a.overwrite, evaluation=evaluation)
+
+    p.set_defaults(run=run)
+
+
+def _add_metric_options(p) -> None:
+    """Options shared by `evaluate` and `translate --target`."""
+    from cdiff.evaluate import METRICS
+
+    p.add_argument("--metrics", default=",".join(METRICS),
+                   help="comma-separated metrics to compute (default: %(default)s); LPIPS and FID need the "
+                   "metrics extra and local network weights")
+    p.add_argument("--paper-scaling", action="store_true",
+                   help="score PSNR/SSIM/SCC/LPIPS on (x + 0.5).clamp(0, 1) as the release did for its published "
+                   "tables, instead of the correct (x + 1) / 2; the report says which was used")
+    p.add_argument("--lpips-vgg", metavar="FILE", help="torchvision's vgg16-397923af.pth for LPIPS "
+                   "(default: $CDIFF_LPIPS_VGG, then torch's hub cache)")
+    p.add_argument("--fid-weights", metavar="FILE", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+                   "(default: $CDIFF_FID_INCEPTION, then torch's hub cache)")
+    p.add_argument("--report-dir", metavar="DIR", help="where evaluation.json and evaluation.md go "
+                   "(default: the prediction folder)")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score translated images against targets: PSNR, SSIM, SCC, LPIPS, FID as the paper reports them",
+        description="Match the images of PRED and TARGET by name (relative path without suffix), compute "
+        "PSNR, SSIM, SCC and LPIPS per image and average them, compute FID over the two sets (pytorch-fid, "
+        "2048-d features), print a table and write evaluation.json and evaluation.md.",
+    )
+    p.add_argument("--pred", required=True, metavar="DIR", help="folder of translated (predicted) EO images")
+    p.add_argument("--target", required=True, metavar="DIR", help="folder of the true EO images, same names")
+    _add_metric_options(p)
+    p.add_argument("--device", help="torch device for LPIPS and FID (default: cuda if available, else cpu)")
+    p.add_argument("--skip-bad", action="store_true", help="log and count unreadable or mismatched pairs instead of stopping")
+
+    def run(a):
+        from cdiff.evaluate import run_evaluate
+
+        run_evaluate(a.pred, a.target, metrics=a.metrics, paper_scaling=a.paper_scaling, report_dir=a.report_dir,
+                     device=_device(a.device), lpips_vgg=a.lpips_vgg, fid_weights=a.fid_weights, skip_bad=a.skip_bad)
+
+    p.set_defaults(run=run)
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _add_overwrite(p, what: str) -> None:
     # Outputs are checked before the work starts (cdiff.files.check_output); this is the one
     # way to write over something that exists.
@@ -128,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_convert(sub)
     _add_export(sub)
+    _add_translate(sub)
+    _add_evaluate(sub)
+    _add_train(sub)
+    _add_cache_latents(sub)
     return parser
 
 

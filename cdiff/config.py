@@ -1,7 +1,8 @@
 """Architecture configs: every architectural number of the stack lives here.
 
 Each config is a frozen dataclass with named presets. ``sd21`` is Stable Diffusion 2.1
-base exactly; ``tiny`` keeps the same structure at a few MB, for tests and the demo.
+exactly (base and 768 share one architecture, as does SD 2.0); ``tiny`` keeps the same
+structure at a few MB, for tests and the demo.
 The C-DiffSET U-Net is ``replace(UNetConfig.sd21(), in_channels=8, out_channels=5)``
 (see ``UNetConfig.cdiffset``).
 """
@@ -18,16 +19,28 @@ def _check_groups(name: str, channels: tuple[int, ...], groups: int) -> None:
             raise ValueError(f"{name}: {c} channels do not split into {groups} GroupNorm groups")
 
 
+def _per_level(config, name: str) -> tuple[int, ...]:
+    value = getattr(config, name)
+    return value if isinstance(value, tuple) else (value,) * len(config.channel_mult)
+
+
 @dataclass(frozen=True)
 class UNetConfig:
+    """Every number of an SD 2.x-style U-Net (linear projections in its spatial transformers).
+
+    ``num_res_blocks``, ``head_dim`` and ``transformer_depth`` are one number for every level,
+    or a tuple with one per level (a tuple whose entries agree is stored as that one number,
+    so equal configs mean equal models). The mid block takes the last level's head size and depth.
+    """
+
     in_channels: int = 4  # 8 for C-DiffSET: [SAR latent | noisy EO latent]
     out_channels: int = 4  # 5 for C-DiffSET: 4 noise + 1 raw variance
     model_channels: int = 320  # channels of the first level; the time MLP is 4x this wide
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # per level; one 2x downsample between levels
-    num_res_blocks: int = 2  # res blocks per level on the way down (the way up has one more)
+    num_res_blocks: int | tuple[int, ...] = 2  # res blocks per level on the way down (the way up has one more)
     attention_levels: tuple[bool, ...] = (True, True, True, False)  # spatial transformer per level
-    head_dim: int = 64  # attention head size; heads = channels // head_dim
-    transformer_depth: int = 1  # transformer blocks per spatial transformer
+    head_dim: int | tuple[int, ...] = 64  # attention head size; heads = channels // head_dim
+    transformer_depth: int | tuple[int, ...] = 1  # transformer blocks per spatial transformer
     context_dim: int = 1024  # width of the text context (OpenCLIP ViT-H/14)
     norm_groups: int = 32
     norm_eps: float = 1e-5  # res blocks and the output norm
@@ -35,21 +48,50 @@ class UNetConfig:
     layer_norm_eps: float = 1e-5  # the LayerNorms inside transformer blocks
     ff_mult: int = 4  # GEGLU hidden width = ff_mult x channels
     timestep_max_period: float = 10_000.0  # longest period of the sinusoidal timestep embedding
-    upcast_attention: bool = False  # SD 2.1 768 (v) upcasts attention scores to fp32
 
     def __post_init__(self):
-        if len(self.channel_mult) != len(self.attention_levels):
+        levels = len(self.channel_mult)
+        if levels < 1:
+            raise ValueError("UNetConfig: channel_mult needs at least one level")
+        if len(self.attention_levels) != levels:
             raise ValueError("UNetConfig: channel_mult and attention_levels need one entry per level")
         if self.in_channels < 1 or self.out_channels < 1:
             raise ValueError("UNetConfig: in_channels and out_channels must be positive")
-        for c in self.level_channels:
-            if c % self.head_dim:
-                raise ValueError(f"UNetConfig: {c} channels do not split into heads of {self.head_dim}")
+        for name in ("num_res_blocks", "head_dim", "transformer_depth"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                value = tuple(value)
+            if isinstance(value, tuple):
+                if len(value) != levels:
+                    raise ValueError(f"UNetConfig: {name} needs one entry per level ({levels}), got {value}")
+                if len(set(value)) == 1:
+                    value = value[0]
+                object.__setattr__(self, name, value)
+            if min(_per_level(self, name)) < 1:
+                raise ValueError(f"UNetConfig: {name} must be positive, got {value}")
+        # The mid block attends at the last level's width, whatever attention_levels says of it.
+        attended = [i for i, a in enumerate(self.attention_levels) if a] + [levels - 1]
+        for i in attended:
+            c, d = self.level_channels[i], self.level_head_dims[i]
+            if c % d:
+                raise ValueError(f"UNetConfig: level {i}'s {c} channels do not split into heads of {d}")
         _check_groups("UNetConfig", self.level_channels, self.norm_groups)
 
     @property
     def level_channels(self) -> tuple[int, ...]:
         return tuple(self.model_channels * m for m in self.channel_mult)
+
+    @property
+    def level_res_blocks(self) -> tuple[int, ...]:
+        return _per_level(self, "num_res_blocks")
+
+    @property
+    def level_head_dims(self) -> tuple[int, ...]:
+        return _per_level(self, "head_dim")
+
+    @property
+    def level_transformer_depths(self) -> tuple[int, ...]:
+        return _per_level(self, "transformer_depth")
 
     @property
     def time_embed_dim(self) -> int:
@@ -62,6 +104,7 @@ class UNetConfig:
 
     @classmethod
     def sd21(cls) -> "UNetConfig":
+        """SD 2.1 (base and 768), and SD 2.0: one architecture."""
         return cls()
 
     @classmethod
@@ -105,13 +148,22 @@ def config_to_json(config) -> str:
     return json.dumps({"type": type(config).__name__, **asdict(config)}, sort_keys=True)
 
 
+# Fields that older native files may hold and that no longer describe anything: cdiff's
+# attention always accumulates in fp32, so "upcast_attention" changed nothing (see cdiff.attention).
+_RETIRED_FIELDS = {"UNetConfig": ("upcast_attention",)}
+
+
 def config_from_json(text: str):
     """Inverse of ``config_to_json``; lists come back as the tuples the dataclasses use."""
+    from cdiff.npde.config import NPDEConfig  # here: cdiff.npde imports this module
+
     data = json.loads(text)
-    kinds = {"UNetConfig": UNetConfig, "VAEConfig": VAEConfig}
+    kinds = {"UNetConfig": UNetConfig, "VAEConfig": VAEConfig, "NPDEConfig": NPDEConfig}
     kind = kinds.get(data.pop("type", None))
     if kind is None:
         raise ValueError(f"unknown config type in {text[:80]!r}")
+    for name in _RETIRED_FIELDS.get(kind.__name__, ()):
+        data.pop(name, None)
     names = {f.name for f in fields(kind)}
     unknown = sorted(set(data) - names)
     if unknown:

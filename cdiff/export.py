@@ -2,7 +2,7 @@
 the official C-DiffSET release's U-Net file, so a model can be taken into other tools.
 
 Every exporter checks its output path first (cdiff.files.check_output: never the source,
-never an existing output unless ``overwrite``), reads its source through cdiff.convert (any
+never an existing output unless ``overwrite``), reads its source through cdiff.read (any
 layout cdiff reads) and writes atomically. The prompt embedding travels beside the weights:
 ``cdiff_context.safetensors`` in a diffusers folder, the key ``cdiff.context`` in an
 original single file.
@@ -21,18 +21,12 @@ from pathlib import Path
 import torch
 
 from cdiff.checkpoint import atomic_path, detect_layout, save_safetensors
-from cdiff.config import UNetConfig, VAEConfig
 from cdiff.files import check_output
-from cdiff.convert import (
-    CONTEXT_KEY,
-    DIFFUSERS_CONTEXT_FILE,
-    ORIGINAL_CONTEXT_KEY,
-    read_context,
-    read_unet,
-    read_vae,
-)
 from cdiff.layouts import diffusers as diffusers_layout
 from cdiff.layouts import original as original_layout
+from cdiff.layouts.diffusers_config import diffusers_unet_config, diffusers_vae_config
+from cdiff.native import CONTEXT_KEY
+from cdiff.read import read_context, read_unet, read_vae
 
 # SD 2.1 base's noise schedule, written into exported diffusers folders (DDIM, as C-DiffSET samples).
 SCHEDULER_CONFIG = {
@@ -47,55 +41,6 @@ SCHEDULER_CONFIG = {
     "prediction_type": "epsilon",
     "timestep_spacing": "leading",
 }
-
-
-def diffusers_unet_config(config: UNetConfig) -> dict:
-    """The diffusers UNet2DConditionModel config.json of ``config``."""
-    return {
-        "_class_name": "UNet2DConditionModel",
-        "act_fn": "silu",
-        # diffusers' "attention_head_dim" is the number of heads per level (a historical name).
-        "attention_head_dim": [c // config.head_dim for c in config.level_channels],
-        "block_out_channels": list(config.level_channels),
-        "center_input_sample": False,
-        "cross_attention_dim": config.context_dim,
-        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels],
-        "downsample_padding": 1,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "in_channels": config.in_channels,
-        "layers_per_block": config.num_res_blocks,
-        "mid_block_scale_factor": 1,
-        "norm_eps": config.norm_eps,
-        "norm_num_groups": config.norm_groups,
-        "out_channels": config.out_channels,
-        "sample_size": 64,
-        "transformer_layers_per_block": config.transformer_depth,
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention_levels)],
-        "upcast_attention": config.upcast_attention,
-        "use_linear_projection": True,
-    }
-
-
-def diffusers_vae_config(config: VAEConfig) -> dict:
-    """The diffusers AutoencoderKL config.json of ``config`` (its GroupNorm eps is fixed at 1e-6)."""
-    if config.norm_eps != 1e-6:
-        raise ValueError(f"VAEConfig.norm_eps={config.norm_eps}: diffusers' AutoencoderKL fixes it at 1e-6")
-    levels = len(config.block_channels)
-    return {
-        "_class_name": "AutoencoderKL",
-        "act_fn": "silu",
-        "block_out_channels": list(config.block_channels),
-        "down_block_types": ["DownEncoderBlock2D"] * levels,
-        "in_channels": config.image_channels,
-        "latent_channels": config.latent_channels,
-        "layers_per_block": config.layers_per_block,
-        "norm_num_groups": config.norm_groups,
-        "out_channels": config.image_channels,
-        "sample_size": 512,
-        "scaling_factor": config.scaling_factor,
-        "up_block_types": ["UpDecoderBlock2D"] * levels,
-    }
 
 
 def _context_metadata(source) -> tuple[torch.Tensor, dict] | None:
@@ -134,7 +79,7 @@ def export_diffusers(source, out, overwrite: bool = False) -> Path:
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         if stored is not None:
-            save_safetensors({CONTEXT_KEY: stored[0]}, tmp / DIFFUSERS_CONTEXT_FILE, stored[1])
+            save_safetensors({CONTEXT_KEY: stored[0]}, tmp / diffusers_layout.CONTEXT_FILE, stored[1])
     return out
 
 
@@ -147,17 +92,14 @@ def export_original(source, out, overwrite: bool = False) -> Path:
     vae_state, vae_config, _ = read_vae(source)
     unet_state = diffusers_layout.UNET.rename(unet_state, to="foreign")
     vae_state = diffusers_layout.VAE.rename(vae_state, to="foreign")
-    tensors = {
-        original_layout.UNET_PREFIX + k: v
-        for k, v in original_layout.unet_table(unet_config).rename(unet_state, to="foreign").items()
-    }
-    tensors.update(
-        {original_layout.VAE_PREFIX + k: v for k, v in original_layout.vae_to_original(vae_state, vae_config).items()}
-    )
+    table = original_layout.unet_table(unet_config.level_res_blocks, unet_config.attention_levels)
+    tensors = {original_layout.UNET_PREFIX + k: v for k, v in table.rename(unet_state, to="foreign").items()}
+    vae_state = original_layout.vae_to_original(vae_state, len(vae_config.block_channels))
+    tensors.update({original_layout.VAE_PREFIX + k: v for k, v in vae_state.items()})
     stored = _context_metadata(source)
     metadata = None
     if stored is not None:
-        tensors[ORIGINAL_CONTEXT_KEY] = stored[0]
+        tensors[original_layout.CONTEXT_KEY] = stored[0]
         metadata = stored[1]
     save_safetensors(tensors, out, metadata)
     return Path(out)

@@ -2,6 +2,10 @@
 
 CDIFF_ATTENTION   "sdpa" (default) or "math": the attention backend (see cdiff.attention).
 CDIFF_LOSS        "auto" (default), "triton" or "torch": the C-Diff loss backend (see cdiff.loss).
+
+Paths to pretrained networks cdiff cannot download (see cdiff.perceptual); unset by default:
+CDIFF_LPIPS_VGG       torchvision's ImageNet VGG16, vgg16-397923af.pth (the LPIPS trunk).
+CDIFF_FID_INCEPTION   pytorch-fid's Inception, pt_inception-2015-12-05-6726825d.pth (FID).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ _CHOICES = {
     "CDIFF_ATTENTION": ("sdpa", "math"),
     "CDIFF_LOSS": ("auto", "triton", "torch"),
 }
+_PATHS = ("CDIFF_LPIPS_VGG", "CDIFF_FID_INCEPTION")
 
 
 def get(name: str) -> str:
@@ -21,3 +26,11 @@ def get(name: str) -> str:
     if value not in choices:
         raise ValueError(f"environment variable {name}={value!r}: expected one of {choices}")
     return value
+
+
+def get_path(name: str) -> str | None:
+    """The file path held by switch ``name``, or None when it is unset or empty."""
+    if name not in _PATHS:
+        raise KeyError(f"{name} is not a path switch; known: {_PATHS}")
+    value = os.environ.get(name, "").strip()
+    return value or None

@@ -80,6 +80,14 @@ def _check_inputs(target, eps_hat, raw, alpha_bar, beta, reduction) -> None:
     devices = {t.device for t in tensors.values()}
     if len(devices) != 1:
         raise ValueError(f"confidence_nll: all inputs must be on one device, got {sorted(map(str, devices))}")
+    # The values too (one host sync on a GPU): timesteps passed where alpha_bar belongs give a
+    # loss of 2e9 or NaN instead of an error.
+    outside = ~((alpha_bar > 0) & (alpha_bar <= 1))  # NaN counts as outside
+    if outside.any():
+        raise ValueError(
+            "confidence_nll: alpha_bar must lie in (0, 1] (the cumulative alpha of each sample's timestep, "
+            f"DDPM.alpha_bar(t), not t itself), got {alpha_bar[outside][:4].tolist()}"
+        )
     if isinstance(beta, str):
         if beta != BETA_SQRT_ALPHA_BAR:
             raise ValueError(f"confidence_nll: beta must be {BETA_SQRT_ALPHA_BAR!r} or a float, got {beta!r}")
@@ -154,7 +162,8 @@ def confidence_nll(
         eps_hat: (B, C, h, w) the U-Net's prediction (its first C output channels).
         raw: (B, 1, h, w) the raw variance (the U-Net's last output channel); the variance is
             ``variance_from_raw(raw)``, broadcast over the C channels.
-        alpha_bar: (B,) cumulative alpha of each sample's timestep (no gradient).
+        alpha_bar: (B,) cumulative alpha of each sample's timestep, in (0, 1] (no gradient;
+            checked, which costs one host sync on a GPU).
         beta: "sqrt_alpha_bar" (default, the release: beta = sqrt(alpha_bar) per sample) or a
             constant float >= 0 (0: plain Gaussian NLL; 1: the paper's text).
         reduction: "mean" (a scalar, the mean over all B*C*h*w elements) or "none" (the

@@ -12,7 +12,8 @@ StructuralSimilarityIndexMeasure and SpatialCorrelationCoefficient with their de
 Images in [-1, 1] are mapped to [0, 1] by ``to_unit``: ``(x + 1) / 2`` by default, or, with
 ``paper_scaling=True``, the release's ``(x + 0.5).clamp(0, 1)`` that its published numbers were
 computed with (it clips the darkest quarter of the range and shifts the rest).
-LPIPS and FID need pretrained networks and live in ``cdiff.perceptual`` (optional extra).
+LPIPS and FID need pretrained networks and live in ``cdiff.perceptual`` (optional extra); the
+Fréchet distance between two Gaussians that FID reports is here, in plain PyTorch.
 """
 
 from __future__ import annotations
@@ -130,3 +131,45 @@ def scc(pred: torch.Tensor, target: torch.Tensor, window: int = SCC_WINDOW) -> t
 def image_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """{"psnr", "ssim", "scc"}: each (B,) for images in [0, 1] of shape (B, C, H, W)."""
     return {"psnr": psnr(pred, target), "ssim": ssim(pred, target), "scc": scc(pred, target)}
+
+
+def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (D,) and unbiased covariance (D, D) of ``features`` (N, D), in float64, N >= 2.
+
+    The covariance divides by N - 1, as ``numpy.cov`` in pytorch-fid does.
+    """
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"feature_statistics: need (N, D) features with N >= 2, got shape {tuple(features.shape)}")
+    x = features.double()
+    mean = x.mean(0)
+    centred = x - mean
+    return mean, centred.T @ centred / (x.shape[0] - 1)
+
+
+def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of a symmetric positive semi-definite matrix (negative
+    eigenvalues from rounding are clipped to 0)."""
+    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+
+
+def frechet_distance(mean_a: torch.Tensor, cov_a: torch.Tensor, mean_b: torch.Tensor, cov_b: torch.Tensor) -> float:
+    """The squared Fréchet (2-Wasserstein) distance between N(mean_a, cov_a) and N(mean_b, cov_b):
+
+        |mean_a - mean_b|^2 + tr(cov_a) + tr(cov_b) - 2 tr((cov_a cov_b)^(1/2)).
+
+    cov_a cov_b has the same eigenvalues as the symmetric PSD matrix S cov_b S with
+    S = cov_a^(1/2), so the trace of its square root is the sum of the square roots of
+    that matrix's eigenvalues: no non-symmetric matrix square root (and no imaginary
+    rounding residue, which pytorch-fid strips with scipy) is needed. Computed in float64.
+    """
+    if mean_a.shape != mean_b.shape or cov_a.shape != cov_b.shape or cov_a.shape != (mean_a.numel(),) * 2:
+        raise ValueError(
+            f"frechet_distance: means {tuple(mean_a.shape)}, {tuple(mean_b.shape)} and covariances "
+            f"{tuple(cov_a.shape)}, {tuple(cov_b.shape)} do not describe two Gaussians of one dimension"
+        )
+    mean_a, mean_b, cov_a, cov_b = (t.double() for t in (mean_a, mean_b, cov_a, cov_b))
+    root_a = _psd_sqrt(cov_a)
+    middle = root_a @ cov_b @ root_a
+    cross = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    return float((mean_a - mean_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross)

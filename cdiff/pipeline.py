@@ -2,26 +2,68 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from cdiff import tiling as tiles
 from cdiff.loss import confidence_from_raw
-from cdiff.schedulers import DDIM, DDPM
+from cdiff.samplers import make_sampler
+from cdiff.schedulers import DDPM
+from cdiff.tiling import Tiling
+from cdiff.vae import _check_4d
 
 DEFAULT_PROMPT = "electro-optical image"
 
 
 @dataclass
 class Translation:
-    eo: torch.Tensor  # (B, 3, H, W) in [-1, 1]
-    confidence: torch.Tensor | None  # (B, 1, H/8, W/8) = 1 / variance at the midpoint step; None for a 4-out U-Net
+    eo: torch.Tensor  # (B, 3, H, W) in [-1, 1], in the VAE's dtype
+    # (B, 1, H/8, W/8) fp32 = 1 / variance at the first step with t <= T/2 (confidence_step); None for a 4-out U-Net
+    confidence: torch.Tensor | None
+
+
+def confidence_step(timesteps: list[int], num_train_timesteps: int) -> int:
+    """The step whose predicted variance becomes the confidence map: the first with t <= T/2.
+
+    The release saves the map of step ``steps // 2`` of its 50-step DDIM run, t = 481, which
+    is the first step at or below T/2 = 500. Choosing by timestep keeps that meaning at any
+    step count and sampler (step ``steps // 2`` of a 6-step run would read t = 333).
+    """
+    half = num_train_timesteps / 2
+    return next((i for i, t in enumerate(timesteps) if t <= half), len(timesteps) - 1)
+
+
+def _nonfinite_samples(x: torch.Tensor) -> list[int]:
+    return (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
+
+
+class SampleAsNoise(nn.Module):
+    """A U-Net trained with prediction = "sample", seen as a noise predictor, so DDIM (and
+    cdiff.Pipeline) can sample with it: eps = (x_t - sqrt(a_t) x0_hat) / sqrt(1 - a_t)."""
+
+    def __init__(self, unet: nn.Module, process: DDPM):
+        super().__init__()
+        self.unet, self.config, self.process = unet, unet.config, process
+
+    def forward(self, sample: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
+        out = self.unet(sample, t, context)  # (B, C + 1, h, w): x0_hat and the raw variance
+        channels = self.config.in_channels // 2
+        t = torch.as_tensor(t, device=sample.device).reshape(-1)  # (1,) or (B,): no host sync
+        alpha = self.process.alpha_bar(t).view(-1, 1, 1, 1)
+        noisy = sample[:, channels:].float()  # (B, C, h, w): x_t
+        eps = (noisy - alpha.sqrt() * out[:, :channels].float()) / (1 - alpha).sqrt()
+        return torch.cat([eps.to(out.dtype), out[:, channels:]], dim=1)
 
 
 class Pipeline:
     """The U-Net, the VAE and the fixed prompt embedding of a C-DiffSET model.
 
     context: (L, context_dim) prompt embedding (the release's unpadded prompt has L of about 6).
+    Each module keeps its own device and dtype (e.g. an fp32 VAE beside a bf16 U-Net); inputs
+    are moved to each module's as they reach it.
     """
 
     def __init__(self, unet, vae, context: torch.Tensor, prompt: str = DEFAULT_PROMPT, process: DDPM | None = None):
@@ -36,8 +78,15 @@ class Pipeline:
             )
         self.unet, self.vae, self.context, self.prompt = unet, vae, context, prompt
         self.process = process or DDPM()
+        self._warned_range = False
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's 8 times the U-Net's 8 = 64 for SD 2.1."""
+        return self.vae.config.downsample_factor * self.unet.config.downsample_factor
 
     def to(self, device=None, dtype=None) -> "Pipeline":
+        """Move every module (and the prompt embedding) to one device and dtype."""
         self.unet.to(device=device, dtype=dtype)
         self.vae.to(device=device, dtype=dtype)
         self.context = self.context.to(device=device, dtype=dtype)
@@ -50,33 +99,132 @@ class Pipeline:
         steps: int = 50,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        sampler: str = "ddim",
         show_progress: bool = False,
+        tiling: Tiling | None = None,
     ) -> Translation:
-        """Translate SAR images (B, 3, H, W) in [-1, 1] (H, W multiples of 8) into EO images.
+        """Translate SAR images into EO images and confidence maps.
 
-        DDIM from pure noise, conditioned on the SAR latent (the VAE posterior mean). The
-        confidence map is the one the U-Net predicts at the midpoint step (t near T/2), as
-        the release saves it.
+        Args:
+            sar: (B, 3, H, W) float, in [-1, 1], H and W multiples of 64 (``size_multiple``).
+                Single-pol SAR: repeat the channel, ``sar.repeat(1, 3, 1, 1)``.
+            steps: sampler steps (model calls); 50 with DDIM is the release's setting.
+            eta: DDIM's noise (0: deterministic; in [0, 1]); DDIM only.
+            generator: draws the starting noise (on its device, so one seed gives the same
+                noise on CPU and GPU) and, with eta > 0, DDIM's fresh noise.
+            latents: (B, 4, H/8, W/8) the starting noise instead of drawing it; the noise drawn
+                from a seed, passed here, reproduces that seeded run exactly.
+            sampler: "ddim" (default) or "dpmpp_2m" (DPM-Solver++(2M), second order, meant for
+                10-20 steps; its quality against DDIM-50 is not measured yet).
+            show_progress: a progress bar over the steps on stderr.
+            tiling: images larger than ``tiling.tile`` go through overlapping tiles, with peak
+                memory set by the tile size: each step blends the U-Net's predictions of all
+                tiles (MultiDiffusion), and the VAE runs tile by tile (cdiff.tiling). None: whole.
+
+        Returns:
+            Translation(eo, confidence): eo (B, 3, H, W) in [-1, 1] in the VAE's dtype; the
+            confidence 1 / variance (B, 1, H/8, W/8) fp32 that the U-Net predicts at the first
+            step with t <= T/2 (``confidence_step``), or None for a 4-out U-Net.
+
+        Raises ValueError for non-float input, sides that are not multiples of 64, and NaN or Inf
+        in the input or in any module's output (naming the step). Values outside [-1, 1], or
+        all within [0, 1], warn once per pipeline.
         """
-        param = next(self.unet.parameters())
-        sar = sar.to(device=param.device, dtype=param.dtype)
-        sar_latent = self.vae.encode_latent(sar)  # (B, 4, h, w), scaled
-        context = self.context.to(param.dtype).expand(sar.shape[0], -1, -1)  # (B, L, context_dim)
-        ddim = DDIM(self.process, num_steps=steps, eta=eta)
-        midpoint = ddim.timesteps[len(ddim.timesteps) // 2]
-        latent_channels = sar_latent.shape[1]
-        captured = {}
+        self._check_sar(sar)
+        chosen = make_sampler(sampler, self.process, steps, eta)  # checks steps, eta, sampler first
+        unet_param, vae_param = next(self.unet.parameters()), next(self.vae.parameters())
+        device, dtype = unet_param.device, unet_param.dtype
 
-        def predict_noise(eo_latent: torch.Tensor, t: int) -> torch.Tensor:
-            output = self.unet(torch.cat([sar_latent, eo_latent], dim=1), t, context)
-            if t == midpoint and output.shape[1] > latent_channels:
+        sar_latent = tiles.encode(self.vae, sar.to(vae_param.device, vae_param.dtype), tiling)  # (B, 4, h, w), scaled
+        sar_latent = sar_latent.to(device, dtype)
+        context = self.context.to(device, dtype).expand(sar.shape[0], -1, -1)  # (B, L, context_dim)
+        noise = self._starting_noise(sar_latent.shape, latents, generator, device)  # fp32
+
+        capture = confidence_step(chosen.timesteps, self.process.num_train_timesteps)
+        latent_channels = sar_latent.shape[1]
+        # Device-side bookkeeping only (no host sync per step): which steps gave NaN/Inf, and the
+        # raw variance of the capture step. Each sampler calls the model once per step, in order.
+        nonfinite = torch.zeros(steps, dtype=torch.bool, device=device)
+        captured, calls = {}, [0]
+
+        def predict(eo_latent: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            step = calls[0]
+            calls[0] += 1
+            unet_input = torch.cat([sar_latent, eo_latent.to(dtype)], dim=1)  # (B, 8, h, w)
+            # One U-Net call, or one per batch of tiles, blended (B, 4 [+1], h, w).
+            output = tiles.denoise(lambda x: self.unet(x, t, context[:1].expand(len(x), -1, -1)), unet_input,
+                                   tiling, scale=self.vae.config.downsample_factor)
+            nonfinite[step] = ~torch.isfinite(output).all()
+            if step == capture and output.shape[1] > latent_channels:
                 captured["raw"] = output[:, latent_channels:]
             return output[:, :latent_channels]
 
-        # Draw on the generator's device so a seed gives the same image on CPU and GPU.
-        noise_device = generator.device if generator is not None else sar.device
-        noise = torch.randn(sar_latent.shape, generator=generator, device=noise_device).to(sar.device, sar.dtype)
-        eo_latent = ddim.sample(predict_noise, noise, generator=generator, show_progress=show_progress)
-        eo = self.vae.decode_latent(eo_latent).clamp(-1, 1)
+        eo_latent = chosen.sample(predict, noise, generator=generator, show_progress=show_progress)
+        eo = tiles.decode(self.vae, eo_latent.to(vae_param.device, vae_param.dtype), tiling)  # (B, 3, H, W)
+        self._check_finite(sar_latent, nonfinite, eo, chosen.timesteps)
         confidence = confidence_from_raw(captured["raw"].float()) if "raw" in captured else None
-        return Translation(eo=eo, confidence=confidence)
+        return Translation(eo=eo.clamp(-1, 1), confidence=confidence)
+
+    def _check_sar(self, sar) -> None:
+        if not isinstance(sar, torch.Tensor):
+            raise ValueError(f"sar must be a torch.Tensor, got {type(sar).__name__}")
+        if not sar.is_floating_point():
+            hint = " (uint8 0..255: sar.float() / 127.5 - 1)" if sar.dtype == torch.uint8 else ""
+            raise ValueError(f"sar must be a float tensor scaled to [-1, 1], got {sar.dtype}{hint}")
+        _check_4d(sar, "sar", self.vae.config.image_channels, "SAR images")
+        if sar.shape[0] == 0:
+            raise ValueError("sar holds no images (batch size 0)")
+        multiple = self.size_multiple
+        if sar.shape[2] % multiple or sar.shape[3] % multiple:
+            raise ValueError(
+                f"sar: height and width must be multiples of {multiple} (the VAE divides by "
+                f"{self.vae.config.downsample_factor}, the U-Net by {self.unet.config.downsample_factor} more), "
+                f"got {sar.shape[2]}x{sar.shape[3]}; pad or crop it"
+            )
+        finite, low, high = torch.stack([torch.isfinite(sar).all().to(sar.dtype), sar.min(), sar.max()]).tolist()
+        if not finite:
+            raise ValueError(f"sar contains NaN or Inf (samples {_nonfinite_samples(sar)})")
+        if not self._warned_range and (low < -1 or high > 1 or low >= 0):
+            self._warned_range = True
+            warnings.warn(
+                f"sar values lie in [{low:.3g}, {high:.3g}]; translate expects SAR scaled to [-1, 1] "
+                "(from 0..255: x / 127.5 - 1; from [0, 1]: 2 x - 1). Warned once per pipeline.",
+                stacklevel=4,  # the caller of translate (through torch.no_grad's wrapper)
+            )
+
+    def _starting_noise(self, shape, latents, generator, device) -> torch.Tensor:
+        if latents is None:
+            # Drawn on the generator's device, so a seed gives the same image on CPU and GPU.
+            noise_device = generator.device if generator is not None else device
+            return torch.randn(shape, generator=generator, device=noise_device, dtype=torch.float32).to(device)
+        if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+            got = getattr(latents, "dtype", type(latents).__name__)
+            raise ValueError(f"latents must be a float tensor {tuple(shape)}, got {got}")
+        if tuple(latents.shape) != tuple(shape):
+            raise ValueError(f"latents must have the SAR latent's shape {tuple(shape)}, got {tuple(latents.shape)}")
+        if not torch.isfinite(latents).all():
+            raise ValueError(f"latents contain NaN or Inf (samples {_nonfinite_samples(latents)})")
+        return latents.to(device, torch.float32)
+
+    def _check_finite(self, sar_latent, nonfinite, eo, timesteps) -> None:
+        # One host sync for the whole run, after it.
+        ok_latent, bad_step, ok_eo = torch.stack(
+            [torch.isfinite(sar_latent).all(), nonfinite.any(), torch.isfinite(eo).all().to(sar_latent.device)]
+        ).tolist()
+        if not ok_latent:
+            raise ValueError(
+                f"the VAE encoder's output (the SAR latent) has NaN or Inf (samples {_nonfinite_samples(sar_latent)}), "
+                "from finite input: the VAE overflows in its dtype; run it in fp32 (pipeline.vae.float())"
+            )
+        if bad_step:
+            step = int(nonfinite.nonzero()[0])
+            raise ValueError(
+                f"the U-Net's output has NaN or Inf from step {step} of {len(timesteps)} (t={timesteps[step]}) "
+                "on, from a finite input: the U-Net overflows in its dtype (try bf16 or fp32) or its weights hold NaN"
+            )
+        if not ok_eo:
+            raise ValueError(
+                f"the VAE decoder's output has NaN or Inf (samples {_nonfinite_samples(eo)}): the VAE overflows "
+                "in its dtype; run it in fp32 (pipeline.vae.float())"
+            )

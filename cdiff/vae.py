@@ -53,12 +53,14 @@ class MidAttention(nn.Module):
     """Self-attention over all pixels, with its own GroupNorm and a residual connection.
 
     x: (B, C, H, W) -> (B, C, H, W). Projections are Linear layers (diffusers' layout;
-    the original single-file checkpoints store them as 1x1 convs).
+    the original single-file checkpoints store them as 1x1 convs). ``attention_backend`` is
+    this module's own backend (None: the process-wide one), see cdiff.attention.
     """
 
     def __init__(self, channels: int, heads: int, groups: int, eps: float):
         super().__init__()
         self.heads = heads
+        self.attention_backend = None
         self.norm = GroupNorm(groups, channels, eps=eps)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
@@ -70,7 +72,7 @@ class MidAttention(nn.Module):
         # 1. normalise, then pixels become tokens
         h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         # 2. attend every pixel to every pixel
-        h = attention(self.to_q(h), self.to_k(h), self.to_v(h), heads=self.heads)  # (B, HW, C)
+        h = attention(self.to_q(h), self.to_k(h), self.to_v(h), self.heads, backend=self.attention_backend)  # (B, HW, C)
         h = self.to_out(h)
         # 3. tokens back to an image, plus the residual
         h = h.transpose(1, 2).reshape(batch, channels, height, width)  # (B, C, H, W)
@@ -178,7 +180,10 @@ def _check_4d(x: torch.Tensor, name: str, channels: int, what: str) -> None:
     if x.ndim != 4:
         raise ValueError(f"{name} must be {what} of shape (B, {channels}, H, W), got {x.ndim} dims {tuple(x.shape)}")
     if x.shape[1] != channels:
-        raise ValueError(f"{name} must have {channels} channels ({what}), got shape {tuple(x.shape)}")
+        hint = ""
+        if x.shape[1] == 1 and channels > 1:  # single-pol SAR: the release feeds it as identical channels
+            hint = f"; for a single-channel image repeat the channel: {name}.repeat(1, {channels}, 1, 1)"
+        raise ValueError(f"{name} must have {channels} channels ({what}), got shape {tuple(x.shape)}{hint}")
 
 
 class VAE(nn.Module):

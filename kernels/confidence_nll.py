@@ -1,14 +1,18 @@
-"""Fused Triton kernel of the C-Diff loss: forward and both gradients in one pass.
+"""Fused Triton kernel of the C-Diff loss: the loss in one pass, both gradients in one pass.
 
 The PyTorch reference, and the definition, is ``cdiff.loss.confidence_nll_reference``; the
 public entry point is ``cdiff.loss.confidence_nll`` (it imports this module lazily, only when the
 Triton path is chosen). Layout of this file, as Liger-Kernel's ops/: the kernels (derivation of
 the gradients above them), the host launchers, the ``torch.autograd.Function``.
 
-With reduction="mean" (training) a single launch reads target, eps_hat and raw once, writes
-d loss / d eps_hat and d loss / d raw (already scaled by 1/N) and one partial sum per program;
-a one-program launch then adds the partials in a fixed order (deterministic: no float atomics).
-Backward is one in-place multiplication of each saved gradient by the incoming gradient.
+Forward (reduction="mean", training): one launch reads target, eps_hat and raw once and writes
+one partial sum per program; a one-program launch adds the partials in a fixed order
+(deterministic: no float atomics). Backward: one launch reads the three inputs again and writes
+d loss / d eps_hat and d loss / d raw, with the incoming gradient (a loss scale such as 65536
+under fp16 training) multiplied in fp32 before the single rounding to the input dtype. Storing
+the gradients at forward time instead would round them scaled by 1/N, where fp16 is subnormal or
+zero, before the loss scale could lift them. Backward modifies nothing it saved, so a second
+backward through the same graph works; double backward (create_graph=True) raises.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from cdiff.loss import BETA_SQRT_ALPHA_BAR, KERNEL_DTYPES, LOG_2PI, VAR_MAX, VAR
 #   x = r + o,  u = softplus(x) + var_min,  v = clamp(u, var_min, var_max)
 #   d_c = target_c - eps_hat_c,  q_c = d_c^2,  w = stopgrad(v)^beta
 #   l_c = w/2 * (q_c / v + log v + log 2pi),   loss = (1/N) sum l_c   (or l_c itself, "none")
-# With s_c = d loss / d l_c (1/N for "mean", the incoming gradient for "none"):
+# With g the incoming gradient (a scalar for "mean", (B, C, h, w) for "none") and
+# s_c = d out / d l_c = g / N ("mean") or g_c ("none"), computed in fp32 before any rounding:
 #   d loss / d eps_hat_c = s_c * w/2 * 2 d_c / v * (-1) = -s_c * w * d_c / v
 #   d loss / d v         = sum_c s_c * w/2 * (1/v - q_c / v^2)         (w is a constant: stop-grad)
 #   d v / d r            = sigmoid(x) * [var_min < u < var_max]      (torch's clamp passes the
@@ -53,7 +58,7 @@ def _confidence_nll_kernel(
     eps_hat_ptr,  # (B, C, H, W) fp32/fp16/bf16, any strides
     raw_ptr,  # (B, 1, H, W) fp32/fp16/bf16, any strides
     alpha_bar_ptr,  # (B,) any float dtype; read only when BETA_FROM_ALPHA
-    elem_ptr,  # (B, C, H, W) fp32: loss out ("none" forward) or incoming gradient ("none" backward)
+    elem_ptr,  # (B, C, H, W): loss out (fp32, "none" forward) or incoming gradient (backward; may be 0-strided)
     partial_ptr,  # (B * n_blocks,) fp32 out: one partial sum per program (REDUCE)
     d_eps_hat_ptr,  # (B, C, H, W) out, eps_hat's dtype (COMPUTE_GRADS)
     d_raw_ptr,  # (B, 1, H, W) out, raw's dtype (COMPUTE_GRADS)
@@ -66,14 +71,14 @@ def _confidence_nll_kernel(
     dr_sb, dr_sh, dr_sw,  # d_raw strides
     H, W,
     n_blocks,  # programs per sample along the pixels (grid axis 0)
-    scale,  # d loss / d l_c for "mean": 1 / (B*C*H*W)
+    scale,  # backward: d l_out / d l_c, 1 / (B*C*H*W) for "mean", 1 for "none"
     beta_const,  # beta when not BETA_FROM_ALPHA
     var_min, var_max, var_offset, log_2pi,
     C: tl.constexpr,  # noise channels (4), unrolled
     BLOCK: tl.constexpr,  # pixels per program
     BETA_FROM_ALPHA: tl.constexpr,  # beta = sqrt(alpha_bar[b])
-    REDUCE: tl.constexpr,  # "mean": write partial sums (else per-element values / use elem grads)
-    COMPUTE_GRADS: tl.constexpr,  # write d_eps_hat and d_raw
+    REDUCE: tl.constexpr,  # forward "mean": write partial sums (else, forward: per-element values)
+    COMPUTE_GRADS: tl.constexpr,  # backward: write d_eps_hat and d_raw (no loss), s = elem * scale
 ):
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)  # int64: b * stride may pass 2^31 on big batches
@@ -103,20 +108,20 @@ def _confidence_nll_kernel(
         e = tl.load(eps_hat_ptr + b * e_sb + c * e_sc + y * e_sh + x * e_sw, mask=mask, other=0.0)
         d = t.to(tl.float32) - e.to(tl.float32)
         q = d * d
-        elem = half_w * (q * inv_var + const)  # (BLOCK,) l_c
         elem_off = b * l_sb + c * l_sc + y * l_sh + x * l_sw
-        if REDUCE:
-            acc += tl.where(mask, elem, 0.0)
-            s = scale
-        elif COMPUTE_GRADS:
-            s = tl.load(elem_ptr + elem_off, mask=mask, other=0.0).to(tl.float32)
-        else:
-            tl.store(elem_ptr + elem_off, elem, mask=mask)
         if COMPUTE_GRADS:
+            # s_c in fp32: the incoming gradient times 1/N, before anything is rounded.
+            s = tl.load(elem_ptr + elem_off, mask=mask, other=0.0).to(tl.float32) * scale
             d_eps_hat = -2.0 * s * half_w * d * inv_var
             de_off = b * de_sb + c * de_sc + y * de_sh + x * de_sw
             tl.store(d_eps_hat_ptr + de_off, d_eps_hat.to(d_eps_hat_ptr.dtype.element_ty), mask=mask)
             d_var += s * (inv_var - q * inv_var * inv_var)
+        else:
+            elem = half_w * (q * inv_var + const)  # (BLOCK,) l_c
+            if REDUCE:
+                acc += tl.where(mask, elem, 0.0)
+            else:
+                tl.store(elem_ptr + elem_off, elem, mask=mask)
 
     if COMPUTE_GRADS:
         inside = (u > var_min) & (u < var_max)
@@ -162,20 +167,29 @@ def _block_size(batch: int, pixels: int) -> int:
     return min(block, triton.next_power_of_2(pixels))
 
 
-def _launch(target, eps_hat, raw, alpha_bar, beta, *, reduce, compute_grads, grad_elem=None, block=None):
-    """One launch of the main kernel. Returns (partials or per-element loss, d_eps_hat, d_raw)."""
+def _launch(target, eps_hat, raw, alpha_bar, beta, *, mode, grad_out=None, block=None):
+    """One launch of the main kernel.
+
+    mode "mean": returns the per-program partial sums (fp32); "none": the per-element loss (fp32,
+    (B, C, h, w)); "grads": (d_eps_hat, d_raw) for the incoming gradient ``grad_out`` (a 0-d
+    tensor for a "mean" loss, (B, C, h, w) for "none"), in eps_hat's and raw's dtypes.
+    """
     batch, channels, height, width = eps_hat.shape
     pixels = height * width
     block = block or _block_size(batch, pixels)
     n_blocks = triton.cdiv(pixels, block)
     beta_from_alpha = beta == BETA_SQRT_ALPHA_BAR
     beta_const = 0.0 if beta_from_alpha else float(beta)
+    reduce, compute_grads = mode == "mean", mode == "grads"
 
     partials = torch.empty(batch * n_blocks if reduce else 1, device=eps_hat.device, dtype=torch.float32)
+    scale = 1.0
     if reduce:
         elem = partials  # unused slot
     elif compute_grads:
-        elem = grad_elem  # the incoming per-element gradient
+        if grad_out.ndim == 0:  # a "mean" loss: one gradient for every element, times 1/N
+            grad_out, scale = grad_out.expand(eps_hat.shape), 1.0 / eps_hat.numel()  # strides (0, 0, 0, 0)
+        elem = grad_out
     else:
         elem = torch.empty_like(eps_hat, dtype=torch.float32)  # the per-element loss
     if compute_grads:
@@ -196,7 +210,7 @@ def _launch(target, eps_hat, raw, alpha_bar, beta, *, reduce, compute_grads, gra
         d_raw.stride(0), d_raw.stride(2), d_raw.stride(3),
         height, width,
         n_blocks,
-        1.0 / eps_hat.numel(),
+        scale,
         beta_const,
         VAR_MIN, VAR_MAX, VAR_OFFSET, LOG_2PI,
         C=channels,
@@ -206,60 +220,52 @@ def _launch(target, eps_hat, raw, alpha_bar, beta, *, reduce, compute_grads, gra
         COMPUTE_GRADS=compute_grads,
         num_warps=4,
     )  # fmt: skip
-    out = partials if reduce else elem
-    return out, (d_eps_hat if compute_grads else None), (d_raw if compute_grads else None)
+    if compute_grads:
+        return d_eps_hat, d_raw
+    return partials if reduce else elem
 
 
-def confidence_nll_mean(target, eps_hat, raw, alpha_bar, beta=BETA_SQRT_ALPHA_BAR, compute_grads=True, block=None):
-    """The mean loss (fp32 scalar) and, when ``compute_grads``, d loss/d eps_hat and d loss/d raw.
-
-    Two launches: the fused kernel, then the fixed-order sum of its per-program partials.
-    """
+def confidence_nll_mean(target, eps_hat, raw, alpha_bar, beta=BETA_SQRT_ALPHA_BAR, block=None):
+    """The mean loss, an fp32 scalar: the kernel's partial sums, then their fixed-order sum."""
     _check_kernel_inputs(target, eps_hat, raw)
-    partials, d_eps_hat, d_raw = _launch(
-        target, eps_hat, raw, alpha_bar, beta, reduce=True, compute_grads=compute_grads, block=block
-    )
+    partials = _launch(target, eps_hat, raw, alpha_bar, beta, mode="mean", block=block)
     loss = torch.empty((), device=eps_hat.device, dtype=torch.float32)
     _sum_partials_kernel[(1,)](partials, loss, partials.numel(), 1.0 / eps_hat.numel(), BLOCK=1024)
-    return loss, d_eps_hat, d_raw
+    return loss
+
+
+def confidence_nll_grads(target, eps_hat, raw, alpha_bar, grad_out, beta=BETA_SQRT_ALPHA_BAR, block=None):
+    """(d out/d eps_hat, d out/d raw) given ``grad_out`` = d out/d loss: 0-d for the mean loss,
+    (B, C, h, w) for the per-element loss. Gradients come back in eps_hat's and raw's dtypes."""
+    _check_kernel_inputs(target, eps_hat, raw)
+    return _launch(target, eps_hat, raw, alpha_bar, beta, mode="grads", grad_out=grad_out, block=block)
 
 
 class ConfidenceNLLFunction(torch.autograd.Function):
-    """Autograd wrapper of the kernel. The target and alpha_bar get no gradient (None)."""
+    """Autograd wrapper of the kernel. The target and alpha_bar get no gradient (None).
+
+    Forward saves its inputs (not gradients); backward runs the gradient launch with the
+    incoming gradient, so a second backward (retain_graph=True) gets the same result.
+    """
 
     @staticmethod
     def forward(ctx, target, eps_hat, raw, alpha_bar, beta, reduction, block):
-        ctx.reduction = reduction
-        needs_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        if reduction == "mean":
-            loss, d_eps_hat, d_raw = confidence_nll_mean(
-                target, eps_hat, raw, alpha_bar, beta, compute_grads=needs_grad, block=block
-            )
-            if needs_grad:
-                ctx.save_for_backward(d_eps_hat, d_raw)
-            return loss
-        # "none": the gradient depends on the per-element incoming gradient, so backward runs
-        # the kernel again (COMPUTE_GRADS with that gradient) instead of saving anything big.
-        _check_kernel_inputs(target, eps_hat, raw)
         ctx.beta, ctx.block = beta, block
         ctx.save_for_backward(target, eps_hat, raw, alpha_bar)
-        loss, _, _ = _launch(target, eps_hat, raw, alpha_bar, beta, reduce=False, compute_grads=False, block=block)
-        return loss
+        if reduction == "mean":
+            return confidence_nll_mean(target, eps_hat, raw, alpha_bar, beta, block=block)
+        _check_kernel_inputs(target, eps_hat, raw)
+        return _launch(target, eps_hat, raw, alpha_bar, beta, mode="none", block=block)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if ctx.reduction == "mean":
-            d_eps_hat, d_raw = ctx.saved_tensors
-            # In place: the saved gradients are used once (a second backward through the same
-            # graph raises torch's "modified by an inplace operation" error instead of being wrong).
-            d_eps_hat.mul_(grad_loss)
-            d_raw.mul_(grad_loss)
-        else:
-            target, eps_hat, raw, alpha_bar = ctx.saved_tensors
-            _, d_eps_hat, d_raw = _launch(
-                target, eps_hat, raw, alpha_bar, ctx.beta,
-                reduce=False, compute_grads=True, grad_elem=grad_loss, block=ctx.block,
-            )  # fmt: skip
+        if torch.is_grad_enabled():  # backward(create_graph=True): the kernel's gradient is not differentiable
+            raise RuntimeError(
+                "confidence_nll: the Triton kernel has no double backward (create_graph=True); "
+                "use confidence_nll(..., backend='torch') for higher-order gradients"
+            )
+        target, eps_hat, raw, alpha_bar = ctx.saved_tensors
+        d_eps_hat, d_raw = confidence_nll_grads(target, eps_hat, raw, alpha_bar, grad_loss, ctx.beta, ctx.block)
         return (
             None,
             d_eps_hat if ctx.needs_input_grad[1] else None,

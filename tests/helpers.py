@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from tools.random_sd21 import randomize_  # noqa: F401  (the tests' seeded random weights)
@@ -22,3 +24,15 @@ def assert_parity(actual: torch.Tensor, expected: torch.Tensor, what: str, rel_t
     assert err <= rel_tol, f"{what}: max abs error {err:.2e} x max|ref| exceeds {rel_tol:.0e}"
     print(f"{what}: max abs error = {err:.2e} x max|ref|")
     return err
+
+
+@contextmanager
+def one_thread():
+    """Run torch on one CPU thread: for tests of tiny networks, as fast as two, and immune to
+    OpenMP's spin-waiting threads, which make two threads many times slower on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -23,11 +23,14 @@ from safetensors import safe_open
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import cdiff.convert as cv  # noqa: E402
 import cdiff.export as ex  # noqa: E402
+from cdiff.checkpoint import WeightFile  # noqa: E402
 from cdiff.config import UNetConfig, VAEConfig  # noqa: E402
+from cdiff.convert import convert  # noqa: E402
 from cdiff.layouts.original import TEXT_PREFIX  # noqa: E402
+from cdiff.load import load_unet, load_vae  # noqa: E402
 from cdiff.prompt import prompt_embedding, tokenize  # noqa: E402
+from cdiff.read import read_unet  # noqa: E402
 from tests.helpers import assert_parity, randomize_  # noqa: E402
 from tests.test_convert import check_vae_parity, release_surgery, unet_inputs, write_release  # noqa: E402
 from tools.random_sd21 import SD21_TEXT, SD21_UNET, SD21_VAE, write_diffusers_folder  # noqa: E402
@@ -96,12 +99,12 @@ def expected(sd21, tmp_path_factory):
 @pytest.fixture(scope="module")
 def native(sd21, tmp_path_factory):
     folder = tmp_path_factory.mktemp("native")
-    yield cv.convert(sd21, folder / "cdiffset.safetensors", **QUIET)
+    yield convert(sd21, folder / "cdiffset.safetensors", **QUIET)
     shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_sd21_unet_from_diffusers_folder(sd21, expected):
-    unet = cv.load_unet(sd21)
+    unet = load_unet(sd21)
     assert unet.config == UNetConfig.sd21()  # stays 4-in/4-out
     assert_parity(run_unet(unet, 4, False), expected["plain"], "SD 2.1 U-Net from diffusers folder")
     del unet
@@ -109,7 +112,7 @@ def test_sd21_unet_from_diffusers_folder(sd21, expected):
 
 
 def test_sd21_convert_native_and_original_export(sd21, expected, native, tmp_path):
-    unet = cv.load_unet(native)
+    unet = load_unet(native)
     assert unet.config == UNetConfig.cdiffset()
     assert_parity(run_unet(unet, 8, False), expected["cdiffset"], "C-DiffSET U-Net (native) vs release surgery")
     del unet
@@ -123,10 +126,10 @@ def test_sd21_convert_native_and_original_export(sd21, expected, native, tmp_pat
     del theirs
     gc.collect()
     vae = diffusers.AutoencoderKL.from_single_file(str(single), config=str(sd21), subfolder="vae", local_files_only=True).eval()
-    check_vae_parity(cv.load_vae(native), vae, "SD 2.1 VAE: cdiff native vs diffusers from_single_file")
+    check_vae_parity(load_vae(native), vae, "SD 2.1 VAE: cdiff native vs diffusers from_single_file")
     del vae
     # Round trip native -> original -> native, bit-exact.
-    again = cv.convert(single, tmp_path / "again.safetensors", **QUIET)
+    again = convert(single, tmp_path / "again.safetensors", **QUIET)
     single.unlink()
     assert assert_files_equal(native, again) == 686 + 248 + 1
 
@@ -142,15 +145,15 @@ def test_sd21_diffusers_configs_written_as_sd21s():
 
 
 def test_sd21_vae(sd21):
-    ours = cv.load_vae(sd21)
+    ours = load_vae(sd21)
     assert ours.config == VAEConfig.sd21()
     check_vae_parity(ours, diffusers.AutoencoderKL.from_pretrained(sd21 / "vae").eval(), "SD 2.1 VAE from diffusers folder")
 
 
 def test_sd21_release_file(sd21, expected, tmp_path):
     release = expected["release_file"]
-    out = cv.convert(sd21, tmp_path / "from_release.safetensors", unet=release, **QUIET)
-    unet = cv.load_unet(out)
+    out = convert(sd21, tmp_path / "from_release.safetensors", unet=release, **QUIET)
+    unet = load_unet(out)
     assert (unet.config.in_channels, unet.config.out_channels) == (8, 5)
     # release surgery of the starting point == release surgery of SD 2.1 (conv_in is the same)
     assert_parity(run_unet(unet, 8, False), expected["cdiffset"], "release 8-in/4-out file + variance channel")
@@ -230,7 +233,7 @@ RELEASE_PATH = os.environ.get("CDIFF_RELEASE_UNET")
 @pytest.mark.skipif(not SD21_PATH, reason="set CDIFF_SD21 to a real SD 2.1 checkpoint (file or diffusers folder)")
 def test_real_sd21(tmp_path):
     src = Path(SD21_PATH)
-    plain = cv.convert(src, tmp_path / "plain.safetensors", plain=True)
+    plain = convert(src, tmp_path / "plain.safetensors", plain=True)
     if src.is_dir():
         theirs = diffusers.UNet2DConditionModel.from_pretrained(src / "unet", torch_dtype=torch.float32).eval()
         vae = diffusers.AutoencoderKL.from_pretrained(src / "vae", torch_dtype=torch.float32).eval()
@@ -242,8 +245,8 @@ def test_real_sd21(tmp_path):
     reference = run_unet(theirs, 4, True)
     del theirs
     gc.collect()
-    assert_parity(run_unet(cv.load_unet(src, dtype=torch.float32), 4, False), reference, "real SD 2.1 U-Net")
-    check_vae_parity(cv.load_vae(src, dtype=torch.float32), vae, "real SD 2.1 VAE")
+    assert_parity(run_unet(load_unet(src, dtype=torch.float32), 4, False), reference, "real SD 2.1 U-Net")
+    check_vae_parity(load_vae(src, dtype=torch.float32), vae, "real SD 2.1 VAE")
     if src.is_dir():
         model = transformers.CLIPTextModel.from_pretrained(src / "text_encoder", torch_dtype=torch.float32).eval()
         with torch.no_grad():
@@ -254,12 +257,12 @@ def test_real_sd21(tmp_path):
 @pytest.mark.skipif(not RELEASE_PATH, reason="set CDIFF_RELEASE_UNET to a C-DiffSET release model.safetensors")
 def test_real_release_unet():
     src = Path(RELEASE_PATH)
-    state, config, layout = cv.read_unet(src)
+    state, config, layout = read_unet(src)
     assert layout == "diffusers-unet" and config.in_channels == 8 and config.out_channels in (4, 5)
     theirs = diffusers.UNet2DConditionModel(**dict(SD21_UNET, in_channels=8, out_channels=config.out_channels))
-    raw = cv.WeightFile(src).load()
+    raw = WeightFile(src).load()
     theirs.load_state_dict({k.split(".", 1)[1] if k.startswith(("module.", "unet.")) else k: v.float() for k, v in raw.items()})
     reference = run_unet(theirs.eval(), 8, True)
     del theirs, raw, state
     gc.collect()
-    assert_parity(run_unet(cv.load_unet(src, dtype=torch.float32), 8, False), reference, "real release U-Net")
+    assert_parity(run_unet(load_unet(src, dtype=torch.float32), 8, False), reference, "real release U-Net")

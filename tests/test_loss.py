@@ -200,6 +200,16 @@ def test_bad_inputs_raise(change, match):
         confidence_nll(**kw)
 
 
+@pytest.mark.parametrize("bad", [500.0, 0.0, -0.1, 1.5, float("nan"), float("inf")])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_alpha_bar_outside_unit_interval_raises(bad, backend):
+    # Timesteps passed by mistake (t = 500) gave a loss of 2e9; 0 or NaN gave NaN.
+    target, eps_hat, raw, alpha_bar = make_inputs(seed=10)
+    alpha_bar = torch.tensor([0.5, bad, 1.0])  # 1.0 itself is allowed
+    with pytest.raises(ValueError, match=r"alpha_bar must lie in \(0, 1\]"):
+        confidence_nll(target, eps_hat, raw, alpha_bar, backend=backend)
+
+
 def test_bad_environment_switch_raises(monkeypatch):
     target, eps_hat, raw, alpha_bar = make_inputs(seed=8)
     monkeypatch.setenv("CDIFF_LOSS", "fast")

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,3 +72,58 @@ def test_bad_input(pred, target, word):
     for fn in (metrics.psnr, metrics.ssim, metrics.scc):
         with pytest.raises(ValueError, match=word.replace("(", r"\(").replace(")", r"\)")):
             fn(pred, target)
+
+
+# --- the Fréchet distance of FID ------------------------------------------------------------
+
+
+def test_frechet_distance_of_diagonal_gaussians():
+    # Commuting covariances: tr((A B)^(1/2)) = sum sqrt(a_i b_i), so the distance is
+    # |mu_a - mu_b|^2 + sum (sqrt(a_i) - sqrt(b_i))^2.
+    mean_a, mean_b = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, -1.0])
+    var_a, var_b = torch.tensor([1.0, 4.0, 9.0]), torch.tensor([4.0, 1.0, 9.0])
+    expected = 1 + 0 + 9 + (1 - 2) ** 2 + (2 - 1) ** 2 + 0
+    assert metrics.frechet_distance(mean_a, torch.diag(var_a), mean_b, torch.diag(var_b)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_frechet_distance_of_non_commuting_2d_gaussians():
+    # For 2 x 2 M = A B with non-negative eigenvalues l1, l2: tr(M^(1/2)) = sqrt(l1) + sqrt(l2)
+    # = sqrt(tr M + 2 sqrt(det M)). A and B here do not commute.
+    a = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    b = torch.tensor([[1.0, -0.3], [-0.3, 3.0]], dtype=torch.float64)
+    assert not torch.allclose(a @ b, b @ a)
+    m = a @ b
+    cross = math.sqrt(m.trace().item() + 2 * math.sqrt(torch.det(m).item()))
+    mean_a, mean_b = torch.tensor([0.5, -1.0]), torch.tensor([0.0, 2.0])
+    expected = 0.25 + 9.0 + a.trace().item() + b.trace().item() - 2 * cross
+    assert metrics.frechet_distance(mean_a, a, mean_b, b) == pytest.approx(expected, rel=1e-12)
+
+
+def test_frechet_distance_of_one_gaussian_is_zero_and_symmetric():
+    features = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    mean, cov = metrics.feature_statistics(features)
+    assert abs(metrics.frechet_distance(mean, cov, mean, cov)) < 1e-10
+    other_mean, other_cov = metrics.feature_statistics(features[:25] * 2 + 1)
+    forward = metrics.frechet_distance(mean, cov, other_mean, other_cov)
+    assert forward == pytest.approx(metrics.frechet_distance(other_mean, other_cov, mean, cov), rel=1e-10)
+
+
+def test_feature_statistics_equal_numpy_and_the_distance_equals_pytorch_fid():
+    fid_score = pytest.importorskip("pytorch_fid.fid_score")
+    g = torch.Generator().manual_seed(3)
+    real, fake = torch.randn(40, 16, generator=g), torch.randn(30, 16, generator=g) * 1.5 + 0.2
+    (mean_r, cov_r), (mean_f, cov_f) = metrics.feature_statistics(real), metrics.feature_statistics(fake)
+    np.testing.assert_allclose(cov_r.numpy(), np.cov(real.double().numpy(), rowvar=False), rtol=1e-12, atol=1e-14)
+    expected = fid_score.calculate_frechet_distance(mean_r.numpy(), cov_r.numpy(), mean_f.numpy(), cov_f.numpy())
+    assert metrics.frechet_distance(mean_r, cov_r, mean_f, cov_f) == pytest.approx(float(expected), rel=1e-9)
+
+
+@pytest.mark.parametrize("shapes", [((3,), (3, 3), (4,), (4, 4)), ((3,), (3, 4), (3,), (3, 4))])
+def test_frechet_distance_refuses_mismatched_statistics(shapes):
+    with pytest.raises(ValueError, match="two Gaussians"):
+        metrics.frechet_distance(*(torch.zeros(s) for s in shapes))
+
+
+def test_feature_statistics_needs_two_samples():
+    with pytest.raises(ValueError, match="N >= 2"):
+        metrics.feature_statistics(torch.zeros(1, 4))

@@ -8,7 +8,8 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("diffusers", "transformers", "open_clip", "triton", "torchvision", "tifffile")
+HEAVY = ("diffusers", "transformers", "open_clip", "triton", "torchvision", "tifffile",
+         "rasterio", "lpips", "pytorch_fid", "scipy", "torchmetrics")
 
 
 def run_python(code: str, cwd, pythonpath: str) -> str:
@@ -22,6 +23,7 @@ def run_python(code: str, cwd, pythonpath: str) -> str:
 def test_import_pulls_no_heavy_dependency(tmp_path):
     code = (
         "import sys, cdiff, cdiff.cli, cdiff.pipeline, cdiff.schedulers\n"
+        "import cdiff.translate, cdiff.evaluate, cdiff.geo, cdiff.perceptual, cdiff.tiling\n"
         f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     )
     assert run_python(code, tmp_path, str(ROOT)) == ""

@@ -1,4 +1,5 @@
-"""The README's Python examples run as written."""
+"""The README's Python examples run as written, every one, in order, with tiny stand-ins for
+the files they name."""
 
 import re
 from pathlib import Path
@@ -6,6 +7,10 @@ from pathlib import Path
 import torch
 
 from cdiff import UNet, UNetConfig, VAE, VAEConfig, save_native
+from cdiff.export import export_original
+from tests.helpers import randomize_
+
+from .helpers import one_thread
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -14,18 +19,58 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
+def write_stand_ins(folder: Path) -> None:
+    """cdiffset.safetensors: a tiny C-DiffSET native model; tiny-sd21.safetensors: a tiny
+    SD 2.1 (4-in / 4-out) in Stability's original single-file layout."""
+    torch.manual_seed(0)
+    save_native(folder / "cdiffset.safetensors", UNet(UNetConfig.tiny(in_channels=8, out_channels=5)),
+                VAE(VAEConfig.tiny()), torch.randn(6, 1024))
+    plain = folder / "plain.safetensors"
+    save_native(plain, randomize_(UNet(UNetConfig.tiny()), 1), randomize_(VAE(VAEConfig.tiny()), 2), torch.randn(6, 1024))
+    export_original(plain, folder / "tiny-sd21.safetensors")
+    plain.unlink()
+
+
 def test_readme_examples_run(tmp_path, monkeypatch, capsys):
     blocks = python_blocks()
-    assert len(blocks) == 2
-    # The first example loads "cdiffset.safetensors": a tiny C-DiffSET model stands in for it.
+    assert len(blocks) == 5  # the fifth, the translate example, runs in its own test below
+    monkeypatch.chdir(tmp_path)
+    write_stand_ins(tmp_path)
+    # Examples 1 and 2 stand alone; example 4 goes on from example 3.
+    first, second, third = {}, {}, {}
+    with one_thread():
+        for i, (block, namespace) in enumerate(zip(blocks, (first, second, third, third)), 1):
+            exec(compile(block, f"README example {i}", "exec"), namespace)
+    out = capsys.readouterr().out
+
+    # 1: translate with a native model.
+    assert "torch.Size([1, 3, 256, 256]) torch.Size([1, 1, 32, 32])" in out
+    # 2: one training step's loss.
+    assert second["loss"].ndim == 0
+    assert all(p.grad is not None for p in second["unet"].parameters())
+    # 3: the changed U-Net: SD 2.1 tensors loaded, the gate new; surgery, a step, saved, loaded back.
+    report = third["report"]
+    assert report.missing == ("down.1.gate",) and not report.unexpected and not report.mismatched
+    assert "1 missing, left at their initialisation (first: down.1.gate)" in out
+    unet, again = third["unet"], third["again"]
+    assert type(unet).__name__ == "GatedUNet" and (unet.config.in_channels, unet.config.out_channels) == (8, 5)
+    assert torch.isfinite(third["loss"]) and unet.down[1].gate.grad is not None
+    assert not torch.equal(unet.down[1].gate.detach(), torch.ones(3))  # the step moved the new parameter
+    for key, value in unet.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+    # 4: attention maps of every cross-attention; the custom backend stays on the mid block.
+    probs = third["probs"]
+    assert len(third["maps"]) == 16 and probs.shape == (2, 2, 64, 6)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 64), rtol=0, atol=1e-6)
+    assert again.mid.attn.blocks[0].cross_attn.attention_backend is third["temperature"]
+
+
+def test_readme_translate_example_runs(tmp_path, monkeypatch, capsys):
+    (block,) = [b for b in python_blocks() if "Tiling(" in b]
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     save_native("cdiffset.safetensors", UNet(UNetConfig.tiny(in_channels=8, out_channels=5)), VAE(VAEConfig.tiny()),
-                torch.randn(6, 1024))
-    namespace = {}
-    exec(compile(blocks[0], "README example 1", "exec"), namespace)
-    assert "torch.Size([1, 3, 256, 256]) torch.Size([1, 1, 32, 32])" in capsys.readouterr().out
-    namespace = {}
-    exec(compile(blocks[1], "README example 2", "exec"), namespace)
-    assert namespace["loss"].ndim == 0
-    assert all(p.grad is not None for p in namespace["unet"].parameters())
+                torch.randn(6, 1024), prompt="a prompt of its own")
+    with one_thread():
+        exec(compile(block, "README translate example", "exec"), {})
+    assert "torch.Size([1, 3, 256, 384]) torch.Size([1])" in capsys.readouterr().out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from cdiff.layouts import RenameTable
 
+CONTEXT_FILE = "cdiff_context.safetensors"  # the prompt embedding, in cdiff's exports to this layout
+
 # --- U-Net: cdiff.unet.UNet <-> diffusers UNet2DConditionModel -----------------------------
 UNET = RenameTable(
     "diffusers U-Net",

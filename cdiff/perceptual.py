@@ -1,0 +1,199 @@
+"""LPIPS and FID: the two metrics of the paper that need pretrained networks.
+
+They use the libraries the paper used, so that the numbers compare with its tables
+(``pip install cdiff[metrics]``; imported only inside these functions):
+- LPIPS: ``lpips.LPIPS(net="vgg")``, the linear layers calibrated on human judgments (shipped
+  inside the lpips package) on top of torchvision's ImageNet VGG16.
+- FID: pytorch-fid's Inception (the TensorFlow FID network ported to PyTorch), 2048-d
+  pool features, then the Fréchet distance of their Gaussian statistics (cdiff.metrics).
+
+Neither library may download anything here: the network weights come from local files,
+found in this order (``find_weights``):
+1. the path given by the caller (``--lpips-vgg`` / ``--fid-weights``);
+2. the environment variable ``CDIFF_LPIPS_VGG`` / ``CDIFF_FID_INCEPTION`` (cdiff.flags);
+3. torch's hub cache, ``$TORCH_HOME/hub/checkpoints/<file>``, where torchvision and
+   pytorch-fid put them after a download on a connected machine.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cdiff import flags
+from cdiff.checkpoint import CheckpointError
+from cdiff.metrics import to_unit
+
+FID_DIMS = 2048  # pytorch-fid's default: the final average pool of Inception v3
+FID_SIZE = 299  # pytorch-fid resizes every image to 299 x 299 (bilinear) first
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A pretrained network cdiff cannot download: its file name, where it comes from."""
+
+    what: str
+    file_name: str
+    url: str
+    env: str
+    option: str
+
+
+LPIPS_VGG = Weights(
+    what="LPIPS (VGG)",
+    file_name="vgg16-397923af.pth",
+    url="https://download.pytorch.org/models/vgg16-397923af.pth",
+    env="CDIFF_LPIPS_VGG",
+    option="--lpips-vgg",
+)
+FID_INCEPTION = Weights(
+    what="FID",
+    file_name="pt_inception-2015-12-05-6726825d.pth",
+    url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
+    env="CDIFF_FID_INCEPTION",
+    option="--fid-weights",
+)
+
+
+def find_weights(weights: Weights, path: str | os.PathLike | None = None) -> Path:
+    """The local file of ``weights`` (search order in the module docstring), or one error
+    naming the missing file and where it is normally obtained."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{weights.what} weights {path}: no such file ({_where(weights)})")
+        return Path(path)
+    from_env = flags.get_path(weights.env)
+    if from_env is not None:
+        if not Path(from_env).is_file():
+            raise FileNotFoundError(f"{weights.what} weights {from_env} (from {weights.env}): no such file ({_where(weights)})")
+        return Path(from_env)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / weights.file_name
+    if cached.is_file():
+        return cached
+    raise FileNotFoundError(
+        f"{weights.what} needs {weights.file_name}, not found in {cached.parent}: {_where(weights)}, "
+        f"then pass {weights.option} PATH or set {weights.env}=PATH (or leave {weights.what.split()[0].lower()} "
+        "out of --metrics)"
+    )
+
+
+def _where(weights: Weights) -> str:
+    return f"it is normally downloaded from {weights.url}"
+
+
+def _import(module: str):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError as err:
+        raise ImportError(f"LPIPS and FID need {module.split('.')[0]}: pip install cdiff[metrics]") from err
+
+
+def _load_state(path: Path, what: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types for damaged or non-tensor files
+        raise CheckpointError(f"{what} weights {path}: cannot read ({type(err).__name__}: {err})") from err
+
+
+def _load_exactly(module: torch.nn.Module, state: dict, path: Path, what: str) -> None:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    wrong = sorted(k for k in expected if k in state and state[k].shape != expected[k].shape)
+    if missing or wrong:
+        raise CheckpointError(
+            f"{what} weights {path}: not the expected network ({len(missing)} tensors missing, e.g. "
+            f"{missing[:2]}; {len(wrong)} of the wrong shape, e.g. {wrong[:2]})"
+        )
+    module.load_state_dict({k: state[k] for k in expected})
+
+
+# --- LPIPS --------------------------------------------------------------------------------
+
+
+def load_lpips(vgg_path: str | os.PathLike | None = None, device=None) -> torch.nn.Module:
+    """``lpips.LPIPS(net="vgg")`` with its calibrated linear layers and the VGG16 trunk read
+    from torchvision's ImageNet file (``features.N.*`` keys), in eval mode."""
+    path = find_weights(LPIPS_VGG, vgg_path)
+    lpips = _import("lpips")
+    with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=`
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+    # lpips cuts VGG16's `features` into slices that keep the layer indices: slice2.5 is features.5.
+    trunk_keys = {key: "features." + key.split(".", 1)[1] for key in model.net.state_dict()}
+    state = _load_state(path, LPIPS_VGG.what)
+    renamed = {ours: state[theirs] for ours, theirs in trunk_keys.items() if theirs in state}
+    _load_exactly(model.net, renamed, path, LPIPS_VGG.what)
+    return model.eval().requires_grad_(False).to(device)
+
+
+@torch.no_grad()
+def lpips_distance(model: torch.nn.Module, pred: torch.Tensor, target: torch.Tensor, paper_scaling: bool = False) -> torch.Tensor:
+    """LPIPS per image, (B,), for images (B, 3, H, W) in [-1, 1].
+
+    LPIPS expects images in [-1, 1]. The release gives it its metric images in [0, 1]
+    ``(x + 0.5).clamp(0, 1)`` as they are; ``paper_scaling=True`` does the same, to compare
+    with the published tables. The default gives it the images in [-1, 1] (clamped).
+    """
+    if paper_scaling:
+        pred, target = to_unit(pred, paper_scaling=True), to_unit(target, paper_scaling=True)
+    else:
+        pred, target = pred.clamp(-1, 1), target.clamp(-1, 1)
+    device = next(model.parameters()).device
+    return model(pred.float().to(device), target.float().to(device)).flatten().cpu()
+
+
+# --- FID ----------------------------------------------------------------------------------
+
+
+class FIDInception(torch.nn.Module):
+    """pytorch-fid's Inception v3 up to the 2048-d average pool: images (B, 3, H, W) in
+    [0, 1] -> features (B, 2048). It resizes to 299 x 299 (bilinear) and maps to [-1, 1]
+    first, as pytorch-fid's ``InceptionV3`` does by default."""
+
+    def __init__(self, inception):
+        super().__init__()
+        self.net = inception
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images, size=(FID_SIZE, FID_SIZE), mode="bilinear", align_corners=False)
+        x = 2 * x - 1
+        n = self.net
+        x = F.max_pool2d(n.Conv2d_2b_3x3(n.Conv2d_2a_3x3(n.Conv2d_1a_3x3(x))), kernel_size=3, stride=2)
+        x = F.max_pool2d(n.Conv2d_4a_3x3(n.Conv2d_3b_1x1(x)), kernel_size=3, stride=2)
+        for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
+                     "Mixed_7a", "Mixed_7b", "Mixed_7c"):
+            x = getattr(n, name)(x)
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)  # (B, 2048)
+
+
+def load_fid_inception(weights_path: str | os.PathLike | None = None, device=None) -> FIDInception:
+    """The FID Inception of pytorch-fid, its weights read from a local file."""
+    path = find_weights(FID_INCEPTION, weights_path)
+    fid = _import("pytorch_fid.inception")
+    models = _import("torchvision.models")
+    # torchvision's Inception v3 with the blocks pytorch-fid swaps in to match TensorFlow's FID
+    # network (1008 classes, no auxiliary head), as pytorch_fid.inception.fid_inception_v3 builds it.
+    net = models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    net.Mixed_5b = fid.FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = fid.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = fid.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = fid.FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = fid.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = fid.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = fid.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = fid.FIDInceptionE_1(1280)
+    net.Mixed_7c = fid.FIDInceptionE_2(2048)
+    _load_exactly(net, _load_state(path, FID_INCEPTION.what), path, FID_INCEPTION.what)
+    return FIDInception(net).eval().requires_grad_(False).to(device)
+
+
+@torch.no_grad()
+def inception_features(model: FIDInception, images: torch.Tensor) -> torch.Tensor:
+    """(B, 2048) float64 features of images (B, 3, H, W) in [0, 1]."""
+    device = next(model.parameters()).device
+    return model(images.float().to(device)).double().cpu()

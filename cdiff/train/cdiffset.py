@@ -1,0 +1,204 @@
+"""The C-DiffSET training step, as the official release trains: the ``[model]`` section and the task
+that cdiff.train.loop runs.
+
+Per sample at stream position g (cdiff.train.data):
+1. SAR and EO are encoded by the frozen VAE as the scaled posterior mean (or read from a latent
+   cache made by ``cdiff cache-latents``);
+2. t ~ U{0..999} and noise ~ N(0, I) are drawn from a generator seeded by (seed, g); the EO
+   latent is noised: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise (cdiff.DDPM);
+3. the U-Net sees [SAR latent | x_t] (8 channels), t and the model's fixed prompt embedding, and
+   returns 4 prediction channels and 1 raw-variance channel;
+4. the loss: ``confidence_nll(target, prediction, raw variance, a_t)`` (the C-Diff beta-NLL) with
+   target = noise (``prediction = "epsilon"``) or the clean EO latent (``"sample"``, the
+   release's x0 option); ``loss = "mse"`` is plain L2 on the 4 channels (the paper's Table 3).
+
+Logged terms (means over elements, their sum is the loss): ``loss_residual`` = w (target -
+prediction)^2 / (2 var), the confidence-weighted fit; ``loss_logvar`` = w (log var + log 2 pi) / 2,
+the regulariser that keeps the variance from growing; with w = stopgrad(var)^sqrt(a_t).
+``mean_variance`` is the mean predicted variance (1 at the start of fine-tuning).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cdiff
+from cdiff.loss import LOG_2PI, confidence_nll, variance_from_raw
+from cdiff.pipeline import DEFAULT_PROMPT, Pipeline, SampleAsNoise
+from cdiff.train.config import RunConfig
+from cdiff.train.data import image_augment, image_pairs
+from cdiff.train.ema import EMA
+from cdiff.train.loop import Phase
+from cdiff.train.optim import adamw, lr_schedule
+from cdiff.train.seeds import generator
+from cdiff.train.validation import score_pairs
+
+PREDICTIONS = ("epsilon", "sample")
+LOSSES = ("cdiff", "mse")
+MODEL_FILE, EMA_FILE = "model.safetensors", "model_ema.safetensors"
+TINY = "tiny"
+
+
+@dataclass(frozen=True)
+class CDiffSETConfig:
+    kind: str = "cdiffset"
+    init: str = ""  # the starting model: any file cdiff.load_pipeline reads (a native file from `cdiff convert`),
+    #                 or "tiny": cdiff's tiny stack with seeded random weights (for CPU trials)
+    unet: str = ""  # optional: a release U-Net file (8-in/4-out or 8-in/5-out) to start from; VAE and prompt from init
+    pad_to_77: bool = False  # init's prompt embedding is SD's 77-token padded one (the release's is unpadded)
+    prediction: str = "epsilon"  # the U-Net predicts the noise (the paper), or "sample": the clean EO latent
+    loss: str = "cdiff"  # "cdiff": the confidence-guided beta-NLL; "mse": L2 on the noise channels (Table 3)
+    ema_decay: float = 0.0  # > 0: keep an EMA of the U-Net with this decay, validate and save it too
+    gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
+    tiny_seed: int = 0  # the weights of init = "tiny"
+
+    def __post_init__(self):
+        if not self.init:
+            raise ValueError("config: model.init is needed: a model file (e.g. from `cdiff convert`) or \"tiny\"")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"config: model.prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"config: model.loss must be one of {LOSSES}, got {self.loss!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"config: model.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def start_pipeline(model: CDiffSETConfig, checkpoint: Path | None = None) -> Pipeline:
+    """The model to train, in fp32 on the CPU: a checkpoint's, else ``model.init`` (+ ``model.unet``)."""
+    if checkpoint is not None:
+        return cdiff.load_pipeline(checkpoint / MODEL_FILE, dtype=torch.float32)
+    if model.init == TINY:
+        from cdiff.demo import tiny_pipeline
+
+        return tiny_pipeline(model.tiny_seed)
+    for path in (model.init, model.unet):
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"model file not found: {path}")
+    return cdiff.load_pipeline(model.init, unet=model.unet or None, pad_to_77=model.pad_to_77, surgery=True,
+                               dtype=torch.float32)
+
+
+def vae_fingerprint(vae: nn.Module) -> str:
+    """SHA-256 of the VAE's weights (names, shapes and bytes): a latent cache records whose VAE made it."""
+    digest = hashlib.sha256()
+    for name, tensor in vae.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class CDiffSETTask:
+    """The C-DiffSET model in training (see cdiff.train.loop for what a task provides)."""
+
+    best_metric = "psnr"
+
+    def __init__(self, config: RunConfig, device: torch.device, checkpoint: Path | None = None,
+                 pipeline: Pipeline | None = None):
+        """The model comes from ``checkpoint`` (a resume), else ``pipeline`` (in memory), else model.init."""
+        self.config, self.device, self.model = config, device, config.model
+        pipeline = pipeline if pipeline is not None and checkpoint is None else start_pipeline(self.model, checkpoint)
+        self.prompt, self.process = pipeline.prompt, cdiff.DDPM()
+        self.unet = pipeline.unet.to(device).train().requires_grad_(True)
+        self.vae = pipeline.vae.to(device).eval().requires_grad_(False)
+        self.context = pipeline.context.to(device, torch.float32)  # (L, context_dim)
+        if self.model.gradient_checkpointing:
+            self.unet.gradient_checkpointing(True)
+        self.ema = EMA(self.unet, self.model.ema_decay) if self.model.ema_decay else None
+        if checkpoint is not None and self.ema is not None:
+            self.ema.module.load_state_dict(cdiff.load_unet(checkpoint / EMA_FILE, dtype=torch.float32).state_dict())
+        self.modules = {"unet": self.unet}
+        self.wrapped = dict(self.modules)
+        self.optimizers = {"unet": adamw(self.unet.parameters(), config.optim)}
+        self.schedulers = {"unet": lr_schedule(self.optimizers["unet"], config.optim, config.train.steps)}
+        self.phases = [Phase("unet", "unet", ("unet",), self.loss)]
+        # Opened now, so that a missing held-out split is an error at the start, not at step val.every.
+        self.val_pairs = image_pairs(config.data, "test", config.val.images) if config.val.every else None
+
+    # --- training ------------------------------------------------------------------------
+
+    def training_samples(self):
+        if self.config.data.latents:
+            from cdiff.train.latents import cached_samples
+
+            return cached_samples(self.config.data, self.vae)
+        return image_pairs(self.config.data, "train"), image_augment(self.config.data)
+
+    @torch.no_grad()
+    def _latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(SAR latent, EO latent), each (B, 4, h, w) fp32: from the cache, or encoded now."""
+        if "sar_latent" in batch:
+            return batch["sar_latent"].to(self.device).float(), batch["eo_latent"].to(self.device).float()
+        images = torch.cat([batch["sar"], batch["eo"]]).to(self.device, non_blocking=True)  # (2B, 3, H, W)
+        sar_latent, eo_latent = self.vae.encode_latent(images).float().chunk(2)
+        return sar_latent, eo_latent
+
+    def _draw(self, positions: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t (B,), noise (B, *shape)) from one generator per sample, seeded by (seed, position)."""
+        steps, noises = [], []
+        for position in positions.tolist():
+            gen = generator(self.config.train.seed, "noise", position)
+            steps.append(torch.randint(0, self.process.num_train_timesteps, (1,), generator=gen))
+            noises.append(torch.randn(shape, generator=gen))
+        return torch.cat(steps).to(self.device), torch.stack(noises).to(self.device)
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        sar_latent, eo_latent = self._latents(batch)
+        t, noise = self._draw(batch["position"], eo_latent.shape[1:])
+        noisy = self.process.add_noise(eo_latent, noise, t)  # (B, 4, h, w)
+        context = self.context.expand(len(t), -1, -1)  # (B, L, context_dim)
+        out = self.wrapped["unet"](torch.cat([sar_latent, noisy], dim=1), t, context)  # (B, 5, h, w)
+        channels = eo_latent.shape[1]
+        prediction, raw = out[:, :channels], out[:, channels:]
+        target = noise if self.model.prediction == "epsilon" else eo_latent
+        alpha_bar = self.process.alpha_bar(t)
+        if self.model.loss == "mse":
+            loss = F.mse_loss(prediction.float(), target)
+            return loss, {"mean_variance": variance_from_raw(raw.detach()).mean()}
+        loss = confidence_nll(target, prediction, raw, alpha_bar)
+        return loss, self._terms(target, prediction.detach(), raw.detach(), alpha_bar)
+
+    @staticmethod
+    def _terms(target, prediction, raw, alpha_bar) -> dict[str, torch.Tensor]:
+        """The C-Diff loss's two terms (element means; they sum to the loss) and the mean variance."""
+        var = variance_from_raw(raw)  # (B, 1, h, w)
+        weight = var ** alpha_bar.sqrt().view(-1, 1, 1, 1)
+        residual = (weight * (target - prediction.float()).square() / (2 * var)).mean()
+        logvar = (weight * (var.log() + LOG_2PI) / 2).mean()  # broadcast over channels: the same mean
+        return {"loss_residual": residual, "loss_logvar": logvar, "mean_variance": var.mean()}
+
+    def after_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update(self.unet)
+
+    # --- checkpoints and validation --------------------------------------------------------
+
+    def save(self, folder: Path) -> None:
+        padding = "77" if self.context.shape[0] == 77 else "none"
+        for name, unet in ((MODEL_FILE, self.unet), (EMA_FILE, self.ema.module if self.ema else None)):
+            if unet is not None:
+                cdiff.save_native(folder / name, unet, self.vae, self.context, prompt=self.prompt, padding=padding,
+                                  prediction=self.model.prediction)
+
+    @torch.no_grad()
+    def validate(self, step: int):
+        """DDIM on the first val.images held-out pairs: mean PSNR, SSIM, SCC; grid columns."""
+        val = self.config.val
+        unet = self.ema.module if self.ema is not None else self.unet
+        unet.eval()
+        sampler = SampleAsNoise(unet, self.process) if self.model.prediction == "sample" else unet
+        pipeline = Pipeline(sampler, self.vae, self.context, prompt=self.prompt or DEFAULT_PROMPT, process=self.process)
+
+        def predict(index, sar):
+            result = pipeline.translate(sar, steps=val.steps, generator=generator(self.config.train.seed, "val", index))
+            confidence = result.confidence if result.confidence is not None else torch.zeros_like(sar[:, :1])
+            return result.eo, confidence
+
+        out = score_pairs(self.val_pairs, predict, val.batch_size, val.grid_images, self.device)
+        self.unet.train()
+        return out

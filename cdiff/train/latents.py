@@ -1,0 +1,206 @@
+"""The latent cache: ``cdiff cache-latents`` encodes the training pairs once; training reads it.
+
+The VAE is frozen, so its latents never change, and at 512 px encoding a SAR-EO pair costs about
+as much as the U-Net's forward and backward. The cache is a folder:
+
+    index.json                the count, views, latent shape, crop, the data section, the model file
+                              and the SHA-256 of its VAE's weights, and the measured flip error
+    shard-00000.safetensors   "sar", "eo": (n, views, 4, h, w) scaled posterior means (fp32);
+                              metadata "names": the pairs' names (JSON)
+
+What it keeps of the augmentation, exactly: each pair is encoded at one fixed window, the whole
+image or, with a crop side, its centre crop. With ``--dihedral`` the 8 flips / 90-degree
+rotations of that window are each encoded from the transformed image, and training picks one
+of the 8 per sample (uniformly, seeded by (seed, position)): the same distribution as random
+horizontal + vertical flips + rotations of the images. Without it, training sees the window
+as is, and a config asking for flips is refused. Random crops cannot be kept: the cache
+holds only the centre window, and a config asking for random crops of larger images is refused.
+Flipping a latent instead of encoding the flipped image is not exact (the VAE is not
+equivariant), which is why views are encoded: ``flip_error`` measures the difference.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cdiff.data import CenterCrop
+from cdiff.files import atomic_path, check_output
+from cdiff.progress import progress
+from cdiff.train.config import RunConfig, to_dict
+from cdiff.train.data import DEFAULT_CROPS, image_pairs
+from cdiff.train.rundir import settle
+
+FORMAT, VERSION = "cdiff-latents", 1
+VIEWS = ("identity", "rot90", "rot180", "rot270", "hflip", "hflip+rot90", "hflip+rot180", "hflip+rot270")
+
+
+def dihedral(x: torch.Tensor, view: int) -> torch.Tensor:
+    """View ``view`` (0..7, named in VIEWS) of images or latents (..., H, W): a horizontal flip
+    (views 4-7) then a rotation by (view % 4) x 90 degrees."""
+    if view >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, view % 4, dims=(-2, -1)) if view % 4 else x
+
+
+def _rms(x: torch.Tensor) -> float:
+    return float(x.double().square().mean().sqrt())
+
+
+@torch.no_grad()
+def flip_error(vae, images: torch.Tensor) -> dict[str, float]:
+    """For each non-identity view T: RMS(T(E(x)) - E(T(x))) / RMS(E(T(x))), E the scaled posterior
+    mean, over ``images`` (B, 3, H, W) in [-1, 1]: how far a transformed latent is from the latent
+    of the transformed image, relative to the latent's size."""
+    latent = vae.encode_latent(images)
+    errors = {}
+    for view in range(1, len(VIEWS)):
+        exact = vae.encode_latent(dihedral(images, view))
+        errors[VIEWS[view]] = _rms(dihedral(latent, view) - exact) / _rms(exact)
+    return errors
+
+
+@torch.no_grad()
+def cache_latents(config: RunConfig, out_dir, dihedral_views: bool = False, batch_size: int = 8,
+                  show_progress: bool = True, overwrite: bool = False) -> Path:
+    """Encode the training pairs of ``config`` with its model's VAE into ``out_dir`` (a new or empty
+    folder; ``overwrite`` replaces a cache there once the new one is complete)."""
+    from cdiff.train.cdiffset import start_pipeline, vae_fingerprint
+
+    if config.model.kind != "cdiffset":
+        raise ValueError(f"cache-latents encodes with a C-DiffSET model's VAE; model.kind {config.model.kind!r} "
+                         "trains on images (no latents)")
+    out_dir = check_output(out_dir, "folder", overwrite, sources=(config.model.init, config.data.root or None))
+    data = config.data
+    if data.latents:
+        raise ValueError("data.latents is set: cache-latents reads images; unset it (--set data.latents=\"\")")
+    device = torch.device("cuda" if torch.cuda.is_available() and config.train.device != "cpu" else "cpu")
+    vae = start_pipeline(config.model).vae.to(device).eval()
+    pairs = image_pairs(data, "train")
+    crop = data.crop or DEFAULT_CROPS.get(data.kind)
+    views = len(VIEWS) if dihedral_views else 1
+    shard_size = max(1, 4096 // views)
+    index = {
+        "format": FORMAT, "version": VERSION, "views": views, "crop": crop or 0, "cropped": False,
+        "data": to_dict(config)["data"], "model": config.model.init, "vae_sha256": vae_fingerprint(vae),
+        "shards": [],
+    }
+    with atomic_path(out_dir, is_dir=True, overwrite=overwrite) as tmp:
+        sar_rows, eo_rows, names = [], [], []
+        batches = DataLoader(pairs, batch_size=batch_size, num_workers=min(data.workers, 4), collate_fn=list)
+        for batch in progress(batches, desc="cache-latents", enabled=show_progress):
+            samples = []
+            for sample in batch:
+                if crop and min(sample["sar"].shape[-2:]) > crop:
+                    index["cropped"] = True
+                samples.append(CenterCrop(crop)(sample) if crop else sample)
+            sar = torch.stack([s["sar"] for s in samples]).to(device)  # (b, 3, H, W)
+            eo = torch.stack([s["eo"] for s in samples]).to(device)
+            if "flip_error" not in index:
+                index["flip_error"] = flip_error(vae, torch.cat([sar, eo])[:8])
+            both = torch.cat([sar, eo])
+            latents = torch.stack([vae.encode_latent(dihedral(both, v)) for v in range(views)], dim=1)  # (2b, V, 4, h, w)
+            sar_rows.extend(latents[: len(samples)].float().cpu())
+            eo_rows.extend(latents[len(samples):].float().cpu())
+            names.extend(s["name"] for s in samples)
+            while len(names) >= shard_size:
+                _write_shard(tmp, index, sar_rows[:shard_size], eo_rows[:shard_size], names[:shard_size])
+                del sar_rows[:shard_size], eo_rows[:shard_size], names[:shard_size]
+        if names:
+            _write_shard(tmp, index, sar_rows, eo_rows, names)
+        index["count"] = sum(s["count"] for s in index["shards"])
+        (tmp / "index.json").write_text(json.dumps(index, indent=1))
+        settle(tmp)
+    return out_dir
+
+
+def _write_shard(folder: Path, index: dict, sar: list, eo: list, names: list) -> None:
+    from safetensors.torch import save_file
+
+    name = f"shard-{len(index['shards']):05d}.safetensors"
+    save_file({"sar": torch.stack(sar), "eo": torch.stack(eo)}, str(folder / name),
+              metadata={"names": json.dumps(names)})
+    index["shards"].append({"file": name, "count": len(names)})
+    index["latent_shape"] = list(sar[0].shape[1:])
+
+
+class LatentPairs(Dataset):
+    """The pairs of a latent cache: ``{"sar_latent", "eo_latent": (views, 4, h, w), "name"}``.
+
+    Shards are memory-mapped and read one row at a time (safetensors slices), in each process.
+    """
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        try:
+            self.index = json.loads((self.folder / "index.json").read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"latent cache {self.folder}: no index.json (make one with `cdiff cache-latents`)") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"latent cache {self.folder}/index.json: not valid JSON: {err}") from None
+        if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
+            raise ValueError(f"latent cache {self.folder}: not a cdiff latent cache of version {VERSION}")
+        if not self.index.get("count"):
+            raise ValueError(f"latent cache {self.folder} holds no pairs")
+        self.rows = [(s["file"], i) for s in self.index["shards"] for i in range(s["count"])]
+        self._files: dict[str, object] = {}
+        self._names: dict[str, list[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _open(self, file: str):
+        from safetensors import safe_open
+
+        if file not in self._files:
+            handle = safe_open(str(self.folder / file), framework="pt")
+            self._files[file] = handle
+            self._names[file] = json.loads(handle.metadata()["names"])
+        return self._files[file]
+
+    def __getitem__(self, index: int) -> dict:
+        file, row = self.rows[index]
+        handle = self._open(file)
+        return {
+            "sar_latent": handle.get_slice("sar")[row], "eo_latent": handle.get_slice("eo")[row],
+            "name": self._names[file][row],
+        }
+
+    def __getstate__(self):  # DataLoader workers open their own memory maps
+        return {**self.__dict__, "_files": {}, "_names": {}}
+
+
+def cached_samples(data, vae):
+    """(LatentPairs, the view-picking augmentation or None) for training; the cache is checked
+    against the config and the model's VAE, and a mismatch is an error that says what to change."""
+    from cdiff.train.cdiffset import vae_fingerprint
+
+    pairs = LatentPairs(data.latents)
+    index, where = pairs.index, f"latent cache {data.latents}"
+    if index["vae_sha256"] != vae_fingerprint(vae):
+        raise ValueError(f"{where} was made with another VAE than this model's ({index['model']}); re-run cache-latents")
+    crop = data.crop or DEFAULT_CROPS.get(data.kind) or 0
+    if index["data"]["kind"] != data.kind or index["crop"] != crop:
+        raise ValueError(f"{where} holds {index['data']['kind']} pairs at crop {index['crop']}, "
+                         f"the config asks for {data.kind} at crop {crop}")
+    if index["cropped"] and data.random_crop:
+        raise ValueError(f"{where} holds the centre crop only: set data.random_crop = false to train from it")
+    flips = (data.hflip, data.vflip, data.rot90)
+    if any(flips) and not (all(flips) and index["views"] == len(VIEWS)):
+        raise ValueError(f"{where} holds {index['views']} view(s) per pair: flips and rotations need all of "
+                         "data.hflip, data.vflip, data.rot90 and a cache made with --dihedral; or set them false")
+    if not any(flips):
+        return pairs, _first_view
+    return pairs, _random_view
+
+
+def _first_view(sample: dict, gen: torch.Generator) -> dict:
+    return {**sample, "sar_latent": sample["sar_latent"][0], "eo_latent": sample["eo_latent"][0]}
+
+
+def _random_view(sample: dict, gen: torch.Generator) -> dict:
+    view = int(torch.randint(len(VIEWS), (1,), generator=gen))
+    return {**sample, "sar_latent": sample["sar_latent"][view], "eo_latent": sample["eo_latent"][view]}

@@ -1,0 +1,153 @@
+"""cdiff train, part 1: the config (TOML, --set, errors), the schedule, the progress bar.
+
+Also the shared helpers of tests/test_train_*.py: a micro C-DiffSET model (seeded random
+weights, a 370k-parameter U-Net) saved as a native file, and the small run config they train.
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cdiff import UNet, UNetConfig, VAE, VAEConfig, save_native
+from cdiff.train.config import differences, from_dict, load_config, to_toml
+from cdiff.train.optim import WarmupCosine
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO_UNET = dict(model_channels=16, channel_mult=(1, 2), attention_levels=(False, True), num_res_blocks=1,
+                  head_dim=16, norm_groups=8, context_dim=32)
+MICRO_VAE = dict(block_channels=(16, 16, 16, 16), norm_groups=8)
+# 64x64 synthetic pairs (8x8 latents), 6 steps of batch 2, a checkpoint and a validation every 3 steps.
+SMALL_RUN = [
+    "data.kind=synthetic", "data.count=16", "data.size=64", "data.workers=0", "optim.lr=1e-3",
+    "optim.warmup_steps=2", "train.steps=6", "train.batch_size=2", "train.precision=fp32", "train.device=cpu",
+    "train.log_every=2", "train.save_every=3", "train.keep_last=1", "val.every=3", "val.images=2", "val.steps=2",
+    "val.batch_size=2", "val.grid_images=2",
+]
+
+
+def micro_model(path, out_channels: int = 4, seed: int = 0, config: dict | None = None) -> Path:
+    """A native C-DiffSET file: 8-in U-Net (4-out: the surgery adds the variance channel), tiny VAE."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet(UNetConfig.tiny(in_channels=8, out_channels=out_channels, **(MICRO_UNET if config is None else config)))
+        vae = VAE(VAEConfig.tiny(**MICRO_VAE))
+        context = torch.randn(6, unet.config.context_dim)
+    return save_native(path, unet, vae, context)
+
+
+@pytest.fixture
+def one_thread():
+    """Train on one thread: two OpenMP threads on two shared, busy cores run 10-30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_config(model_path, *sets: str):
+    return load_config(None, [f"model.init={model_path}", *SMALL_RUN, *sets])
+
+
+# --- the config -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, batch, crop", [("qxs", 64, 0), ("sar2opt", 16, 512), ("spacenet6", 16, 512)])
+def test_dataset_configs_hold_the_paper_settings(name, batch, crop):
+    config = load_config(ROOT / "configs" / f"{name}.toml")
+    assert (config.train.batch_size, config.data.crop, config.data.kind) == (batch, crop, name)
+    assert (config.optim.lr, config.optim.weight_decay, config.optim.warmup_steps) == (3e-5, 0.01, 100)
+    assert (config.optim.schedule, config.train.steps, config.train.seed) == ("cosine", 50_000, 2025)
+    assert (config.optim.clip_grad_norm, config.val.steps) == (1.0, 20)
+    assert config.data.hflip and config.data.vflip and config.data.rot90
+    assert config.model.prediction == "epsilon" and config.model.loss == "cdiff"
+
+
+def test_tiny_config_parses():
+    config = load_config(ROOT / "configs" / "synthetic-tiny.toml")
+    assert config.model.init == "tiny" and config.train.device == "cpu" and config.data.size == 64
+
+
+def test_set_overrides_parse_toml_values_and_bare_strings():
+    config = load_config(ROOT / "configs" / "qxs.toml", [
+        "optim.lr=1e-5", "optim.betas=[0.9, 0.99]", "data.root=/data/QXS SAROPT", "train.precision=fp16",
+        "model.ema_decay=0.999", "data.hflip=false", "optim.clip_grad_norm=0",
+    ])
+    assert config.optim.lr == 1e-5 and config.optim.betas == (0.9, 0.99)
+    assert config.data.root == "/data/QXS SAROPT" and config.train.precision == "fp16"
+    assert config.model.ema_decay == 0.999 and config.data.hflip is False and config.optim.clip_grad_norm == 0.0
+    changed = differences(load_config(ROOT / "configs" / "qxs.toml"), config)
+    assert len(changed) == 7 and "data.hflip: True -> False" in changed
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["optim.lrr=1"], "unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
+    (["train.batchsize=2"], "did you mean 'train.batch_size'?"),
+    (["optimizer.lr=1"], "unknown key 'optimizer'; did you mean 'optim'?"),
+    (["optim.lr"], "expected section.key=value"),
+    (["optim.lr=fast"], "optim.lr must be float, got 'fast'"),
+    (["train.steps=1.5"], "train.steps must be int"),
+    (["train.precision=fp8"], "train.precision must be one of"),
+    (["model.loss=l1"], "model.loss must be one of"),
+    (["data.kind=qxs"], "data.root is needed"),
+    (["model.init="], "model.init is needed"),
+    (["model.kind=gan"], "model.kind must be one of"),
+])
+def test_bad_overrides_name_the_key(sets, message):
+    with pytest.raises(ValueError) as err:
+        load_config(ROOT / "configs" / "synthetic-tiny.toml", sets)
+    assert message in str(err.value)
+
+
+def test_bad_files_name_the_file_and_key(tmp_path):
+    typo = tmp_path / "typo.toml"
+    typo.write_text('[model]\ninit = "tiny"\n[optim]\nwarmup = 5\n')
+    with pytest.raises(ValueError, match=r"typo.toml: unknown key 'optim.warmup'; did you mean 'optim.warmup_steps'"):
+        load_config(typo)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[model\ninit = 1\n")
+    with pytest.raises(ValueError, match=r"broken.toml: not a valid TOML file"):
+        load_config(broken)
+    with pytest.raises(FileNotFoundError, match="missing.toml"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_resolved_config_round_trips_through_toml():
+    config = load_config(ROOT / "configs" / "sar2opt.toml", ["optim.betas=[0.8, 0.9]", "data.root=a \"quoted\" path"])
+    import tomllib
+
+    assert from_dict(tomllib.loads(to_toml(config))) == config
+
+
+# --- the schedule -----------------------------------------------------------------------------
+
+
+def test_warmup_cosine_matches_the_release_schedule():
+    """The release's lr schedule is diffusers' get_scheduler("cosine", ...)."""
+    optimization = pytest.importorskip("diffusers.optimization")
+    theirs = optimization.get_scheduler(
+        "cosine", optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), num_warmup_steps=100,
+        num_training_steps=1000,
+    )
+    ours = WarmupCosine(100, 1000)
+    for step in range(1001):
+        assert math.isclose(theirs.get_last_lr()[0], ours(step), rel_tol=1e-12, abs_tol=1e-15), step
+        theirs.optimizer.step()
+        theirs.step()
+    assert WarmupCosine(10, 100, cosine=False)(50) == 1.0
+
+
+# --- the progress bar ---------------------------------------------------------------------------
+
+
+def test_progress_bar_shows_postfix_and_time_left(monkeypatch, capsys):
+    from cdiff import progress
+
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: True)
+    clock = iter([100.0, 110.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    bar = progress.Bar(total=100, desc="train", start=20)
+    bar.update(30, "loss 0.5 12.0 img/s")  # 10 steps in 10 s, 70 to go
+    out = capsys.readouterr().err
+    assert "30/100 left 0:01:10" in out and out.rstrip("\x1b[K").endswith("loss 0.5 12.0 img/s")
