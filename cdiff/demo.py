@@ -27,7 +27,7 @@ from cdiff.data.imageio import to_uint8, write_png, write_text
 from cdiff.data.synth import SynthPair, make_pair, pair_name
 from cdiff.files import check_output
 from cdiff.metrics import image_metrics, to_unit
-from cdiff.pipeline import Pipeline
+from cdiff.pipeline import Pipeline, Translation
 from cdiff.unet import UNet
 from cdiff.vae import VAE
 
@@ -61,6 +61,11 @@ class Protocol:
             raise ValueError(f"--steps must be at least 1, got {self.steps}")
         if self.scenes < 1:
             raise ValueError(f"--scenes must be at least 1, got {self.scenes}")
+
+
+# The protocols of the scores recorded in weights/cdiff-demo-tiny.json: the demo's own (what
+# `cdiff demo` prints and a test reproduces) and a larger held-out set for the claim.
+SCORE_PROTOCOLS = {"demo": Protocol(), "heldout": Protocol(scenes=64)}
 
 
 def tiny_pipeline(seed: int) -> Pipeline:
@@ -99,18 +104,47 @@ def eo_batch(pairs: list[SynthPair]) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.ascontiguousarray(p.eo.transpose(2, 0, 1))) for p in pairs])
 
 
-def translate(pipeline: Pipeline, sar: torch.Tensor, protocol: Protocol, show_progress: bool = False):
-    """The demo's sampling: one batch, ``protocol.steps`` DDIM steps, noise from ``protocol.seed``."""
-    generator = torch.Generator().manual_seed(protocol.seed)
-    return pipeline.translate(sar, steps=protocol.steps, generator=generator, show_progress=show_progress)
+def translate(pipeline: Pipeline, sar: torch.Tensor, protocol: Protocol, show_progress: bool = False, chunk: int = 16):
+    """The demo's sampling: ``protocol.steps`` DDIM steps (eta 0) from noise of ``protocol.seed``.
+
+    The noise of all B scenes is drawn at once, then the scenes go through in chunks of ``chunk``
+    (memory): the result is that of one batch, whatever ``chunk`` is.
+    """
+    height, width = sar.shape[-2:]
+    factor = pipeline.vae.config.downsample_factor
+    shape = (len(sar), pipeline.vae.config.latent_channels, height // factor, width // factor)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(protocol.seed))
+    parts = [pipeline.translate(sar[i : i + chunk], steps=protocol.steps, latents=noise[i : i + chunk],
+                                show_progress=show_progress) for i in range(0, len(sar), chunk)]
+    return Translation(torch.cat([p.eo for p in parts]), torch.cat([p.confidence for p in parts]))
+
+
+def _mean_scores(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Mean PSNR (dB), SSIM and SCC of (B, 3, H, W) images in [-1, 1] ((x + 1) / 2 scaling)."""
+    return {name: float(values.double().mean()) for name, values in image_metrics(to_unit(prediction), to_unit(target)).items()}
 
 
 def measure(pipeline: Pipeline, protocol: Protocol) -> dict[str, float]:
-    """Mean PSNR (dB), SSIM and SCC of the model over the protocol's held-out scenes ((x + 1) / 2 scaling)."""
+    """Mean PSNR (dB), SSIM and SCC of the model over the protocol's held-out scenes."""
     pairs = heldout_pairs(protocol)
-    result = translate(pipeline, sar_batch(pairs), protocol)
-    scores = image_metrics(to_unit(result.eo), to_unit(eo_batch(pairs)))
-    return {name: float(values.double().mean()) for name, values in scores.items()}
+    return _mean_scores(translate(pipeline, sar_batch(pairs), protocol).eo, eo_batch(pairs))
+
+
+def mean_eo_image(count: int, size: int) -> torch.Tensor:
+    """(3, size, size): the mean EO image of training scenes 0 .. count - 1, in [-1, 1]."""
+    total = np.zeros((size, size, 3), np.float64)
+    for seed in range(count):
+        total += make_pair(seed, size=size).eo
+    return torch.from_numpy((total / count).astype(np.float32).transpose(2, 0, 1).copy())
+
+
+def baseline_scores(protocol: Protocol, training_pairs: int) -> dict[str, dict[str, float]]:
+    """The trivial baselines on the protocol's scenes: every prediction the mean EO image of the
+    ``training_pairs`` training scenes, or the SAR image repeated to RGB."""
+    pairs = heldout_pairs(protocol)
+    sar, eo = sar_batch(pairs), eo_batch(pairs)
+    mean = mean_eo_image(training_pairs, protocol.size)
+    return {"mean_eo_baseline": _mean_scores(mean.expand_as(eo), eo), "sar_baseline": _mean_scores(sar, eo)}
 
 
 def _confidence_image(confidence: torch.Tensor, size: int) -> np.ndarray:

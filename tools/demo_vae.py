@@ -42,7 +42,7 @@ class VAERecipe:
     size: int = 128  # scene side in px
     crop: int = 64  # side of the training windows in px (a multiple of 8)
     batch: int = 8  # windows per step
-    steps: int = 2000  # AdamW steps
+    steps: int = 700  # AdamW steps
     lr: float = 2e-3  # after a linear warm-up, cosine to 0
     warmup: int = 50
     kl_weight: float = 1e-6  # on the mean KL per latent element
