@@ -23,10 +23,11 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, HW, C) tokens, row-major over pixels.
+    """(B, C, H, W) -> (B, HW, C) tokens, row-major over pixels; a view, never a copy.
 
-    A view of channels-last memory (no copy: the tokens share the activation's storage); a
-    copy of contiguous NCHW memory.
+    Of channels-last memory, the view is contiguous: each token's C values lie side by side,
+    as the projections read them. Of NCHW memory it is strided (a transpose), and the linear
+    layers that read it pay for a copy or a transposed read.
     """
     batch, channels, height, width = x.shape
     return x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, HW, C)

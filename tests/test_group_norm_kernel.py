@@ -154,8 +154,8 @@ def test_models_run_the_kernel_under_the_switch(monkeypatch):
     # the kernel; outputs and gradients equal the reference path's (channels-last models; the
     # kernel tests above cover both layouts).
     fmt = torch.channels_last
-    unet = randomize_(UNet(UNetConfig.tiny(model_channels=16, channel_mult=(1, 2), norm_groups=4, num_res_blocks=1,
-                                           attention_levels=(False, True))), 0).to(memory_format=fmt)
+    unet = randomize_(UNet(UNetConfig.tiny(model_channels=16, channel_mult=(1,), norm_groups=4, num_res_blocks=1,
+                                           attention_levels=(True,))), 0).to(memory_format=fmt)
     vae = randomize_(VAE(VAEConfig.tiny(block_channels=(8, 16), norm_groups=4)), 1).eval().to(memory_format=fmt)
     gen = torch.Generator().manual_seed(0)
     sample = torch.randn(2, 4, 8, 8, generator=gen).to(memory_format=fmt)

@@ -1,0 +1,142 @@
+"""The channels-last path: NHWC activations end to end, attention tokens read without a copy, and
+the same results as the default (NCHW) layout, for the U-Net, the VAE, a training step and a
+translation (tiny presets, fp32, CPU)."""
+
+import pytest
+import torch
+
+from cdiff.config import UNetConfig, VAEConfig
+from cdiff.demo import tiny_pipeline
+from cdiff.layers import from_tokens, to_tokens
+from cdiff.unet import UNet
+from cdiff.vae import VAE
+from tests.helpers import assert_parity, one_thread, randomize_
+
+CL = torch.channels_last
+# fp32 parity of the two layouts: the same arithmetic, except that the convolutions' inner
+# products are summed in another order (oneDNN's NHWC and NCHW kernels), so the outputs differ by
+# rounding: measured below 2e-6 of the output's scale; tolerance 1e-5 (the stack's parity
+# tolerance with diffusers is 1e-4).
+REL_TOL = 1e-5
+
+
+def shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def test_tokens_are_a_view_of_channels_last_memory():
+    x = torch.randn(2, 6, 3, 5).to(memory_format=CL)
+    tokens = to_tokens(x)  # (B, HW, C)
+    assert tokens.shape == (2, 15, 6) and tokens.is_contiguous() and shares_storage(tokens, x)
+    assert torch.equal(tokens, x.permute(0, 2, 3, 1).reshape(2, 15, 6))
+    tokens[1, 7, 4] = 42.0  # writes through: the same memory
+    assert x[1, 4, 1, 2] == 42.0  # token 7 = row 1, column 2
+    back = from_tokens(tokens, 3, 5)
+    assert back.is_contiguous(memory_format=CL) and shares_storage(back, tokens) and torch.equal(back, x)
+    strided = to_tokens(x.contiguous())  # of NCHW memory: a view too, but not a contiguous one
+    assert not strided.is_contiguous() and torch.equal(strided, tokens)
+
+
+def tiny_unet():
+    return randomize_(UNet(UNetConfig.tiny(in_channels=8, out_channels=5)), 0).eval()
+
+
+def unet_inputs(batch=2, side=16):
+    gen = torch.Generator().manual_seed(1)
+    return (torch.randn(batch, 8, side, side, generator=gen), torch.tensor([3, 600])[:batch],
+            torch.randn(batch, 6, 1024, generator=gen))
+
+
+def run_recording_layouts(model, *inputs):
+    """(output, names of modules whose 4-D output is not channels-last)."""
+    names = {module: name for name, module in model.named_modules()}
+    not_nhwc = []
+
+    def hook(module, args, out):
+        for tensor in out if isinstance(out, tuple) else (out,):
+            if isinstance(tensor, torch.Tensor) and tensor.ndim == 4 and not tensor.is_contiguous(memory_format=CL):
+                not_nhwc.append(names[module])
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        out = model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, not_nhwc
+
+
+def test_unet_activations_stay_nhwc_and_match_the_reference():
+    unet = tiny_unet()
+    sample, t, context = unet_inputs()
+    with one_thread(), torch.no_grad():
+        reference = unet(sample, t, context)
+        unet.to(memory_format=CL)
+        out, not_nhwc = run_recording_layouts(unet, sample.to(memory_format=CL), t, context)
+    assert not not_nhwc, f"modules whose output left channels-last: {not_nhwc[:5]}"
+    assert out.is_contiguous(memory_format=CL)
+    assert_parity(out, reference, "U-Net channels-last vs NCHW", REL_TOL)
+
+
+def test_vae_activations_stay_nhwc_and_match_the_reference():
+    vae = randomize_(VAE(VAEConfig.tiny()), 1).eval()
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with one_thread(), torch.no_grad():
+        latent, reconstruction = vae.encode(images).mean, vae(images)
+        vae.to(memory_format=CL)
+        images = images.to(memory_format=CL)
+        reconstruction_cl, not_nhwc = run_recording_layouts(vae, images)  # encoder, then decoder
+        latent_cl = vae.encode(images).mean
+    assert not not_nhwc, f"modules whose output left channels-last: {not_nhwc[:5]}"
+    assert_parity(latent_cl, latent, "VAE latent channels-last vs NCHW", REL_TOL)
+    assert_parity(reconstruction_cl, reconstruction, "VAE reconstruction channels-last vs NCHW", REL_TOL)
+
+
+def test_attention_reads_its_tokens_without_a_copy():
+    # The spatial transformer's proj_in and the VAE mid-attention's projections read the very
+    # memory the GroupNorm wrote: a (B, HW, C) view of the NHWC activation.
+    unet = tiny_unet().to(memory_format=CL)
+    vae = randomize_(VAE(VAEConfig.tiny()), 1).eval().to(memory_format=CL)
+    normed, read = [], []
+    pairs = [(m.norm, m.proj_in) for m in unet.modules() if type(m).__name__ == "SpatialTransformer"]
+    pairs += [(vae.encoder.mid.attn.norm, vae.encoder.mid.attn.to_q)]
+    for norm, projection in pairs:
+        norm.register_forward_hook(lambda module, args, out: normed.append(out))
+        projection.register_forward_pre_hook(lambda module, args: read.append(args[0]))
+    with one_thread(), torch.no_grad():
+        unet(*unet_inputs(batch=1))
+        vae.encode(torch.zeros(1, 3, 64, 64).to(memory_format=CL))
+    assert len(read) == len(normed) == len(pairs)
+    for activation, tokens in zip(normed, read):
+        assert activation.is_contiguous(memory_format=CL) and tokens.ndim == 3 and tokens.is_contiguous()
+        assert shares_storage(tokens, activation) and tokens.data_ptr() == activation.data_ptr()
+
+
+def test_training_gradients_match_the_reference():
+    unet = tiny_unet().train()
+    sample, t, context = unet_inputs()
+
+    def gradients():
+        unet.zero_grad()
+        unet(sample, t, context).square().mean().backward()
+        return torch.cat([p.grad.flatten() for p in unet.parameters()])
+
+    with one_thread():
+        reference = gradients()
+        unet.to(memory_format=CL)
+        grads = gradients()
+    assert all(p.grad.is_contiguous(memory_format=CL) for p in unet.parameters() if p.ndim == 4)
+    assert_parity(grads, reference, "U-Net gradients channels-last vs NCHW", REL_TOL)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_pipeline_in_channels_last_translates_the_same(sampler):
+    pipe = tiny_pipeline(0)
+    sar = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with one_thread():
+        reference = pipe.translate(sar, steps=3, sampler=sampler, generator=torch.Generator().manual_seed(4))
+        pipe.to(memory_format=CL)
+        assert pipe.unet.conv_in.weight.is_contiguous(memory_format=CL)
+        result = pipe.translate(sar, steps=3, sampler=sampler, generator=torch.Generator().manual_seed(4))
+    assert_parity(result.eo, reference.eo, f"translate ({sampler}) channels-last vs NCHW", REL_TOL)
+    assert_parity(result.confidence, reference.confidence, "confidence channels-last vs NCHW", REL_TOL)
