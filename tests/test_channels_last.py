@@ -140,3 +140,58 @@ def test_pipeline_in_channels_last_translates_the_same(sampler):
         result = pipe.translate(sar, steps=3, sampler=sampler, generator=torch.Generator().manual_seed(4))
     assert_parity(result.eo, reference.eo, f"translate ({sampler}) channels-last vs NCHW", REL_TOL)
     assert_parity(result.confidence, reference.confidence, "confidence channels-last vs NCHW", REL_TOL)
+
+
+# --- training: the trainer's switch, and a resume that keeps the moments' layout -----------------
+
+
+def test_trainer_switch_gives_the_same_loss_and_gradients(tmp_path):
+    from cdiff.train.cdiffset import CDiffSETTask
+    from tests.test_train import micro_model, small_config
+
+    model = micro_model(tmp_path / "micro.safetensors")
+    batch = {"sar": torch.rand(2, 3, 64, 64) * 2 - 1, "eo": torch.rand(2, 3, 64, 64) * 2 - 1, "position": torch.tensor([0, 1])}
+    results = []
+    with one_thread():
+        for switch in ("false", "true"):
+            task = CDiffSETTask(small_config(model, f"model.channels_last={switch}"), torch.device("cpu"))
+            loss = task.loss(batch)[0]
+            loss.backward()
+            results.append((loss.detach(), torch.cat([p.grad.flatten() for p in task.unet.parameters()])))
+    assert task.unet.conv_in.weight.is_contiguous(memory_format=CL)
+    assert_parity(results[1][0], results[0][0], "training loss channels-last vs NCHW", REL_TOL)
+    assert_parity(results[1][1], results[0][1], "training gradients channels-last vs NCHW", REL_TOL)
+
+
+def test_resumed_optimizer_state_takes_the_parameters_layout(tmp_path):
+    # Checkpoints store the moments contiguous. Fused AdamW walks parameter, gradient and moments as
+    # flat memory: a channels-last parameter beside contiguous moments would mix up elements (on
+    # the CPU silently: this test fails without rundir._match_layouts).
+    from cdiff.train import rundir
+
+    gen = torch.Generator().manual_seed(0)
+    weight, grads = torch.randn(4, 3, 3, 3, generator=gen), [torch.randn(4, 3, 3, 3, generator=gen) for _ in range(3)]
+
+    def optimizer_on(param):
+        return torch.optim.AdamW([param], lr=0.1, fused=True)
+
+    def step(param, optimizer, grad):
+        param.grad = grad.to(memory_format=CL)
+        optimizer.step()
+
+    uninterrupted = torch.nn.Parameter(weight.to(memory_format=CL))
+    optimizer = optimizer_on(uninterrupted)
+    for grad in grads:
+        step(uninterrupted, optimizer, grad)
+
+    first = torch.nn.Parameter(weight.to(memory_format=CL))
+    optimizer = optimizer_on(first)
+    step(first, optimizer, grads[0])
+    rundir.write_state(tmp_path, {}, {"unet": optimizer}, {}, torch.amp.GradScaler("cpu", enabled=False), ({}, {}))
+    resumed = torch.nn.Parameter(first.detach().clone())
+    optimizer = optimizer_on(resumed)
+    rundir.restore_state(*rundir.read_state(tmp_path), {"unet": optimizer}, {}, torch.amp.GradScaler("cpu", enabled=False))
+    assert all(v.stride() == resumed.stride() for v in optimizer.state[resumed].values() if v.ndim == 4)
+    for grad in grads[1:]:
+        step(resumed, optimizer, grad)
+    torch.testing.assert_close(resumed.detach(), uninterrupted.detach(), rtol=0, atol=0)
