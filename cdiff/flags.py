@@ -1,6 +1,6 @@
 """Environment switches, all in one place. Each is read when it is used, never at import.
 
-CDIFF_ATTENTION   "sdpa" (default) or "math": the attention backend (see cdiff.attention).
+CDIFF_ATTENTION   "sdpa" (default), "fused" or "math": the attention backend (see cdiff.attention).
 CDIFF_LOSS        "auto" (default), "triton" or "torch": the C-Diff loss backend (see cdiff.loss).
 CDIFF_GROUP_NORM  "torch" (default) or "triton": GroupNorm (+ SiLU) in the VAE and the U-Net on
                   PyTorch's op, or on the fused Triton kernel of kernels/group_norm_silu.py for
@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 
 _CHOICES = {
-    "CDIFF_ATTENTION": ("sdpa", "math"),
+    "CDIFF_ATTENTION": ("sdpa", "math", "fused"),
     "CDIFF_LOSS": ("auto", "triton", "torch"),
     "CDIFF_GROUP_NORM": ("torch", "triton"),
 }

@@ -5,6 +5,7 @@ translation (tiny presets, fp32, CPU)."""
 import pytest
 import torch
 
+from cdiff.attention import attention_backend
 from cdiff.config import UNetConfig, VAEConfig
 from cdiff.demo import tiny_pipeline
 from cdiff.layers import from_tokens, to_tokens
@@ -13,6 +14,7 @@ from cdiff.vae import VAE
 from tests.helpers import assert_parity, one_thread, randomize_
 
 CL = torch.channels_last
+CUDA = torch.cuda.is_available()
 # fp32 parity of the two layouts: the same arithmetic, except that the convolutions' inner
 # products are summed in another order (oneDNN's NHWC and NCHW kernels), so the outputs differ by
 # rounding: measured below 2e-6 of the output's scale; tolerance 1e-5 (the stack's parity
@@ -140,6 +142,47 @@ def test_pipeline_in_channels_last_translates_the_same(sampler):
         result = pipe.translate(sar, steps=3, sampler=sampler, generator=torch.Generator().manual_seed(4))
     assert_parity(result.eo, reference.eo, f"translate ({sampler}) channels-last vs NCHW", REL_TOL)
     assert_parity(result.confidence, reference.confidence, "confidence channels-last vs NCHW", REL_TOL)
+
+
+def test_fused_attention_backend_matches_sdpa():
+    # "fused" is SDPA restricted to its fused kernels (on the CPU: its flash kernel), here on the
+    # U-Net with a padding mask and on the VAE's single head as wide as its block.
+    unet = tiny_unet().to(memory_format=CL)
+    vae = randomize_(VAE(VAEConfig.tiny()), 1).eval().to(memory_format=CL)
+    sample, t, context = unet_inputs()
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5)).to(memory_format=CL)
+    outputs = {}
+    with one_thread(), torch.no_grad():
+        for backend in ("sdpa", "fused"):
+            with attention_backend(backend):
+                outputs[backend] = (unet(sample, t, context, mask), vae(images))
+    assert_parity(outputs["fused"][0], outputs["sdpa"][0], "U-Net fused vs sdpa attention", REL_TOL)
+    assert_parity(outputs["fused"][1], outputs["sdpa"][1], "VAE fused vs sdpa attention", REL_TOL)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the CPU tests above check the same path in fp32)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_channels_last_path_on_cuda(dtype, monkeypatch):
+    # The fast path end to end: channels-last weights and activations in fp16/bf16, attention on
+    # SDPA's fused kernels only (the VAE's 512-wide head on the memory-efficient kernel), GroupNorm
+    # on the Triton kernel; against the fp32 NCHW reference.
+    unet = randomize_(UNet(UNetConfig.cdiffset()), 0).eval().cuda()
+    vae = randomize_(VAE(VAEConfig.sd21()), 1).eval().cuda()
+    sample, t, context = (x.cuda() for x in unet_inputs(side=32))
+    images = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(5)).cuda() * 2 - 1
+    with torch.no_grad():
+        reference = unet(sample, t, context), vae(images)
+        unet.to(dtype=dtype, memory_format=CL)
+        vae.to(dtype=dtype, memory_format=CL)
+        monkeypatch.setenv("CDIFF_GROUP_NORM", "triton")
+        with attention_backend("fused"):
+            out = unet(sample.to(dtype), t, context.to(dtype)), vae(images.to(dtype))
+    assert out[0].is_contiguous(memory_format=CL) and out[1].is_contiguous(memory_format=CL)
+    tol = 2e-2 if dtype == torch.float16 else 5e-2
+    assert_parity(out[0].float(), reference[0], f"U-Net {dtype} channels-last fused", tol)
+    assert_parity(out[1].float(), reference[1], f"VAE {dtype} channels-last fused", tol)
 
 
 # --- training: the trainer's switch, and a resume that keeps the moments' layout -----------------
