@@ -137,14 +137,16 @@ def _add_set_option(p) -> None:
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="fine-tune a C-DiffSET model on paired SAR-EO data (resumable; torchrun for several GPUs)",
+        help="fine-tune a C-DiffSET model, or train the S2O-NPDE baseline, on paired SAR-EO data (resumable)",
         description="Fine-tune the U-Net with the C-Diff loss as the official release does, from any model "
         "cdiff.load_pipeline reads (a native file from 'cdiff convert', or a release U-Net with --set "
         "model.unet=FILE). The run directory receives config.toml, log.jsonl, validation grids in val/ and "
         "checkpoints in checkpoints/step-N/ (model.safetensors is a native model file; 'latest' and 'best' "
         "link to them). Configs: configs/*.toml; every key can be overridden with --set. Several GPUs: "
         "torchrun --nproc-per-node N -m cdiff train ... (the global batch is train.batch_size x N x "
-        "train.accumulation).",
+        "train.accumulation). With model.kind = \"s2o_npde\" (configs/s2o_npde_sen12.toml) it trains the "
+        "S2O-NPDE GAN from scratch instead, with the paper's Adam and schedule, in one process; "
+        "model.tcd / model.pmd / model.pde_loss switch its components off (the paper's Table 2).",
     )
     p.add_argument("--config", metavar="TOML", help="the run config (e.g. configs/qxs.toml); with --resume, replaces the run's own")
     p.add_argument("--run-dir", metavar="DIR", help="a new folder for the run's outputs")
@@ -212,9 +214,13 @@ def _add_translate(sub) -> None:
         "transform and nodata for TIFF input. Any size: sides are padded to multiples of 64, and images "
         "larger than --tile go through overlapping tiles. A rerun skips finished images. Under torchrun "
         "(torchrun --nproc-per-node N -m cdiff translate ...) the images are shared among the ranks. "
-        "Each image's noise comes from --seed and its name, so reruns and sharded runs reproduce it.",
+        "Each image's noise comes from --seed and its name, so reruns and sharded runs reproduce it. "
+        "An S2O-NPDE model translates in one generator pass: no steps, no noise, no confidence map, so "
+        "--steps, --eta, --sampler, --seed, --prompt and --conf-dir are refused for it.",
     )
-    p.add_argument("--model", required=True, metavar="M", help="a C-DiffSET model (a cdiff native file from 'cdiff convert')")
+    p.add_argument("--model", required=True, metavar="M", help="a C-DiffSET model (a cdiff native file from 'cdiff "
+                   "convert'), an S2O-NPDE model file, or a 'cdiff train' run directory (its best checkpoint, else "
+                   "its newest)")
     p.add_argument("--input", required=True, metavar="SAR", help="a SAR image file or a folder of them")
     p.add_argument("--output", required=True, metavar="OUT_DIR", help="folder for the EO images")
     p.add_argument("--conf-dir", metavar="DIR", help="also save confidence maps here: <name>.png (grey, as the "
@@ -228,7 +234,7 @@ def _add_translate(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="same-sized images per batch (default: %(default)s)")
     p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                   help="the U-Net's dtype; the VAE stays fp32 (default: %(default)s)")
+                   help="the U-Net's dtype, the VAE stays fp32 (S2O-NPDE: the generator's) (default: %(default)s)")
     p.add_argument("--prompt", help="the prompt to encode (default: the one stored in the model)")
     p.add_argument("--tile", type=int, default=1024, help="tile side in pixels, a multiple of 64; larger images "
                    "are translated in overlapping tiles; 0 never tiles (default: %(default)s)")

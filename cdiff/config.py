@@ -155,8 +155,10 @@ _RETIRED_FIELDS = {"UNetConfig": ("upcast_attention",)}
 
 def config_from_json(text: str):
     """Inverse of ``config_to_json``; lists come back as the tuples the dataclasses use."""
+    from cdiff.npde.config import NPDEConfig  # here: cdiff.npde imports this module
+
     data = json.loads(text)
-    kinds = {"UNetConfig": UNetConfig, "VAEConfig": VAEConfig}
+    kinds = {"UNetConfig": UNetConfig, "VAEConfig": VAEConfig, "NPDEConfig": NPDEConfig}
     kind = kinds.get(data.pop("type", None))
     if kind is None:
         raise ValueError(f"unknown config type in {text[:80]!r}")

@@ -6,7 +6,10 @@ Tensors: ``unet.*`` and ``vae.*`` in cdiff's parameter names, and the prompt emb
 - ``format`` = "cdiff", ``format_version`` = NATIVE_VERSION;
 - ``unet_config`` / ``vae_config``: the configs as JSON (cdiff.config.config_to_json), so
   any config, preset or not, comes back exactly;
-- ``prompt`` and ``padding`` ("none" or "77"): what the context encodes.
+- ``prompt`` and ``padding`` ("none" or "77"): what the context encodes;
+- ``prediction``: what the U-Net's first channels predict, "epsilon" (the noise, the paper's
+  and the release's) or "sample" (the clean EO latent, ``cdiff train --set
+  model.prediction=sample``); files written before this field existed are "epsilon".
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from cdiff.pipeline import DEFAULT_PROMPT
 
 NATIVE_VERSION = "1"
 CONTEXT_KEY = "context"  # the prompt embedding's tensor name
+PREDICTIONS = ("epsilon", "sample")
 
 
 def open_native(path) -> WeightFile:
@@ -35,8 +39,11 @@ def open_native(path) -> WeightFile:
     return f
 
 
-def save_native(path, unet, vae, context: torch.Tensor, prompt: str = DEFAULT_PROMPT, padding: str = "none") -> Path:
+def save_native(path, unet, vae, context: torch.Tensor, prompt: str = DEFAULT_PROMPT, padding: str = "none",
+                prediction: str = "epsilon") -> Path:
     """Write U-Net, VAE, prompt embedding and configs to one native ``.safetensors`` (atomically)."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     if context.ndim != 2:
         raise ValueError(f"context: expected (L, {unet.config.context_dim}), got {tuple(context.shape)}")
     tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
@@ -49,6 +56,7 @@ def save_native(path, unet, vae, context: torch.Tensor, prompt: str = DEFAULT_PR
         "vae_config": config_to_json(vae.config),
         "prompt": prompt,
         "padding": padding,
+        "prediction": prediction,
     }
     save_safetensors(tensors, path, metadata)
     return Path(path)
@@ -64,3 +72,11 @@ def load_native(path, dtype=None, device=None):
     vae = build_model(VAE, config_from_json(f.metadata["vae_config"]), f.load("vae."), path, dtype, device)
     context = f.load(CONTEXT_KEY)[""]
     return unet, vae, context, f.metadata.get("prompt", "")
+
+
+def native_prediction(path) -> str:
+    """What the U-Net of the native file ``path`` predicts: "epsilon" or "sample"."""
+    prediction = open_native(path).metadata.get("prediction", "epsilon")
+    if prediction not in PREDICTIONS:
+        raise CheckpointError(f"{path}: unknown prediction {prediction!r} in its metadata; expected one of {PREDICTIONS}")
+    return prediction

@@ -6,6 +6,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from cdiff import graphs
 from cdiff import tiling as tiles
@@ -38,6 +39,24 @@ def confidence_step(timesteps: list[int], num_train_timesteps: int) -> int:
 
 def _nonfinite_samples(x: torch.Tensor) -> list[int]:
     return (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
+
+
+class SampleAsNoise(nn.Module):
+    """A U-Net trained with prediction = "sample", seen as a noise predictor, so DDIM (and
+    cdiff.Pipeline) can sample with it: eps = (x_t - sqrt(a_t) x0_hat) / sqrt(1 - a_t)."""
+
+    def __init__(self, unet: nn.Module, process: DDPM):
+        super().__init__()
+        self.unet, self.config, self.process = unet, unet.config, process
+
+    def forward(self, sample: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
+        out = self.unet(sample, t, context)  # (B, C + 1, h, w): x0_hat and the raw variance
+        channels = self.config.in_channels // 2
+        t = torch.as_tensor(t, device=sample.device).reshape(-1)  # (1,) or (B,): no host sync
+        alpha = self.process.alpha_bar(t).view(-1, 1, 1, 1)
+        noisy = sample[:, channels:].float()  # (B, C, h, w): x_t
+        eps = (noisy - alpha.sqrt() * out[:, :channels].float()) / (1 - alpha).sqrt()
+        return torch.cat([eps.to(out.dtype), out[:, channels:]], dim=1)
 
 
 class Pipeline:

@@ -25,15 +25,24 @@ at a barrier (gloo) and rank 0 evaluates every output.
 
 Any size: sides are reflect-padded to multiples of 64 and cropped back; images larger than a
 tile go through overlapping tiles (cdiff.tiling).
+
+Models (``open_model``): a C-DiffSET model (anything cdiff.load_pipeline reads), an S2O-NPDE
+model file (cdiff.npde.files, recognised by its metadata), or a ``cdiff train`` run directory,
+which stands for its best checkpoint's ``model.safetensors`` (else its newest). S2O-NPDE
+translates in one generator pass (cdiff.npde.inference): there are no steps, no noise and no
+confidence map, so the sampling options (steps, eta, sampler, seed), a prompt and a confidence
+folder are refused for it; batch size, tiles, dtype and device apply as for C-DiffSET.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -169,6 +178,56 @@ def translate_scenes(pipeline, scenes: list[SarScene], names: list[str], samplin
     return out
 
 
+def translate_npde_scenes(generator, scenes: list[SarScene], names: list[str], sampling: Sampling,
+                          show_progress: bool = False) -> list[tuple[np.ndarray, None]]:
+    """``translate_scenes`` for an S2O-NPDE generator: one pass, no noise, no confidence map."""
+    from cdiff.npde import translate_image
+
+    sar = torch.stack([torch.from_numpy(s.sar).permute(2, 0, 1) for s in scenes])  # (B, 3, H, W)
+    eo = translate_image(generator, sar, sampling.tiling).float().permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+    return [(to_uint8(eo[i]), None) for i in range(len(scenes))]
+
+
+def model_file(model) -> Path:
+    """``--model`` as a path: a run directory (config.toml and checkpoints/) gives its best
+    checkpoint's model.safetensors, else its newest; anything else is returned as it is."""
+    path = Path(model)
+    if not (path.is_dir() and (path / "config.toml").is_file() and (path / "checkpoints").is_dir()):
+        return path
+    from cdiff.train.rundir import RunDir
+
+    checkpoint = path / "best" if (path / "best").is_dir() else RunDir(path).latest_checkpoint()
+    if checkpoint is None:
+        raise ValueError(f"{path}: a training run without a checkpoint yet")
+    return checkpoint / "model.safetensors"
+
+
+NPDE_REFUSED = {"steps": "--steps", "eta": "--eta", "sampler": "--sampler", "seed": "--seed"}
+
+
+def open_model(model, sampling: Sampling, conf_dir, device, dtype: str, prompt: str | None) -> tuple[Callable, Path]:
+    """(translate(scenes, names, sampling, show_progress) -> [(EO, grey or None)], the model file)
+    for ``--model``: a C-DiffSET pipeline or an S2O-NPDE generator (module docstring)."""
+    from cdiff import load_pipeline
+    from cdiff.npde import is_model_file, load_generator
+
+    path = model_file(model)
+    if is_model_file(path):
+        given = [flag for key, flag in NPDE_REFUSED.items() if getattr(sampling, key) != getattr(Sampling(), key)]
+        given += ["--prompt"] * (prompt is not None) + ["--conf-dir"] * (conf_dir is not None)
+        if given:
+            raise ValueError(f"{path}: an S2O-NPDE model translates in one generator pass, with no sampler, noise, "
+                             f"prompt or confidence map: leave out {', '.join(given)}")
+        return functools.partial(translate_npde_scenes, load_generator(path, device, DTYPES[dtype])), path
+    pipeline = load_pipeline(path, prompt=prompt, device=device)
+    if conf_dir is not None and pipeline.unet.config.out_channels <= pipeline.vae.config.latent_channels:
+        raise ValueError(f"{path}: its U-Net predicts no variance ({pipeline.unet.config.out_channels} outputs), "
+                         "so there is no confidence map: leave out --conf-dir")
+    # The SD VAE overflows in fp16, so --dtype applies to the U-Net; the VAE stays fp32.
+    pipeline.unet.to(DTYPES[dtype])
+    return functools.partial(translate_scenes, pipeline), path
+
+
 def write_outputs(job: Job, scene: SarScene, eo: np.ndarray, grey: np.ndarray | None) -> None:
     if job.eo.suffix == ".tif":
         write_eo_geotiff(job.eo, eo, scene)
@@ -203,7 +262,6 @@ def run_translate(
 ) -> Tally:
     """The ``cdiff translate`` command (module docstring). ``evaluation``: the keyword
     arguments of cdiff.evaluate.evaluate plus ``target`` and ``report_dir``, or None."""
-    from cdiff import load_pipeline
     from cdiff.evaluate import Networks
 
     rank, world, local_rank = distributed_env()
@@ -216,12 +274,9 @@ def run_translate(
     all_jobs = plan_jobs(input_path, output_dir, conf_dir)
     jobs = shard(all_jobs, rank, world)
     device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    pipeline = load_pipeline(model, prompt=prompt, device=device)
-    if conf_dir is not None and pipeline.unet.config.out_channels <= pipeline.vae.config.latent_channels:
-        raise ValueError(f"{model}: its U-Net predicts no variance ({pipeline.unet.config.out_channels} outputs), "
-                         "so there is no confidence map: leave out --conf-dir")
-    # The SD VAE overflows in fp16, so --dtype applies to the U-Net; the VAE stays fp32.
-    pipeline.unet.to(DTYPES[dtype])
+    translate, path = open_model(model, sampling, conf_dir, device, dtype, prompt)
+    if path != Path(model) and rank == 0:
+        print(f"cdiff translate: model {path}")
 
     tally = Tally()
     todo = []
@@ -235,7 +290,7 @@ def run_translate(
     show = rank == 0
 
     def flush():
-        results = translate_scenes(pipeline, [s for _, s in batch], [j.name for j, _ in batch], sampling, show)
+        results = translate([s for _, s in batch], [j.name for j, _ in batch], sampling, show)
         for (job, scene), (eo, grey) in zip(batch, results):
             write_outputs(job, scene, eo, grey)
             tally.translated += 1

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import cdiff
 from cdiff.cli import main
 from cdiff.train import train
-from cdiff.train.cdiffset import CDiffSETTask, SampleAsNoise
+from cdiff.pipeline import SampleAsNoise
+from cdiff.train.cdiffset import CDiffSETTask
 from cdiff.train.latents import cache_latents
 from cdiff.train.loop import NonFiniteLoss
 from cdiff.train.seeds import generator
@@ -105,6 +106,8 @@ def test_options_run_and_translate(tmp_path, model_file, option, absent):
     assert math.isfinite(_records(tmp_path / "run", "val")[-1]["psnr"])
     for name in ("model.safetensors", "model_ema.safetensors"):
         pipeline = cdiff.load_pipeline(done.checkpoint / name)
+        # An x0-predicting U-Net reaches the sampler as a noise predictor; a noise predictor as it is.
+        assert isinstance(pipeline.unet, SampleAsNoise) == (option == "model.prediction=sample")
         result = pipeline.translate(torch.rand(1, 3, 64, 64) * 2 - 1, steps=2, generator=torch.Generator().manual_seed(0))
         assert result.eo.shape == (1, 3, 64, 64) and torch.isfinite(result.eo).all()
     trained = done.task.unet.state_dict()

@@ -1,4 +1,4 @@
-"""S2O-NPDE config: every width, depth, norm, loss weight and optimiser setting in one place.
+"""S2O-NPDE config: every width, depth, norm and loss weight in one place.
 
 Each field's comment says where the number comes from:
 - "paper": fixed by S2O-NPDE (Zhang et al., IJCAI 2022, sections 3-4);
@@ -69,12 +69,8 @@ class NPDEConfig:
     perceptual_layers: tuple[str, ...] = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
     perceptual_layer_weights: tuple[float, ...] = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)
     pool_size: int = 50  # CycleGAN: the discriminators see a history of 50 generated images
-
-    # --- optimisation (section 4.1) ---
-    lr: float = 2e-4  # paper
-    betas: tuple[float, float] = (0.5, 0.999)  # paper: Adam
-    epochs: int = 200  # paper: constant lr for the first half, then linearly to zero
-    batch_size: int = 1  # paper
+    # The optimisation numbers (section 4.1) are the training run's, not the network's: see
+    # cdiff.npde.training (PAPER_TRAINING) and, for `cdiff train`, cdiff.train.s2o_npde.
 
     def __post_init__(self):
         if self.norm not in NORMS:
@@ -82,7 +78,7 @@ class NPDEConfig:
         if self.gan_loss != "lsgan":
             raise ValueError(f"NPDEConfig: gan_loss {self.gan_loss!r} is not built; only 'lsgan'")
         positive = ("sar_channels", "eo_channels", "base_channels", "n_downsampling", "n_blocks", "fusion_convs",
-                    "disc_channels", "disc_layers", "epochs", "batch_size")
+                    "disc_channels", "disc_layers")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"NPDEConfig: {name} must be >= 1, got {getattr(self, name)}")

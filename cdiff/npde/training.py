@@ -5,20 +5,27 @@ generator update (G and F together, Eq. 8) then one discriminator update (both P
 It knows nothing of run folders, logging or checkpoints; the caller saves
 ``model.state_dict()``, both optimisers' and the pools' ``state_dict()``.
 
-Schedule (section 4.1): Adam(betas 0.5, 0.999), lr 2e-4 for the first half of the epochs,
-then linearly to zero at the last. With torch's LambdaLR stepped once per epoch:
-``LambdaLR(opt, lambda e: lr_factor(e, config.epochs))``.
+Schedule (section 4.1, the PAPER_* constants): Adam(betas 0.5, 0.999), lr 2e-4 for the first
+half of 200 epochs, then linearly to zero at the last; batch 1. With torch's LambdaLR stepped
+once per epoch: ``LambdaLR(opt, lambda e: lr_factor(e, PAPER_EPOCHS))``. ``cdiff train`` runs
+the same schedule counted in steps (cdiff.train.s2o_npde).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
 
-from cdiff.npde.config import NPDEConfig
 from cdiff.npde.losses import NPDELoss
 from cdiff.npde.model import NPDEModel
+
+
+PAPER_LR = 2e-4
+PAPER_BETAS = (0.5, 0.999)
+PAPER_EPOCHS = 200  # constant lr for the first 100, then linearly to zero
+PAPER_BATCH_SIZE = 1
 
 
 class Optimizers(NamedTuple):
@@ -26,10 +33,11 @@ class Optimizers(NamedTuple):
     discriminator: torch.optim.Adam  # D_eo and D_sar
 
 
-def make_optimizers(model: NPDEModel, config: NPDEConfig | None = None) -> Optimizers:
-    """Adam with the paper's lr and betas (``config`` defaults to ``model.config``)."""
-    config = config or model.config
-    adam = dict(lr=config.lr, betas=config.betas)
+def make_optimizers(model: NPDEModel, lr: float = PAPER_LR, betas: tuple[float, float] = PAPER_BETAS,
+                    eps: float = 1e-8, weight_decay: float = 0.0) -> Optimizers:
+    """Adam, by default with the paper's lr and betas. ``weight_decay`` is decoupled (AdamW's);
+    the paper uses none, and with 0 the update is plain Adam's."""
+    adam = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=True)
     return Optimizers(torch.optim.Adam(model.generator_parameters(), **adam),
                       torch.optim.Adam(model.discriminator_parameters(), **adam))
 
@@ -103,6 +111,19 @@ class FakePools(NamedTuple):
             pool.load_state_dict({k: state[f"{name}.{k}"] for k in ("images", "rng")})
 
 
+@contextlib.contextmanager
+def frozen(parameters: list[torch.nn.Parameter]):
+    """Inside, ``parameters`` require no gradient: a forward pass through them records none
+    (its backward, after the block, still reaches the inputs). Restored on exit."""
+    for p in parameters:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in parameters:
+            p.requires_grad_(True)
+
+
 def training_step(model: NPDEModel, losses: NPDELoss, optimizers: Optimizers, batch: dict,
                   pools: FakePools | None = None) -> dict[str, float]:
     """One generator update and one discriminator update on ``batch`` {"sar", "eo"}:
@@ -110,19 +131,13 @@ def training_step(model: NPDEModel, losses: NPDELoss, optimizers: Optimizers, ba
     generator total ("generator") and the two discriminator losses, as floats."""
     device = next(model.parameters()).device
     sar, eo = batch["sar"].to(device), batch["eo"].to(device)
-    discriminators = model.discriminator_parameters()
 
     # Generator step; the discriminators only score, so they keep no gradient.
-    for p in discriminators:
-        p.requires_grad_(False)
-    try:
+    with frozen(model.discriminator_parameters()):
         g = losses.generator_terms(model, sar, eo)
-        optimizers.generator.zero_grad(set_to_none=True)
-        g.total.backward()
-        optimizers.generator.step()
-    finally:
-        for p in discriminators:
-            p.requires_grad_(True)
+    optimizers.generator.zero_grad(set_to_none=True)
+    g.total.backward()
+    optimizers.generator.step()
 
     # Discriminator step, on fakes drawn through the history pools.
     fake_eo, fake_sar = g.fake_eo.detach(), g.fake_sar.detach()

@@ -1,4 +1,4 @@
-"""Fine-tuning: ``cdiff train`` and ``cdiff cache-latents`` (see README "Fine-tune").
+"""Training: ``cdiff train`` and ``cdiff cache-latents`` (see README "Fine-tune" and "S2O-NPDE baseline").
 
     config.py       the run config: frozen dataclasses, TOML files, --set overrides
     run.py          train(): start or resume a run, in one process or under torchrun
@@ -7,11 +7,13 @@
     rundir.py       the run directory: atomic checkpoints, keep-last-N and best, training state
     data.py         the data stream: order, per-process shards, seeded augmentation
     seeds.py        seeded random streams; the global RNG states
-    optim.py        AdamW and the warm-up + cosine schedule
+    optim.py        AdamW and the lr schedules (warm-up + cosine, constant, linear decay)
     ema.py          the EMA of the weights
     logs.py         log.jsonl, TensorBoard, validation grids
+    validation.py   held-out PSNR, SSIM, SCC and the grid's columns, for every model
     distributed.py  torch.distributed as torchrun launches it
     cdiffset.py     the C-DiffSET model: its [model] section, training step and validation
+    s2o_npde.py     the S2O-NPDE baseline (cdiff.npde): its [model] section, two phases, validation
     latents.py      the latent cache
 """
 

@@ -27,18 +27,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 import cdiff
 from cdiff.loss import LOG_2PI, confidence_nll, variance_from_raw
-from cdiff.metrics import image_metrics, to_unit
-from cdiff.pipeline import DEFAULT_PROMPT, Pipeline
+from cdiff.pipeline import DEFAULT_PROMPT, Pipeline, SampleAsNoise
 from cdiff.train.config import RunConfig
 from cdiff.train.data import image_augment, image_pairs
 from cdiff.train.ema import EMA
 from cdiff.train.loop import Phase
-from cdiff.train.optim import adamw, warmup_cosine
+from cdiff.train.optim import adamw, lr_schedule
 from cdiff.train.seeds import generator
+from cdiff.train.validation import score_pairs
 
 PREDICTIONS = ("epsilon", "sample")
 LOSSES = ("cdiff", "mse")
@@ -95,24 +94,6 @@ def vae_fingerprint(vae: nn.Module) -> str:
     return digest.hexdigest()
 
 
-class SampleAsNoise(nn.Module):
-    """A U-Net trained with prediction = "sample", seen as a noise predictor, so DDIM (and
-    cdiff.Pipeline) can sample with it: eps = (x_t - sqrt(a_t) x0_hat) / sqrt(1 - a_t)."""
-
-    def __init__(self, unet: nn.Module, process: cdiff.DDPM):
-        super().__init__()
-        self.unet, self.config, self.process = unet, unet.config, process
-
-    def forward(self, sample: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
-        out = self.unet(sample, t, context)  # (B, C + 1, h, w): x0_hat and the raw variance
-        channels = self.config.in_channels // 2
-        t = torch.as_tensor(t, device=sample.device).reshape(-1)  # (1,) or (B,): no host sync
-        alpha = self.process.alpha_bar(t).view(-1, 1, 1, 1)
-        noisy = sample[:, channels:].float()  # (B, C, h, w): x_t
-        eps = (noisy - alpha.sqrt() * out[:, :channels].float()) / (1 - alpha).sqrt()
-        return torch.cat([eps.to(out.dtype), out[:, channels:]], dim=1)
-
-
 class CDiffSETTask:
     """The C-DiffSET model in training (see cdiff.train.loop for what a task provides)."""
 
@@ -137,7 +118,7 @@ class CDiffSETTask:
         self.modules = {"unet": self.unet}
         self.wrapped = dict(self.modules)
         self.optimizers = {"unet": adamw(self.unet.parameters(), config.optim)}
-        self.schedulers = {"unet": warmup_cosine(self.optimizers["unet"], config.optim, config.train.steps)}
+        self.schedulers = {"unet": lr_schedule(self.optimizers["unet"], config.optim, config.train.steps)}
         self.phases = [Phase("unet", "unet", ("unet",), self.loss)]
         # Opened now, so that a missing held-out split is an error at the start, not at step val.every.
         self.val_pairs = image_pairs(config.data, "test", config.val.images) if config.val.every else None
@@ -203,10 +184,10 @@ class CDiffSETTask:
 
     def save(self, folder: Path) -> None:
         padding = "77" if self.context.shape[0] == 77 else "none"
-        cdiff.save_native(folder / MODEL_FILE, self.unet, self.vae, self.context, prompt=self.prompt, padding=padding)
-        if self.ema is not None:
-            cdiff.save_native(folder / EMA_FILE, self.ema.module, self.vae, self.context, prompt=self.prompt,
-                              padding=padding)
+        for name, unet in ((MODEL_FILE, self.unet), (EMA_FILE, self.ema.module if self.ema else None)):
+            if unet is not None:
+                cdiff.save_native(folder / name, unet, self.vae, self.context, prompt=self.prompt, padding=padding,
+                                  prediction=self.model.prediction)
 
     @torch.no_grad()
     def validate(self, step: int):
@@ -216,26 +197,12 @@ class CDiffSETTask:
         unet.eval()
         sampler = SampleAsNoise(unet, self.process) if self.model.prediction == "sample" else unet
         pipeline = Pipeline(sampler, self.vae, self.context, prompt=self.prompt or DEFAULT_PROMPT, process=self.process)
-        scores, columns = {}, [[], [], [], []]
-        for index, batch in enumerate(DataLoader(self.val_pairs, batch_size=val.batch_size)):
-            sar, eo = batch["sar"].to(self.device), batch["eo"].to(self.device)
+
+        def predict(index, sar):
             result = pipeline.translate(sar, steps=val.steps, generator=generator(self.config.train.seed, "val", index))
-            prediction = result.eo.float()
-            for name, values in image_metrics(to_unit(prediction), to_unit(eo)).items():
-                scores.setdefault(name, []).append(values.cpu())
-            shown = sum(len(c) for c in columns[0])
-            if shown < val.grid_images:
-                keep = slice(0, val.grid_images - shown)
-                confidence = result.confidence if result.confidence is not None else torch.zeros_like(sar[:, :1])
-                for column, images in zip(columns, (sar, prediction, eo, _normalise(confidence))):
-                    column.append(images[keep].cpu())
+            confidence = result.confidence if result.confidence is not None else torch.zeros_like(sar[:, :1])
+            return result.eo, confidence
+
+        out = score_pairs(self.val_pairs, predict, val.batch_size, val.grid_images, self.device)
         self.unet.train()
-        metrics = {name: float(torch.cat(v).double().mean()) for name, v in scores.items()}
-        return metrics, [torch.cat(c) for c in columns] if columns[0] else []
-
-
-def _normalise(confidence: torch.Tensor) -> torch.Tensor:
-    """Per image min-max to [-1, 1], for display (as the release shows its confidence maps)."""
-    flat = confidence.float().flatten(1)
-    low, high = flat.min(1).values.view(-1, 1, 1, 1), flat.max(1).values.view(-1, 1, 1, 1)
-    return (confidence.float() - low) / (high - low).clamp_min(1e-12) * 2 - 1
+        return out

@@ -1,11 +1,14 @@
 """The training run's configuration: frozen dataclasses read from TOML, with ``--set`` overrides.
 
 A run config has five sections. ``[model]`` belongs to the model being trained (its ``kind``
-picks the dataclass: ``"cdiffset"`` -> cdiff.train.cdiffset.CDiffSETConfig); ``[data]``,
-``[optim]``, ``[train]`` and ``[val]`` are the same for every model. Defaults are the paper's and
-the official release's (see each field). Every key of a file or of ``--set section.key=value`` is
-checked: an unknown one is an error that names it and the nearest valid key, and a value of the
-wrong type or outside its range is an error that names the key.
+picks the dataclass: ``"cdiffset"`` -> cdiff.train.cdiffset.CDiffSETConfig, ``"s2o_npde"`` ->
+cdiff.train.s2o_npde.S2ONPDEConfig); ``[data]``, ``[optim]``, ``[train]`` and ``[val]`` have the
+same keys for every model. Defaults are the paper's and the official release's (see each field);
+a model whose paper trains otherwise gives its own defaults for those sections
+(``section_defaults()`` on its [model] class: S2O-NPDE's Adam, lr schedule and batch 1). Every
+key of a file or of ``--set section.key=value`` is checked: an unknown one is an error that names
+it and the nearest valid key (or the model kind it belongs to), and a value of the wrong type or
+outside its range is an error that names the key.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "linear_decay")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_KINDS = ("qxs", "sar2opt", "spacenet6", "sen12", "folders", "csv", "synthetic")
@@ -61,7 +64,8 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW's moment decays (torch's defaults, as the release)
     eps: float = 1e-8
     warmup_steps: int = 100  # linear warm-up from 0 (paper and release)
-    schedule: str = "cosine"  # after warm-up: "cosine" to 0 at train.steps (the release), or "constant"
+    schedule: str = "cosine"  # after warm-up: "cosine" to 0 at train.steps (the release), "constant", or
+    #                           "linear_decay": constant to train.steps / 2, then linearly to 0 (S2O-NPDE, CycleGAN)
     clip_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 = no clipping (the release does not clip)
 
     def __post_init__(self):
@@ -125,11 +129,16 @@ class RunConfig:
         return self.train.batch_size * self.train.accumulation
 
 
+def _model_classes() -> dict[str, type]:
+    from cdiff.train.cdiffset import CDiffSETConfig
+    from cdiff.train.s2o_npde import S2ONPDEConfig
+
+    return {"cdiffset": CDiffSETConfig, "s2o_npde": S2ONPDEConfig}
+
+
 def model_config_class(kind: str):
     """The dataclass of the ``[model]`` section for ``kind``."""
-    from cdiff.train.cdiffset import CDiffSETConfig
-
-    classes = {"cdiffset": CDiffSETConfig}
+    classes = _model_classes()
     _require(kind in classes, "model.kind", f"must be one of {sorted(classes)}, got {kind!r}")
     return classes[kind]
 
@@ -152,9 +161,10 @@ def _coerce(value, kind, key: str):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typing.get_origin(kind) is tuple:
-        item = typing.get_args(kind)[0]
-        if isinstance(value, (list, tuple)) and len(value) == len(typing.get_args(kind)):
-            return tuple(_coerce(v, item, key) for v in value)
+        args = typing.get_args(kind)
+        any_length = len(args) == 2 and args[1] is Ellipsis  # tuple[str, ...]
+        if isinstance(value, (list, tuple)) and (any_length or len(value) == len(args)):
+            return tuple(_coerce(v, args[0], key) for v in value)
     elif kind in (str, int, float, bool) and type(value) is kind:
         return value
     name = getattr(kind, "__name__", str(kind))
@@ -199,6 +209,7 @@ def from_dict(tree: dict, where: str = "config") -> RunConfig:
     model = tree.get("model", {})
     kind = model.get("kind", "cdiffset") if isinstance(model, dict) else "cdiffset"
     classes = _section_classes(kind)
+    defaults = getattr(classes["model"], "section_defaults", dict)()  # {section: instance}
     valid_keys = [f"{s}.{f.name}" for s, cls in classes.items() for f in fields(cls)]
     sections = {}
     for section, values in tree.items():
@@ -211,11 +222,15 @@ def from_dict(tree: dict, where: str = "config") -> RunConfig:
         kwargs = {}
         for key, value in values.items():
             if key not in types:
+                owner = [k for k, c in _model_classes().items()
+                         if section == "model" and key in typing.get_type_hints(c)]
+                if owner:  # e.g. a C-DiffSET option in an S2O-NPDE run
+                    raise ValueError(f"{where}: model.{key} is an option of model.kind {owner[0]!r}, not of {kind!r}")
                 raise _unknown(f"{section}.{key}", valid_keys, where)
             kwargs[key] = _coerce(value, types[key], f"{section}.{key}")
-        sections[section] = cls(**kwargs)
-    if "model" not in sections:
-        sections["model"] = classes["model"]()
+        sections[section] = dataclasses.replace(defaults[section], **kwargs) if section in defaults else cls(**kwargs)
+    for section in classes.keys() - sections.keys():
+        sections[section] = defaults.get(section) or classes[section]()
     return RunConfig(**sections)
 
 
@@ -248,6 +263,7 @@ def to_toml(config: RunConfig) -> str:
     lines = []
     for section, values in to_dict(config).items():
         lines.append(f"[{section}]")
+        values = dict(sorted(values.items(), key=lambda item: item[0] != "kind"))  # kind first: it picks the keys
         lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
         lines.append("")
     return "\n".join(lines)

@@ -70,6 +70,9 @@ def cache_latents(config: RunConfig, out_dir, dihedral_views: bool = False, batc
     folder; ``overwrite`` replaces a cache there once the new one is complete)."""
     from cdiff.train.cdiffset import start_pipeline, vae_fingerprint
 
+    if config.model.kind != "cdiffset":
+        raise ValueError(f"cache-latents encodes with a C-DiffSET model's VAE; model.kind {config.model.kind!r} "
+                         "trains on images (no latents)")
     out_dir = check_output(out_dir, "folder", overwrite, sources=(config.model.init, config.data.root or None))
     data = config.data
     if data.latents:

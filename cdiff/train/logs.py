@@ -3,9 +3,11 @@
 log.jsonl holds one JSON object per line, each with ``kind``:
 - "train": averages over the last ``train.log_every`` steps: ``step``, ``loss`` and the model's
   own terms (C-DiffSET: ``loss_residual`` and ``loss_logvar``, see cdiff.train.cdiffset;
-  ``mean_variance``), ``lr``, ``grad_norm`` (before clipping), ``images_per_s`` (all processes),
-  ``peak_memory_mb`` (CUDA: the most allocated in the window; CPU: the process's peak resident
-  memory), ``skipped_nonfinite`` (so far), ``seconds`` since the run (or resume) began;
+  ``mean_variance``; S2O-NPDE: per phase ``loss_generator``, ``loss_discriminator`` and their
+  terms, see cdiff.train.s2o_npde), ``lr``, ``grad_norm`` (before clipping; per phase, as the
+  loss), ``images_per_s`` (all processes), ``peak_memory_mb`` (CUDA: the most allocated in the
+  window; CPU: the process's peak resident memory), ``skipped_nonfinite`` (so far), ``seconds``
+  since the run (or resume) began;
 - "val": ``step``, the metrics (C-DiffSET: ``psnr``, ``ssim``, ``scc``), ``best``, ``grid``;
 - "event": ``event`` ("start", "resume", "nonfinite", "checkpoint", "end") and its details.
 """

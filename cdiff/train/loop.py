@@ -14,14 +14,15 @@ A model plugs in as a *task* (cdiff.train.cdiffset.CDiffSETTask is one) with the
     validate(step) -> (metrics, columns)  on rank 0: mean metrics, and image columns for the grid
     save(folder)                          write the model files of a checkpoint
 
-One phase is one optimiser's update: C-DiffSET has one; a GAN would have a discriminator phase
-and a generator phase. Per phase and step: ``train.accumulation`` micro-batches, each forward in
-the precision's autocast and backward through the gradient scaler (fp16), DDP's gradient
-averaging only on the last; unscale; clip the global norm; step. A step whose loss (or, without
-fp16's scaler, gradient norm) is not finite on any process is skipped while fewer than
-``train.skip_nonfinite`` were, else the run stops with NonFiniteLoss naming the step and the
-last good checkpoint. Schedulers step every step, skipped or not, so the lr is a function of
-the step.
+One phase is one optimiser's update: C-DiffSET has one; S2O-NPDE, a GAN, has a generator phase
+and a discriminator phase (cdiff.train.s2o_npde). With several phases the log names each one's
+loss and gradient norm ``loss_<phase>``, ``grad_norm_<phase>``, and its terms by their own names.
+Per phase and step: ``train.accumulation`` micro-batches, each forward in the precision's autocast
+and backward through the gradient scaler (fp16), DDP's gradient averaging only on the last;
+unscale; clip the global norm; step. A step whose loss (or, without fp16's scaler, gradient norm)
+is not finite on any process is skipped while fewer than ``train.skip_nonfinite`` were, else the
+run stops with NonFiniteLoss naming the step and the last good checkpoint. Schedulers step every
+step, skipped or not, so the lr is a function of the step.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ class Loop:
             suffix = "" if single else f"_{phase.name}"
             out[f"loss{suffix}"] = loss
             out[f"grad_norm{suffix}"] = norm
-            out.update({f"{k}{suffix}": v for k, v in logs.items()})
+            out.update(logs)  # the phase's own terms keep their names (distinct across phases)
         self.scaler.update()
         for scheduler in self.task.schedulers.values():
             scheduler.step()
@@ -226,6 +227,7 @@ class Loop:
         bar = Bar(train.steps, "train", enabled=self.world.is_main, start=self.step)
         window, finite_steps, window_steps, clock = {}, 0, 0, time.perf_counter()
         postfix = ""
+        shown = "loss" if len(self.task.phases) == 1 else f"loss_{self.task.phases[0].name}"  # in the progress bar
         while self.step < end:
             micro_batches = [next(batch_iter) for _ in range(train.accumulation)]
             values = self._step(micro_batches)
@@ -238,7 +240,7 @@ class Loop:
                     window[key] = window.get(key, 0.0) + value.detach()
             if self.step % train.log_every == 0 or self.step == end:
                 record = self._log(window, finite_steps, window_steps, time.perf_counter() - clock)
-                postfix = f"loss {record.get('loss', float('nan')):.4g} {record['images_per_s']:.1f} img/s"
+                postfix = f"{shown} {record.get(shown, float('nan')):.4g} {record['images_per_s']:.1f} img/s"
                 window, finite_steps, window_steps, clock = {}, 0, 0, time.perf_counter()
             bar.update(self.step, postfix)
             pause = time.perf_counter()

@@ -1,4 +1,5 @@
-"""The optimiser and learning-rate schedule of the paper: AdamW, linear warm-up, then cosine."""
+"""The optimiser and the learning-rate schedules: AdamW, linear warm-up, then cosine (C-DiffSET's
+paper and release), constant, or S2O-NPDE's linear decay over the second half."""
 
 from __future__ import annotations
 
@@ -27,6 +28,22 @@ class WarmupCosine:
             return 1.0
         progress = (n - self.warmup) / max(1, self.total - self.warmup)
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+
+
+@dataclass
+class WarmupLinearDecay:
+    """lr factor at scheduler step ``n``: n / warmup during warm-up, then 1 up to ``total`` / 2,
+    then linearly to 0 at ``total`` (S2O-NPDE's schedule, CycleGAN's "linear" policy). The paper
+    steps it once per epoch; counted in steps (total = epochs x steps per epoch) it is the same
+    line, reached at every epoch's start, decaying within the epoch instead of in stairs."""
+
+    warmup: int
+    total: int
+
+    def __call__(self, n: int) -> float:
+        from cdiff.npde.training import lr_factor
+
+        return n / self.warmup if n < self.warmup else lr_factor(n, self.total)
 
 
 def adamw(parameters, config: OptimConfig) -> torch.optim.AdamW:
@@ -64,5 +81,8 @@ class LRSchedule:
         self._apply()
 
 
-def warmup_cosine(optimizer, config: OptimConfig, total_steps: int) -> LRSchedule:
+def lr_schedule(optimizer, config: OptimConfig, total_steps: int) -> LRSchedule:
+    """The schedule ``config.schedule`` names, over ``total_steps`` (train.steps)."""
+    if config.schedule == "linear_decay":
+        return LRSchedule(optimizer, WarmupLinearDecay(config.warmup_steps, total_steps))
     return LRSchedule(optimizer, WarmupCosine(config.warmup_steps, total_steps, cosine=config.schedule == "cosine"))

@@ -60,10 +60,12 @@ def _on_rank0(world: distributed.World, action) -> None:
 
 
 def build_task(config: RunConfig, world: distributed.World, checkpoint: Path | None):
-    """The task of ``model.kind`` (one kind today)."""
+    """The task of ``model.kind``."""
     from cdiff.train.cdiffset import CDiffSETTask
+    from cdiff.train.s2o_npde import S2ONPDETask
 
-    return CDiffSETTask(config, world.device, checkpoint)
+    tasks = {"cdiffset": CDiffSETTask, "s2o_npde": S2ONPDETask}
+    return tasks[config.model.kind](config, world.device, checkpoint)
 
 
 def train(config: RunConfig | None, run_dir, resume: bool = False, force: bool = False,
