@@ -159,6 +159,7 @@ def main(argv=None) -> dict:
                 outputs = [impls[name](sar, noise).float() for name in ("diffusers", next(n for n in impls if n != "diffusers"))]
             difference = ((outputs[1] - outputs[0].clamp(-1, 1)).abs().max() / outputs[0].abs().max()).item()
             print(f"batch {batch}: max |cdiff - diffusers| / max |diffusers| = {difference:.1e} (cdiff clamps to [-1, 1])")
+            report[(batch, "difference")] = difference
         with torch.no_grad():
             seconds = common.interleaved({n: (lambda f: lambda: f(sar, noise))(f) for n, f in impls.items()},
                                          device, args.warmup, args.repeats)

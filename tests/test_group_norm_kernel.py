@@ -40,7 +40,7 @@ SHAPES = {
 }
 # Every shape in fp32; the half-precision dtypes on the shapes that differ in layout and blocking.
 CASES = [(shape, "fp32") for shape in SHAPES] + [
-    (shape, dtype) for shape in ("minimal", "non-aligned", "unet-level-0") for dtype in ("fp16", "bf16")
+    (shape, dtype) for shape in ("non-aligned", "unet-level-0") for dtype in ("fp16", "bf16")
 ]
 
 
@@ -100,13 +100,12 @@ def test_without_silu(layout):
     assert_all_match(ours, ref, f"no SiLU/{layout}")
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_statistics_are_stable_on_large_offsets(layout):
+def test_statistics_are_stable_on_large_offsets():
     # Activations of mean 1e3 and spread 1: E[x^2] - E[x]^2 in fp32 would lose most of the
     # variance's digits; the chunked two-level split does not. The expected values are fp64.
     # (PyTorch's own CPU kernel for channels-last input loses them: an error of ~0.7 on this
     # input, against 7e-5 for NCHW input, torch 2.14; so the reference here is fp64, not it.)
-    x, weight, bias, grad = make_input((2, 16, 9, 9), torch.float32, layout, seed=4, offset=1e3)
+    x, weight, bias, grad = make_input((2, 16, 9, 9), torch.float32, "channels_last", seed=4, offset=1e3)
     mean, rstd = group_norm_stats(x, 4, 1e-5, block_p=16)
     groups = x.double().reshape(2, 4, -1)
     torch.testing.assert_close(mean.double(), groups.mean(-1), rtol=1e-7, atol=0)
