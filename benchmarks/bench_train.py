@@ -226,7 +226,7 @@ def run(args, device, batch: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     cuda = torch.cuda.is_available()
-    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    common.add_common_arguments(parser, warmup=2 if cuda else 1)
     parser.add_argument("--tiny", action="store_true", default=not cuda, help="cdiff's tiny U-Net (default on the CPU)")
     parser.add_argument("--full", dest="tiny", action="store_false", help="the full SD 2.1 U-Net (default on a GPU)")
     parser.add_argument("--size", type=int, default=256 if cuda else 64, help="image side in px (latent: size / 8)")
@@ -234,12 +234,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="batch; on a GPU halved until it fits (default: %(default)s)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16" if cuda else "fp32")
     parser.add_argument("--steps", type=int, default=5 if cuda else 3, help="timed steps per block")
-    parser.add_argument("--warmup", type=int, default=2 if cuda else 1, help="untimed steps at the start of each block")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of interleaved blocks (default: %(default)s)")
     parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=None,
                         help="implementations (default: all; cdiff-cl-fused on a GPU only)")
-    parser.add_argument("--csv", default=str(common.RESULTS_CSV), help="append result rows here; '' for none")
-    common.add_threads_argument(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     common.apply_threads(args)
@@ -269,10 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
     report, rows = {"batch": batch}, []
     release = results.get("release")
     for impl, (seconds, peak) in results.items():
-        achieved, fraction = common.fraction_of_peak(flops, seconds, device, dtype)
+        achieved, fraction, share = common.fraction_of_peak(flops, seconds, device, dtype)
         speedup = release[0] / seconds if release else float("nan")
         report[impl] = {"ms": seconds * 1e3, "images_per_s": batch / seconds, "peak_mb": peak, "speedup": speedup}
-        share = f"{fraction:.1%}" if fraction is not None else "-"
         print(f"{impl:16s} {seconds * 1e3:9.1f} {batch / seconds:9.2f} {peak:9.0f} {speedup:10.2f} {achieved:8.2f} {share:>8s}")
         rows.append(dict(figure="train_step", impl=impl, device=common.device_name(device), dtype=args.precision,
                          settings=f"preset={'tiny' if args.tiny else 'sd21'} size={args.size} batch={batch}",

@@ -165,8 +165,7 @@ def main(argv=None) -> dict:
                                          device, args.warmup, args.repeats)
         for name, sec in seconds.items():
             ratio = seconds["diffusers"] / sec if "diffusers" in seconds else float("nan")
-            achieved, fraction = common.fraction_of_peak(flops, sec, device, dtype)
-            share = f"{fraction:.1%}" if fraction is not None else "-"
+            achieved, fraction, share = common.fraction_of_peak(flops, sec, device, dtype)
             print(f"| {batch} | {name} | {sec * 1e3:.1f} | {batch / sec:.2f} | {ratio:.3f} | {achieved:.2f} | {share} |")
             rows.append(dict(figure="translation", impl=name, device=common.device_name(device), dtype=args.dtype,
                              settings=f"preset={'tiny' if tiny else 'sd21'} size={size} steps={steps} batch={batch} "

@@ -126,8 +126,7 @@ def part_forward(args, device, dtype, tiny: bool) -> list[dict]:
         for name, sec in seconds.items():
             baseline = seconds.get(same_layout_baseline(name))
             ratio = baseline / sec if baseline else float("nan")
-            achieved, fraction = common.fraction_of_peak(flops, sec, device, dtype)
-            share = f"{fraction:.1%}" if fraction is not None else "-"
+            achieved, fraction, share = common.fraction_of_peak(flops, sec, device, dtype)
             print(f"| {batch} | {name} | {sec * 1e3:.2f} | {ratio:.3f} | {achieved:.2f} | {share} |")
             rows.append(dict(figure="unet_forward", impl=name, device=common.device_name(device), dtype=args.dtype,
                              settings=f"preset={'tiny' if tiny else 'sd21'} side={args.side} batch={batch} context=6 "

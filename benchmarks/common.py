@@ -165,11 +165,13 @@ def count_flops(fn: Callable) -> int:
     return counter.get_total_flops()
 
 
-def fraction_of_peak(flops: int, seconds: float, device: torch.device, dtype: torch.dtype) -> tuple[float, float | None]:
-    """(achieved TFLOP/s, fraction of the device's peak or None when the peak is unknown)."""
+def fraction_of_peak(flops: int, seconds: float, device: torch.device, dtype: torch.dtype):
+    """(achieved TFLOP/s, fraction of the device's peak or None when the peak is unknown, that
+    fraction as text: "12.3%" or "-")."""
     achieved = flops / seconds / 1e12
     peak = peak_tflops(device, dtype)
-    return achieved, (achieved / peak if peak else None)
+    fraction = achieved / peak if peak else None
+    return achieved, fraction, f"{fraction:.1%}" if fraction is not None else "-"
 
 
 def append_csv(path: str | Path | None, rows: list[dict]) -> None:
@@ -194,15 +196,14 @@ def _cell(value):
     return "" if value is None else value
 
 
-def add_common_arguments(parser, repeats: int, warmup: int) -> None:
+def add_common_arguments(parser, repeats: int | None = None, warmup: int | None = None) -> None:
+    """--device, --csv, --threads, and --repeats / --warmup when given their defaults."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=repeats, help="timed rounds (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=warmup, help="untimed calls per implementation first")
+    if repeats is not None:
+        parser.add_argument("--repeats", type=int, default=repeats, help="timed rounds (default: %(default)s)")
+    if warmup is not None:
+        parser.add_argument("--warmup", type=int, default=warmup, help="untimed calls per implementation first")
     parser.add_argument("--csv", default=str(RESULTS_CSV), help="append result rows here; '' for none (default: %(default)s)")
-    add_threads_argument(parser)
-
-
-def add_threads_argument(parser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's); 1 on a shared, busy machine, where "
                              "OpenMP threads spin-waiting on each other make 2 threads many times slower than 1")
