@@ -114,7 +114,7 @@ def main(argv=None) -> list[dict]:
                              device=common.device_name(device), dtype=str(dtype).removeprefix("torch."),
                              settings=f"shape={shape_name} {label} groups={GROUPS}", ms=sec * 1e3,
                              ratio=seconds["torch-cl"] / sec, cpu_load=common.cpu_load()))
-    common.append_csv(args.csv, rows)
+    common.append_csv(args.csv, rows, __file__)
     return rows
 
 

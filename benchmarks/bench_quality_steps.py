@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
                                       f"psnr={scores['psnr']:.3f} ssim={scores['ssim']:.4f} scc={scores['scc']:.4f} "
                                       f"psnr_vs_ddim50={agreement:.3f}",
                              ms=seconds * 1e3 if seconds is not None else None, cpu_load=common.cpu_load()))
-    common.append_csv(args.csv, rows)
+    common.append_csv(args.csv, rows, __file__)
     return report
 
 

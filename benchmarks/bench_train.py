@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
                          settings=f"preset={'tiny' if args.tiny else 'sd21'} size={args.size} batch={batch}",
                          ms=seconds * 1e3, ratio=speedup, tflops=achieved, peak_fraction=fraction,
                          peak_memory_mb=peak if device.type == "cuda" else None, cpu_load=common.cpu_load()))
-    common.append_csv(args.csv, rows)
+    common.append_csv(args.csv, rows, __file__)
     if release and "cdiff" in results:
         report.update(speedup=report["cdiff"]["speedup"], memory_ratio=report["cdiff"]["peak_mb"] / release[1])
         fastest = max((k for k in results if k.startswith("cdiff")), key=lambda k: report[k]["images_per_s"])

@@ -182,7 +182,7 @@ def main(argv=None) -> dict:
             peak = common.peak_tflops(device, dtype)
             if batch == 16 and peak and flops / best / 1e12 / peak < PEAK_SHARE:
                 failures.append(f"batch 16: {flops / best / 1e12 / peak:.1%} of peak (target >= {PEAK_SHARE:.0%})")
-    common.append_csv(args.csv, rows)
+    common.append_csv(args.csv, rows, __file__)
     if on_gpu and not tiny:
         print("targets: " + ("met" if not failures else "MISSED\n  " + "\n  ".join(failures)))
     else:

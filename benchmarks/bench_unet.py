@@ -15,7 +15,8 @@ release's unpadded prompt).
    - ``cdiff``, ``cdiff-cl``: cdiff's, NCHW and channels-last;
    - on a GPU also ``cdiff-cl-fused`` (attention on SDPA's fused kernels only, GroupNorm+SiLU on
      the Triton kernel) and ``cdiff-cl-compiled`` (torch.compile of the channels-last U-Net).
-   ``--impls`` picks some. Reports ms, the speed ratio against diffusers in the same layout (> 1: cdiff is faster),
+   ``--impls`` picks some; ``diffusers-again`` (only when named) times diffusers a second time, a
+   control whose ratio against ``diffusers`` shows the measurement's noise. Reports ms, the speed ratio against diffusers in the same layout (> 1: cdiff is faster),
    TFLOP/s and the fraction of the device's peak (GPU). The CPU target of issue 13 is cdiff's
    fp32 forward no slower than diffusers' (ratio >= 1.0).
 2. attention (issue 11): SD 2.1-768's size (96x96 latents, batch 2, 77 tokens) in ``--dtype``:
@@ -48,7 +49,7 @@ from tools.random_sd21 import randomize_  # noqa: E402
 
 CL = torch.channels_last
 PARTS = ("forward", "attention", "checkpointing")
-IMPLEMENTATIONS = ("diffusers", "diffusers-cl", "cdiff", "cdiff-cl", "cdiff-cl-fused", "cdiff-cl-compiled")
+IMPLEMENTATIONS = ("diffusers", "diffusers-cl", "cdiff", "cdiff-cl", "cdiff-cl-fused", "cdiff-cl-compiled", "diffusers-again")
 
 
 @contextlib.contextmanager
@@ -68,7 +69,7 @@ def forward_implementations(theirs, ours, device, dtype, wanted) -> dict:
     """name -> (callable module, input memory format, context manager factory), for the names in
     ``wanted`` (None: every one that runs on this device)."""
     theirs, ours = theirs.to(device, dtype), ours.to(device, dtype)
-    names = list(IMPLEMENTATIONS if device.type == "cuda" else IMPLEMENTATIONS[:4]) if wanted is None else wanted
+    names = list(IMPLEMENTATIONS[:6] if device.type == "cuda" else IMPLEMENTATIONS[:4]) if wanted is None else wanted
     plain = contextlib.nullcontext
     channels_last = {}
 
@@ -85,6 +86,7 @@ def forward_implementations(theirs, ours, device, dtype, wanted) -> dict:
 
     makers = {
         "diffusers": lambda: (lambda x, t, c: theirs(x, t, c).sample, torch.contiguous_format, plain),
+        "diffusers-again": lambda: (lambda x, t, c: theirs(x, t, c).sample, torch.contiguous_format, plain),
         "diffusers-cl": lambda: ((lambda m: lambda x, t, c: m(x, t, c).sample)(cl(theirs)), CL, plain),
         "cdiff": lambda: (ours, torch.contiguous_format, plain),
         "cdiff-cl": lambda: (cl(ours), CL, plain),
@@ -229,7 +231,7 @@ def main(argv=None) -> list[dict]:
         rows += part_attention(args, device, dtype, tiny)
     if args.part in ("checkpointing", "all"):
         rows += part_checkpointing(args, device, tiny)
-    common.append_csv(args.csv, rows)
+    common.append_csv(args.csv, rows, __file__)
     return rows
 
 

@@ -15,7 +15,6 @@ import datetime
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -66,7 +65,7 @@ PEAK_GBPS = [
 ]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CSV_FIELDS = ["date", "script", "figure", "impl", "device", "dtype", "settings", "ms", "ratio", "tflops",
+CSV_FIELDS = ["date", "script", "figure", "impl", "device", "dtype", "settings", "clock", "ms", "ratio", "tflops",
               "peak_fraction", "peak_memory_mb", "cpu_load", "python", "torch", "cuda", "triton", "diffusers"]
 
 
@@ -124,6 +123,18 @@ def peak_memory_mb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
 
 
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+_cpu_clock = time.perf_counter
+
+
+def use_cpu_clock(name: str) -> None:
+    """Time CPU runs on the wall clock, or on the calling thread's CPU time ("thread"): with one
+    torch thread all the work runs on it, and on a busy machine the thread clock leaves out the
+    time it waited for a core."""
+    global _cpu_clock
+    _cpu_clock = CLOCKS[name]
+
+
 def time_once(fn: Callable, device: torch.device) -> float:
     """Seconds of one call of ``fn``, synchronised (CUDA events on a GPU)."""
     if device.type == "cuda":
@@ -134,9 +145,9 @@ def time_once(fn: Callable, device: torch.device) -> float:
         end.record()
         sync(device)
         return start.elapsed_time(end) / 1e3
-    start = time.perf_counter()
+    start = _cpu_clock()
     fn()
-    return time.perf_counter() - start
+    return _cpu_clock() - start
 
 
 def interleaved(fns: dict[str, Callable], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
@@ -174,20 +185,27 @@ def fraction_of_peak(flops: int, seconds: float, device: torch.device, dtype: to
     return achieved, fraction, f"{fraction:.1%}" if fraction is not None else "-"
 
 
-def append_csv(path: str | Path | None, rows: list[dict]) -> None:
-    """Append ``rows`` (keys of CSV_FIELDS; the rest filled in here) to ``path``; None or "" skips."""
+def append_csv(path: str | Path | None, rows: list[dict], script: str) -> None:
+    """Append ``rows`` (keys of CSV_FIELDS; date, script, clock and versions filled in here) to
+    ``path``; None or "" skips. ``script``: the benchmark's file (its ``__file__``)."""
     if not path or not rows:
         return
     path = Path(path)
     new = not path.exists()
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
-    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "-"
+    script = Path(script).name
     with path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="raise")
         if new:
             writer.writeheader()
         for row in rows:
-            writer.writerow({"date": stamp, "script": script, **versions(), **{k: _cell(v) for k, v in row.items()}})
+            clock = _clock_name() if row.get("device", "CPU").startswith("CPU") else "cuda-events"
+            writer.writerow({"date": stamp, "script": script, "clock": clock, **versions(),
+                             **{k: _cell(v) for k, v in row.items()}})
+
+
+def _clock_name() -> str:
+    return next(name for name, clock in CLOCKS.items() if clock is _cpu_clock)
 
 
 def _cell(value):
@@ -207,11 +225,17 @@ def add_common_arguments(parser, repeats: int | None = None, warmup: int | None 
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's); 1 on a shared, busy machine, where "
                              "OpenMP threads spin-waiting on each other make 2 threads many times slower than 1")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="CPU runs: wall time, or the thread's CPU time (with --threads 1, on a busy machine)")
 
 
 def apply_threads(args) -> None:
+    """--threads and --clock."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "thread" and torch.get_num_threads() != 1:
+        raise SystemExit("--clock thread counts one thread's CPU time: it needs --threads 1")
+    use_cpu_clock(args.clock)
 
 
 def header(device: torch.device, what: str) -> str:
