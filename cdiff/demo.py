@@ -181,9 +181,10 @@ def recorded_scores(model: str | Path | None, protocol: Protocol) -> dict | None
 
 
 @contextlib.contextmanager
-def _one_thread():
-    """torch on one thread for the demo's tiny networks: as fast as two on an idle machine, and
-    not many times slower on a busy one (OpenMP's spin-waiting threads)."""
+def one_thread():
+    """torch on one CPU thread, for tiny networks (the demo's, the tests'): as fast as two on an
+    idle machine, and immune to OpenMP's spin-waiting threads, which make two threads many times
+    slower on a busy one."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -211,7 +212,7 @@ def run_demo(out_dir: str = "cdiff-demo", scenes: int = 4, steps: int = Protocol
     recorded = recorded_scores(model, protocol)
     pairs = heldout_pairs(protocol)
     sar, eo = sar_batch(pairs), eo_batch(pairs)
-    with _one_thread():
+    with one_thread():
         result = translate(pipeline, sar, protocol, show_progress=True)
     scores = image_metrics(to_unit(result.eo), to_unit(eo))
     names = [pair_name(protocol.first_seed + i) for i in range(scenes)]
@@ -267,7 +268,7 @@ def run_demo_on_file(sar_path: str, out_dir: str = "cdiff-demo", steps: int = Pr
         raise ValueError(f"--sar {sar_path}: sides must be multiples of 64 for the demo, got {height}x{width} "
                          f"(cdiff translate pads any size)")
     grey = torch.from_numpy(np.ascontiguousarray(image.mean(axis=2))).float()  # (H, W)
-    with _one_thread():
+    with one_thread():
         result = translate(load_demo_model(model), grey.expand(1, 3, -1, -1), Protocol(steps=steps, seed=seed),
                            show_progress=True)
     stem = Path(sar_path).stem
