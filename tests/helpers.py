@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from cdiff.demo import one_thread  # noqa: F401  (tiny networks on one CPU thread)
