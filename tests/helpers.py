@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
+from cdiff.demo import one_thread  # noqa: F401  (tiny networks on one CPU thread)
 from tools.random_sd21 import randomize_  # noqa: F401  (the tests' seeded random weights)
 
 # Parity tolerance of the stack: max abs error <= REL_TOL * max abs value of the reference.
@@ -26,13 +25,3 @@ def assert_parity(actual: torch.Tensor, expected: torch.Tensor, what: str, rel_t
     return err
 
 
-@contextmanager
-def one_thread():
-    """Run torch on one CPU thread: for tests of tiny networks, as fast as two, and immune to
-    OpenMP's spin-waiting threads, which make two threads many times slower on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
