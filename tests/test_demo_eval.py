@@ -10,7 +10,7 @@ from cdiff.demo import tiny_pipeline
 from cdiff.metrics import ssim, ssim_map
 from tools.synthetic_eval import (
     auroc, best_constant_variance, bootstrap_auroc, gaussian_nll, hallucinated_objects, label_objects, latent_mask,
-    masked_scores, one_step, reliability_bins,
+    masked_scores, one_step, reliability_bins, spurious_object_pixels,
 )
 
 
@@ -141,3 +141,16 @@ def test_one_step_reads_the_variance_of_one_call():
     assert out["prediction"].shape == out["noise"].shape == (2, 4, 8, 8)
     torch.testing.assert_close(out["noise"], torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)))
     torch.testing.assert_close(out["variance"], torch.ones(2, 1, 8, 8), rtol=0, atol=1e-6)
+
+
+def test_spurious_object_pixels_by_hand():
+    clean = np.full((4, 4, 3), 0.32, dtype=np.float32)  # a road
+    colours = np.array([[0.75, 0.10, 0.10], [0.92, 0.92, 0.92]], dtype=np.float32)
+    pred = clean.copy()
+    pred[0, 0] = [0.7, 0.15, 0.1]  # a red vehicle's colour
+    pred[0, 1] = [0.8, 0.8, 0.8]  # nearer white (0.05) than the road (0.69)
+    pred[0, 2] = [0.45, 0.45, 0.45]  # a lighter road: nearer the road
+    allowed = np.ones((4, 4), dtype=bool)
+    assert spurious_object_pixels(pred, clean, allowed, colours) == (2, 16)
+    allowed[0, 0] = False  # a true object stands there: not looked at
+    assert spurious_object_pixels(pred, clean, allowed, colours) == (1, 15)

@@ -23,6 +23,10 @@ def _rate(scores: dict) -> str:
     return f"{scores['hallucinated']} / {objects} ({100 * scores['hallucinated'] / max(objects, 1):.1f}%)"
 
 
+def _spurious(scores: dict) -> str:
+    return f"{1000 * scores['spurious_pixels'] / max(scores['spurious_looked_at'], 1):.2f}"
+
+
 def claim_checks(n: dict) -> dict:
     """The pass/fail of each claim with a target, and the figures behind it."""
     model = n["translation"]["C-Diff"]
@@ -181,6 +185,7 @@ def _ablation(n: dict) -> list[str]:
         "|---------|--------|----|-------------|",
         *rows,
         f"| hallucinated EO-only objects | {_rate(model)} | {_rate(l2)} | |",
+        f"| spurious object pixels per 1000 object-free road/water pixels | {_spurious(model)} | {_spurious(l2)} | |",
         "",
         f"Scenes with objects: {model['psnr_inside']['n']} of {n['protocol']['scenes']}.",
         "",
@@ -190,6 +195,12 @@ def _ablation(n: dict) -> list[str]:
         "4-connected component of `eo_only`) counts as hallucinated when, over its footprint, the prediction's mean "
         "squared RGB distance to the target (object painted) is smaller than to the object-free scene (object absent). "
         f"For scale, the mean EO image scores {_rate(mean_image)}, the target itself would score 100%.",
+        "",
+        "**Spurious objects.** A model that learnt to paint such objects may also paint them where there are none. "
+        f"On road and water pixels at least {n['protocol']['object_margin']} px away from every injected object, "
+        "a pixel counts as a spurious object when the prediction there is closer (squared RGB distance) to one of the "
+        "colours the generator paints vehicles and ships with than to the object-free scene. For scale: mean EO "
+        f"image {_spurious(mean_image)}, SAR as RGB {_spurious(n['baselines']['SAR as RGB'])}, per 1000 pixels.",
     ]
 
 

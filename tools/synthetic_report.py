@@ -29,26 +29,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
 from cdiff.data.imageio import to_uint8, write_png, write_text  # noqa: E402
-from cdiff.data.synth import make_pair  # noqa: E402
+from cdiff.data.synth import _SHIP_COLOUR, _VEHICLE_COLOURS, ROAD, WATER, make_pair  # noqa: E402
 from cdiff.demo import DEMO_MODEL, HELDOUT_SEED, Protocol, eo_batch, heldout_pairs, mean_eo_image, sar_batch, translate  # noqa: E402
 from cdiff.load import load_pipeline  # noqa: E402
 from cdiff.metrics import image_metrics, to_unit  # noqa: E402
 from tools.reliability_plot import draw_reliability  # noqa: E402
 from tools.synthetic_eval import (  # noqa: E402
     auroc, best_constant_variance, bootstrap_auroc, gaussian_nll, hallucinated_objects, latent_mask, masked_scores,
-    one_step, reliability_bins,
+    one_step, reliability_bins, spurious_object_pixels,
 )
 from tools.train_npde_demo import eight_bit  # noqa: E402
 
 BENCHMARKS = ROOT / "benchmarks"
 ABLATION_MODEL = ROOT / "weights" / "cdiff-demo-tiny-l2.safetensors"
 ARMS = ("C-Diff", "l2")  # the bundled model, the Table-3 arm
-COUNTS = ("hallucinated", "eo_only_objects")  # summed over scenes, not averaged
+COUNTS = ("hallucinated", "eo_only_objects", "spurious_pixels", "spurious_looked_at")  # summed over scenes, not averaged
+OBJECT_COLOURS = np.concatenate([_VEHICLE_COLOURS, _SHIP_COLOUR[None]])  # (5, 3) in [0, 1]: what synth paints objects with
 PAIRED = ("psnr", "ssim", "scc", "psnr_inside", "psnr_outside", "ssim_inside", "ssim_outside", "psnr_eo_only", "psnr_sar_only")
 
 
@@ -67,6 +69,7 @@ class ReportProtocol:
     bins: int = 10  # reliability bins, equal counts
     resamples: int = 200  # bootstrap resamples of scenes for the AUROC interval
     speed_scenes: int = 8  # batch-1 translations timed for images/s (after one warm-up)
+    object_margin: int = 3  # px kept clear around the true objects when looking for spurious ones
 
 
 def heldout(protocol: ReportProtocol) -> dict:
@@ -76,7 +79,12 @@ def heldout(protocol: ReportProtocol) -> dict:
     clean = [make_pair(HELDOUT_SEED + i, size=protocol.size, discrepancies=0).eo for i in range(protocol.scenes)]
     masks = {name: torch.from_numpy(np.stack([getattr(p, name) for p in pairs]))
              for name in ("discrepancy", "eo_only", "sar_only", "misregistration")}
-    return {"sar": sar_batch(pairs), "eo": eo_batch(pairs), "clean": np.stack(clean), **masks}
+    # Where objects could stand (roads, water) but none does: object_margin px away from every injected one.
+    margin = protocol.object_margin
+    near_object = F.max_pool2d(masks["discrepancy"].float()[:, None], 2 * margin + 1, 1, margin)[:, 0] > 0
+    open_ground = torch.from_numpy(np.stack([np.isin(p.landcover, (ROAD, WATER)) for p in pairs]))
+    return {"sar": sar_batch(pairs), "eo": eo_batch(pairs), "clean": np.stack(clean), **masks,
+            "object_free": open_ground & ~near_object}
 
 
 def summary(values) -> dict[str, float]:
@@ -101,6 +109,9 @@ def image_scores(prediction: torch.Tensor, data: dict) -> dict:
     verdicts = [hallucinated_objects(p, t, c, m.numpy()) for p, t, c, m in zip(pred_hwc, target_hwc, data["clean"], data["eo_only"])]
     scores["hallucinated"] = [sum(v) for v in verdicts]
     scores["eo_only_objects"] = [len(v) for v in verdicts]
+    spurious = [spurious_object_pixels((p + 1) / 2, (c + 1) / 2, a, OBJECT_COLOURS)
+                for p, c, a in zip(pred_hwc, data["clean"], data["object_free"].numpy())]
+    scores["spurious_pixels"], scores["spurious_looked_at"] = [s[0] for s in spurious], [s[1] for s in spurious]
     return scores
 
 
