@@ -150,6 +150,7 @@ def test_spurious_object_pixels_by_hand():
     pred[0, 0] = [0.7, 0.15, 0.1]  # a red vehicle's colour
     pred[0, 1] = [0.8, 0.8, 0.8]  # nearer white (0.05) than the road (0.69)
     pred[0, 2] = [0.45, 0.45, 0.45]  # a lighter road: nearer the road
+    pred[0, 3] = [0.70, 0.70, 0.70]  # nearer white (0.15) than the road (0.43), but too far from white to be one
     allowed = np.ones((4, 4), dtype=bool)
     assert spurious_object_pixels(pred, clean, allowed, colours) == (2, 16)
     allowed[0, 0] = False  # a true object stands there: not looked at

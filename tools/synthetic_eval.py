@@ -121,17 +121,19 @@ def hallucinated_objects(pred: np.ndarray, target: np.ndarray, clean: np.ndarray
     return verdicts
 
 
-def spurious_object_pixels(pred: np.ndarray, clean: np.ndarray, allowed: np.ndarray, colours: np.ndarray) -> tuple[int, int]:
+def spurious_object_pixels(pred: np.ndarray, clean: np.ndarray, allowed: np.ndarray, colours: np.ndarray,
+                           tolerance: float = 0.06) -> tuple[int, int]:
     """Objects painted where there are none: (pixels that look like an object, pixels looked at).
 
     pred, clean: (H, W, 3) in [0, 1]; ``clean`` is the scene without injected objects. allowed:
     bool (H, W), where objects could stand but none does (roads and water away from the true
     objects). colours: (K, 3) the object colours in [0, 1]. A pixel counts when the prediction is
-    closer (squared RGB distance) to some object colour than to the object-free scene there.
+    within ``tolerance`` (squared RGB distance; 0.06 admits the generator's tone of 0.85-1.15
+    on its objects) of some object colour, and closer to it than to the object-free scene there.
     """
     to_clean = np.square(pred - clean).sum(-1)  # (H, W)
     to_object = np.square(pred[..., None, :] - colours).sum(-1).min(-1)  # (H, W): the nearest object colour
-    return int((allowed & (to_object < to_clean)).sum()), int(allowed.sum())
+    return int((allowed & (to_object < to_clean) & (to_object < tolerance)).sum()), int(allowed.sum())
 
 
 def reliability_bins(variance: torch.Tensor, squared_error: torch.Tensor, bins: int = 10) -> list[dict[str, float]]:

@@ -198,8 +198,9 @@ def _ablation(n: dict) -> list[str]:
         "",
         "**Spurious objects.** A model that learnt to paint such objects may also paint them where there are none. "
         f"On road and water pixels at least {n['protocol']['object_margin']} px away from every injected object, "
-        "a pixel counts as a spurious object when the prediction there is closer (squared RGB distance) to one of the "
-        "colours the generator paints vehicles and ships with than to the object-free scene. For scale: mean EO "
+        "a pixel counts as a spurious object when the prediction there is within 0.06 (squared RGB distance, in [0, 1] "
+        "units) of one of the colours the generator paints vehicles and ships with, and closer to it than to the "
+        "object-free scene. For scale: mean EO "
         f"image {_spurious(mean_image)}, SAR as RGB {_spurious(n['baselines']['SAR as RGB'])}, per 1000 pixels.",
     ]
 
