@@ -26,6 +26,7 @@ def test_report_machinery_end_to_end(tmp_path):
     assert data["sar"].shape == data["eo"].shape == (2, 3, 128, 128) and data["clean"].shape == (2, 128, 128, 3)
     results = measure(pipelines, data, TINY, npde)
 
+    assert results["same_vae"] is False  # two seeds, two VAEs
     objects = int(data["eo_only"].any((1, 2)).sum())
     assert sum(results["translation"]["C-Diff"]["eo_only_objects"]) >= objects
     assert results["confidence"]["l2"]["discrepancy"]["auroc"] == 0.5  # constant variance: chance

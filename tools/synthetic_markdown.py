@@ -81,7 +81,7 @@ def render(n: dict) -> str:
 def _protocol(n: dict) -> list[str]:
     p = n["protocol"]
     rows = [f"| {arm} | `{m['file']}` | `{m['sha256'][:16]}` | {m['command'] or 'unknown (no .json record)'} | "
-            f"{m['seconds'] if m['seconds'] is not None else '-'} |" for arm, m in n["models"].items()]
+            f"{m['seconds'] if m['seconds'] is not None else '-'} | {_recorded(arm, m, n)} |" for arm, m in n["models"].items()]
     return [
         "",
         "## Protocol",
@@ -92,11 +92,12 @@ def _protocol(n: dict) -> list[str]:
         f"{1_000_000 + p['scenes'] - 1} ({p['scenes']} scenes); training never saw a seed above a few thousand "
         "(VAE: 0 .. 999, U-Net: 0 .. data.count - 1 of configs/demo-tiny.toml).",
         "- **Models.** The C-Diff arm is the bundled demo model; the l2 arm is the same recipe with `--loss mse` "
-        "and the bundled model's VAE and prompt embedding (`tools/train_demo.py --loss mse --vae ...`), so the two "
-        "differ only in the U-Net's loss. Both are loaded in fp32.",
+        "(`tools/train_demo.py --loss mse`), so the two differ only in the U-Net's loss. Their VAEs are "
+        f"{'bit-identical' if n['same_vae'] else '**not** identical (the l2 arm was made with a VAE of its own)'}. "
+        "Both are loaded in fp32.",
         "",
-        "| arm | file | sha256 (first 16) | made by | training s |",
-        "|-----|------|-------------------|---------|------------|",
+        "| arm | file | sha256 (first 16) | made by | training s | PSNR in its record / here (dB) |",
+        "|-----|------|-------------------|---------|------------|--------------------------------|",
         *rows,
         "",
         f"- **Translation.** `cdiff.demo.translate`: {p['steps']} DDIM steps (eta 0) from N(0, I) starting noise of seed "
@@ -106,6 +107,14 @@ def _protocol(n: dict) -> list[str]:
         f"N(0, I) noise of seed {p['noise_seed']} + t, the U-Net called once on [SAR latent | noisy EO latent]; its "
         "fifth channel gives the variance var = clamp(softplus(r + offset) + 1e-6, 1e-6, 10) (`cdiff.loss`).",
     ]
+
+
+def _recorded(arm: str, model: dict, n: dict) -> str:
+    """The held-out PSNR the model's .json record holds, beside this run's (the same protocol gives the same number)."""
+    recorded = model.get("recorded")
+    if not recorded or not recorded.get("scores"):
+        return "-"
+    return f"{recorded['scores']['psnr']:.3f} / {n['translation'][arm]['psnr']['mean']:.3f}"
 
 
 def _row(name: str, s: dict) -> str:

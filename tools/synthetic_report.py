@@ -197,6 +197,8 @@ def measure(pipelines: dict, data: dict, protocol: ReportProtocol, npde: dict | 
                   "parameters_unet": sum(p.numel() for p in pipelines["C-Diff"].unet.parameters()),
                   "parameters": sum(p.numel() for m in (pipelines["C-Diff"].unet, pipelines["C-Diff"].vae) for p in m.parameters())},
     }
+    vaes = [pipe.vae.state_dict() for pipe in pipelines.values()]
+    results["same_vae"] = all(torch.equal(vaes[0][k], other[k]) for other in vaes[1:] for k in vaes[0])
     results["difference"] = {name: [a - b for a, b in zip(results["translation"]["C-Diff"][name], results["translation"]["l2"][name])]
                              for name in results["translation"]["C-Diff"] if name in PAIRED}
     if npde is not None:
@@ -266,8 +268,10 @@ def describe_model(path: Path) -> dict:
     """The file's name, sha256 and, from its .json record, how it was trained."""
     record_path = path.with_suffix(".json")
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    recorded = record.get("scores", {}).get("heldout", {})
     return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-            "command": record.get("training", {}).get("command"), "seconds": record.get("training", {}).get("seconds")}
+            "command": record.get("training", {}).get("command"), "seconds": record.get("training", {}).get("seconds"),
+            "recorded": {"protocol": recorded.get("protocol"), "scores": recorded.get("model")} if recorded else None}
 
 
 def write_report(out: Path, data: dict, results: dict, protocol: ReportProtocol, sources: dict, threads: int, seconds: float) -> None:
