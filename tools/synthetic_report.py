@@ -220,7 +220,7 @@ def panel(data: dict, results: dict, scenes: int = 4) -> np.ndarray:
         variance = results["confidence"]["C-Diff"]["variance"][i]
         confidence = (1 / variance).log()
         confidence = (confidence - confidence.min()) / (confidence.max() - confidence.min()).clamp_min(1e-12) * 2 - 1
-        confidence = torch.nn.functional.interpolate(confidence[None, None], size=(size, size), mode="nearest")[0, 0]
+        confidence = F.interpolate(confidence[None, None], size=(size, size), mode="nearest")[0, 0]
         tiles = [data["sar"][i], data["eo"][i], results["predictions"]["C-Diff"][i], results["predictions"]["l2"][i],
                  confidence.expand(3, -1, -1), data["discrepancy"][i].float().mul(2).sub(1).expand(3, -1, -1)]
         rows.append(np.concatenate([to_uint8(t.permute(1, 2, 0).numpy()) for t in tiles], axis=1))
