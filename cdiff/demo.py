@@ -13,6 +13,7 @@ reproduces them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -79,7 +80,7 @@ def tiny_pipeline(seed: int) -> Pipeline:
 
 def load_demo_model(path: str | Path | None = None) -> Pipeline:
     """The bundled demo model (or the native file ``path``) as a fp32 Pipeline on the CPU."""
-    from cdiff.convert import load_pipeline
+    from cdiff.load import load_pipeline
 
     path = Path(path) if path is not None else DEMO_MODEL
     if not path.is_file():
@@ -147,44 +148,78 @@ def baseline_scores(protocol: Protocol, training_pairs: int) -> dict[str, dict[s
     return {"mean_eo_baseline": _mean_scores(mean.expand_as(eo), eo), "sar_baseline": _mean_scores(sar, eo)}
 
 
-def _confidence_image(confidence: torch.Tensor, size: int) -> np.ndarray:
-    """(1, h, w) confidence -> (size, size) in [-1, 1]: min-max per map, nearest to the image size."""
-    c = torch.nn.functional.interpolate(confidence[None].float(), size=(size, size), mode="nearest")[0, 0]
+def _confidence_image(confidence: torch.Tensor, height: int, width: int | None = None) -> np.ndarray:
+    """(1, h, w) confidence -> (height, width) in [-1, 1]: min-max per map, nearest to the image size."""
+    size = (height, width or height)
+    c = torch.nn.functional.interpolate(confidence[None].float(), size=size, mode="nearest")[0, 0]
     low, high = c.min(), c.max()
     return ((c - low) / (high - low).clamp_min(1e-12) * 2 - 1).numpy()
 
 
 def _table(rows: list[tuple[str, dict[str, float]]]) -> str:
-    lines = [f"| {'scene':<16} | PSNR (dB) | SSIM  | SCC   |", f"|{'-' * 18}|-----------|-------|-------|"]
+    width = max(16, *(len(name) for name, _ in rows))
+    lines = [f"| {'scene':<{width}} | PSNR (dB) | SSIM  | SCC    |", f"|{'-' * (width + 2)}|-----------|-------|--------|"]
     for name, s in rows:
-        lines.append(f"| {name:<16} | {s['psnr']:9.2f} | {s['ssim']:.3f} | {s['scc']:.3f} |")
+        lines.append(f"| {name:<{width}} | {s['psnr']:9.2f} | {s['ssim']:.3f} | {s['scc']:6.3f} |")
     return "\n".join(lines)
 
 
+def recorded_scores(model: str | Path | None, protocol: Protocol) -> dict | None:
+    """The scores recorded beside ``model`` (its .json, written by tools/train_demo.py) for exactly
+    ``protocol``: {"model", "mean_eo_baseline", "sar_baseline": {metric: value}}; None if none are."""
+    record = Path(model).with_suffix(".json") if model is not None else DEMO_RECORD
+    if not record.is_file():
+        return None
+    try:
+        scores = json.loads(record.read_text())["scores"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise ValueError(f"{record}: not a demo model record (tools/train_demo.py writes them): {err}") from None
+    for entry in scores.values():
+        if entry.get("protocol") == asdict(protocol):
+            return entry
+    return None
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one thread for the demo's tiny networks: as fast as two on an idle machine, and
+    not many times slower on a busy one (OpenMP's spin-waiting threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_demo(out_dir: str = "cdiff-demo", scenes: int = 4, steps: int = Protocol.steps, seed: int = 0,
-             model: str | None = None, echo=print) -> dict[str, Path]:
+             size: int = Protocol.size, model: str | None = None, echo=print) -> dict[str, Path]:
     """Translate ``scenes`` held-out synthetic scenes with the demo model; write images, a panel and a table.
 
     Writes into ``out_dir``: per scene ``<name>_sar.png``, ``<name>_eo.png`` (the prediction),
-    ``<name>_target.png`` and ``<name>_confidence.png``; ``panel.png`` (one row per scene:
-    SAR | prediction | target | confidence); ``metrics.md`` and ``metrics.json``. Returns the
-    written paths by name.
+    ``<name>_target.png`` and ``<name>_confidence.png`` (bright = confident, nearest-upsampled
+    from the latent grid); ``panel.png`` (one row per scene: SAR | prediction | target |
+    confidence); ``metrics.md`` and ``metrics.json``. The table has a row per scene, their mean,
+    the SAR-as-RGB baseline and, when the model's record holds it for this protocol, the
+    mean-training-EO baseline. Returns the written paths by name.
     """
-    protocol = Protocol(scenes=scenes, steps=steps, seed=seed)
+    protocol = Protocol(scenes=scenes, steps=steps, seed=seed, size=size)
     # Check the output path before the compute, not after it (an existing folder is fine).
     out = check_output(out_dir, "folder", overwrite=True)
     start = time.perf_counter()
     pipeline = load_demo_model(model)
+    recorded = recorded_scores(model, protocol)
     pairs = heldout_pairs(protocol)
     sar, eo = sar_batch(pairs), eo_batch(pairs)
-    result = translate(pipeline, sar, protocol, show_progress=True)
+    with _one_thread():
+        result = translate(pipeline, sar, protocol, show_progress=True)
     scores = image_metrics(to_unit(result.eo), to_unit(eo))
     names = [pair_name(protocol.first_seed + i) for i in range(scenes)]
     rows = [(n, {k: float(v[i]) for k, v in scores.items()}) for i, n in enumerate(names)]
-    mean = {k: float(v.double().mean()) for k, v in scores.items()}
-    rows.append(("mean", mean))
-    baseline = image_metrics(to_unit(sar), to_unit(eo))
-    rows.append(("SAR as RGB", {k: float(v.double().mean()) for k, v in baseline.items()}))
+    rows.append(("mean", _mean_scores(result.eo, eo)))
+    rows.append(("baseline: SAR as RGB", _mean_scores(sar, eo)))
+    if recorded is not None:
+        rows.append(("baseline: mean training EO", recorded["mean_eo_baseline"]))
 
     paths, panel = {}, []
     for i, name in enumerate(names):
@@ -207,7 +242,7 @@ def run_demo(out_dir: str = "cdiff-demo", scenes: int = 4, steps: int = Protocol
     paths["metrics.md"] = out / "metrics.md"
     write_text(paths["metrics.md"], f"{header}\n\n{table}\n")
     paths["metrics.json"] = out / "metrics.json"
-    write_text(paths["metrics.json"], json.dumps({"protocol": asdict(protocol), "scenes": dict(rows)}, indent=2) + "\n")
+    write_text(paths["metrics.json"], json.dumps({"protocol": asdict(protocol), "rows": dict(rows)}, indent=2) + "\n")
     echo(header)
     echo(table)
     echo(f"panel (SAR | prediction | target | confidence): {paths['panel']}")
@@ -216,7 +251,12 @@ def run_demo(out_dir: str = "cdiff-demo", scenes: int = 4, steps: int = Protocol
 
 def run_demo_on_file(sar_path: str, out_dir: str = "cdiff-demo", steps: int = Protocol.steps, seed: int = 0,
                      model: str | None = None, echo=print) -> dict[str, Path]:
-    """Translate the user's SAR image with the demo model; warn that it knows synthetic scenes only."""
+    """Translate the user's SAR image with the demo model; warn that it knows synthetic scenes only.
+
+    A grey image is repeated to 3 channels (as the model was trained); a colour one is made grey
+    (the mean of its channels). Sides must be multiples of 64. Writes ``<stem>_eo.png`` and
+    ``<stem>_confidence.png`` into ``out_dir``.
+    """
     from cdiff.data.imageio import read_image, to_unit_range
 
     out = check_output(out_dir, "folder", overwrite=True)
@@ -224,14 +264,15 @@ def run_demo_on_file(sar_path: str, out_dir: str = "cdiff-demo", steps: int = Pr
     image = to_unit_range(read_image(sar_path), sar_path)  # (H, W, C) in [-1, 1]
     height, width = image.shape[:2]
     if height % 64 or width % 64:
-        raise ValueError(f"{sar_path}: sides must be multiples of 64 for the demo, got {height}x{width} "
+        raise ValueError(f"--sar {sar_path}: sides must be multiples of 64 for the demo, got {height}x{width} "
                          f"(cdiff translate pads any size)")
-    sar = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
-    sar = sar.expand(3, -1, -1) if sar.shape[0] == 1 else sar
-    result = translate(load_demo_model(model), sar[None], Protocol(steps=steps, seed=seed), show_progress=True)
+    grey = torch.from_numpy(np.ascontiguousarray(image.mean(axis=2))).float()  # (H, W)
+    with _one_thread():
+        result = translate(load_demo_model(model), grey.expand(1, 3, -1, -1), Protocol(steps=steps, seed=seed),
+                           show_progress=True)
     stem = Path(sar_path).stem
     paths = {"eo": out / f"{stem}_eo.png", "confidence": out / f"{stem}_confidence.png"}
     write_png(paths["eo"], to_uint8(result.eo[0].permute(1, 2, 0).numpy()))
-    write_png(paths["confidence"], to_uint8(_confidence_image(result.confidence[0], height)))
+    write_png(paths["confidence"], to_uint8(_confidence_image(result.confidence[0], height, width)))
     echo(f"cdiff demo: {sar_path} -> {paths['eo']}, {paths['confidence']}")
     return paths

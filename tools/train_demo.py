@@ -74,6 +74,26 @@ def first_stage(args) -> tuple[cdiff.VAE, torch.Tensor, dict]:
     return vae, context, {**asdict(recipe), "context_seed": CONTEXT_SEED}
 
 
+def scores(model_file: Path, training_pairs: int) -> dict:
+    """Per protocol of cdiff.demo.SCORE_PROTOCOLS: the model's mean PSNR, SSIM, SCC on its held-out
+    scenes, and the two baselines' (the mean EO image of the ``training_pairs`` training scenes; SAR as RGB)."""
+    pipeline = cdiff.load_pipeline(model_file, dtype=torch.float32)
+    return {name: {"protocol": asdict(p), "model": measure(pipeline, p), **baseline_scores(p, training_pairs)}
+            for name, p in SCORE_PROTOCOLS.items()}
+
+
+def rescore(model_file: Path) -> int:
+    """Measure ``model_file`` again with today's protocols and replace the scores of its record."""
+    record_file = model_file.with_suffix(".json")
+    if not record_file.is_file():
+        raise SystemExit(f"train_demo: --rescore: {record_file} not found (tools/train_demo.py writes it beside the model)")
+    record = json.loads(record_file.read_text())
+    record["scores"] = scores(model_file, record["training"]["config"]["data"]["count"])
+    write_text(record_file, json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record["scores"], indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(DEMO_MODEL), help="the native model file to write (default: %(default)s); "
@@ -90,7 +110,13 @@ def main(argv=None) -> int:
                         help="override a value of configs/demo-tiny.toml, as cdiff train --set does (repeatable)")
     parser.add_argument("--work", help="keep the starting model, latent cache and training run here "
                         "(a new folder; default: a temporary one)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="train nothing: measure --out again (e.g. after a change of cdiff.demo.Protocol) and "
+                        "replace the scores in its .json record")
     args = parser.parse_args(argv)
+    if args.rescore:
+        torch.set_num_threads(args.threads)
+        return rescore(Path(args.out))
     out = check_output(args.out, "file", overwrite=True, suffix=".safetensors")
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
@@ -117,14 +143,11 @@ def main(argv=None) -> int:
         done = train(config, work / "run")
         unet = done.task.modules["unet"].eval()
         train_seconds = time.perf_counter() - start
-        cdiff.save_native(out, unet.half(), vae.half(), context.half())
+        cdiff.save_native(out, unet.half(), vae.half(), context.half(), prediction=config.model.prediction)
 
-    pipeline = cdiff.load_pipeline(out, dtype=torch.float32)
-    scores = {name: {"protocol": asdict(p), "model": measure(pipeline, p), **baseline_scores(p, config.data.count)}
-              for name, p in SCORE_PROTOCOLS.items()}
     record = {
         "model": out.name,
-        "scores": scores,
+        "scores": scores(out, config.data.count),
         "training": {
             "seconds": round(train_seconds), "vae_seconds": round(vae_seconds), "threads": args.threads,
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,

@@ -1,0 +1,91 @@
+"""`cdiff demo` with the bundled model (weights/cdiff-demo-tiny.safetensors): its outputs, its
+recorded scores reproduced, and the user's own image."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cdiff.cli import main
+from cdiff.demo import DEMO_MODEL, DEMO_RECORD, SYNTHETIC_ONLY, Protocol, load_demo_model, measure
+from cdiff.data.synth import make_pair
+
+from .helpers import one_thread
+
+ROW = re.compile(r"^\| (.+?) +\| +([-\d.]+) \| ([-\d.]+) \| +([-\d.]+) \|$")
+
+
+def printed_rows(text: str) -> dict[str, tuple[float, float, float]]:
+    rows = {}
+    for line in text.splitlines():
+        match = ROW.match(line)
+        if match:
+            rows[match.group(1)] = tuple(float(v) for v in match.groups()[1:])
+    return rows
+
+
+def test_demo_writes_scenes_panel_and_table(tmp_path, capsys):
+    out = tmp_path / "cdiff-demo"
+    assert main(["demo", "--out", str(out)]) == 0  # the README's first command, into a temporary folder
+    printed = capsys.readouterr().out
+    names = [f"synth_{1_000_000 + i}" for i in range(4)]
+    expected = {f"{n}_{kind}.png" for n in names for kind in ("sar", "eo", "target", "confidence")}
+    assert {p.name for p in out.iterdir()} == expected | {"panel.png", "metrics.md", "metrics.json"}
+    assert Image.open(out / "panel.png").size == (4 * 128, 4 * 128)  # 4 columns, a row per scene
+    for name in names:  # the target is the held-out scene itself; the prediction is an RGB image of its size
+        target = np.asarray(Image.open(out / f"{name}_target.png"))
+        assert np.array_equal(target, np.rint((make_pair(int(name[6:]), size=128).eo + 1) * 127.5).astype(np.uint8))
+        assert np.asarray(Image.open(out / f"{name}_eo.png")).shape == (128, 128, 3)
+        assert np.asarray(Image.open(out / f"{name}_confidence.png")).shape == (128, 128)
+
+    rows = printed_rows(printed)
+    assert list(rows) == [*names, "mean", "baseline: SAR as RGB", "baseline: mean training EO"]
+    saved = json.loads((out / "metrics.json").read_text())["rows"]
+    for name, (psnr, ssim, scc) in rows.items():  # the printed table is the saved one, rounded
+        assert psnr == pytest.approx(saved[name]["psnr"], abs=0.006)
+        assert ssim == pytest.approx(saved[name]["ssim"], abs=6e-4) and scc == pytest.approx(saved[name]["scc"], abs=6e-4)
+    assert rows["mean"][0] == pytest.approx(np.mean([rows[n][0] for n in names]), abs=0.01)
+    header, table = (out / "metrics.md").read_text().split("\n\n")
+    assert "held-out" in header and f"{Protocol().steps} DDIM steps" in header and table in printed
+
+
+def test_bundled_model_reproduces_its_recorded_scores():
+    record = json.loads(DEMO_RECORD.read_text())
+    entry = record["scores"]["demo"]
+    protocol = Protocol(**entry["protocol"])
+    assert protocol == Protocol()  # the protocol `cdiff demo` prints
+    assert DEMO_MODEL.stat().st_size < 20 * 2**20  # a few MB, committed
+    with one_thread():
+        scores = measure(load_demo_model(), protocol)
+    assert scores["psnr"] == pytest.approx(entry["model"]["psnr"], abs=0.1)
+    assert scores["ssim"] == pytest.approx(entry["model"]["ssim"], abs=0.005)
+    assert scores["scc"] == pytest.approx(entry["model"]["scc"], abs=0.01)
+
+
+def test_demo_translates_a_file_with_a_warning(tmp_path, capsys):
+    sar = np.random.default_rng(0).integers(0, 256, (64, 128), dtype=np.uint8)
+    Image.fromarray(sar).save(tmp_path / "mine.png")
+    out = tmp_path / "out"
+    assert main(["demo", "--sar", str(tmp_path / "mine.png"), "--out", str(out), "--steps", "2"]) == 0
+    captured = capsys.readouterr()
+    assert SYNTHETIC_ONLY in captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["mine_confidence.png", "mine_eo.png"]
+    assert np.asarray(Image.open(out / "mine_eo.png")).shape == (64, 128, 3)
+    assert np.asarray(Image.open(out / "mine_confidence.png")).shape == (64, 128)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--sar", "{tmp}/missing.png"], ["missing.png"]),
+    (["--sar", "{tmp}/odd.png"], ["--sar", "odd.png", "60x64"]),
+    (["--model", "{tmp}/none.safetensors"], ["none.safetensors"]),
+    (["--scenes", "0"], ["--scenes"]),
+])
+def test_demo_errors_name_the_argument_or_file(tmp_path, capsys, argv, words):
+    Image.fromarray(np.zeros((60, 64), np.uint8)).save(tmp_path / "odd.png")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(["demo", "--out", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("cdiff: error: ") and all(w in err for w in words), err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
