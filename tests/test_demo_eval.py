@@ -8,6 +8,7 @@ import torch
 
 from cdiff.demo import tiny_pipeline
 from cdiff.metrics import ssim, ssim_map
+from cdiff.pipeline import SampleAsNoise
 from tools.synthetic_eval import (
     auroc, best_constant_variance, bootstrap_auroc, gaussian_nll, hallucinated_objects, label_objects, latent_mask,
     masked_scores, one_step, reliability_bins, spurious_object_pixels,
@@ -138,9 +139,25 @@ def test_one_step_reads_the_variance_of_one_call():
         pipeline.unet.conv_out.bias[4:].zero_()
     sar, eo = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
     out = one_step(pipeline, sar, eo, t=500, seed=3)
-    assert out["prediction"].shape == out["noise"].shape == (2, 4, 8, 8)
-    torch.testing.assert_close(out["noise"], torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)))
+    assert out["prediction"].shape == out["target"].shape == (2, 4, 8, 8)
+    torch.testing.assert_close(out["target"], torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)))
     torch.testing.assert_close(out["variance"], torch.ones(2, 1, 8, 8), rtol=0, atol=1e-6)
+
+
+def test_one_step_of_an_x0_model_compares_with_the_clean_latent():
+    pipeline = tiny_pipeline(0)
+    unet = pipeline.unet
+    pipeline.unet = SampleAsNoise(unet, pipeline.process)
+    sar, eo = torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(1, 3, 64, 64) * 2 - 1
+    out = one_step(pipeline, sar, eo, t=300, seed=1)
+    with torch.no_grad():
+        clean = pipeline.vae.encode_latent(eo)
+        torch.testing.assert_close(out["target"], clean)
+        noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        t = torch.tensor([300])
+        raw = unet(torch.cat([pipeline.vae.encode_latent(sar), pipeline.process.add_noise(clean, noise, t)], 1), t,
+                   pipeline.context[None])
+    torch.testing.assert_close(out["prediction"], raw[:, :4])  # the x0 estimate itself, not the noise derived from it
 
 
 def test_spurious_object_pixels_by_hand():

@@ -70,10 +70,10 @@ def draw_reliability(path: str | Path, series: dict[str, list[dict[str, float]]]
         draw.rectangle([left + 10, y - 5, left + 24, y + 5], fill=colour)
         draw.text((left + 32, y), label, fill="black", font=font, anchor="lm")
     draw.text((WIDTH / 2, 24), title, fill="black", font=font, anchor="mm")
-    draw.text(((left + right) / 2, HEIGHT - 24), "mean predicted variance of the noise (per bin)", fill="black",
+    draw.text(((left + right) / 2, HEIGHT - 24), "mean predicted variance (per bin)", fill="black",
               font=font, anchor="mm")
     axis_label = Image.new("RGB", (HEIGHT, 20), "white")
-    ImageDraw.Draw(axis_label).text((HEIGHT / 2, 10), "mean squared error of the noise prediction", fill="black",
+    ImageDraw.Draw(axis_label).text((HEIGHT / 2, 10), "mean squared error of the prediction", fill="black",
                                     font=font, anchor="mm")
     image.paste(axis_label.rotate(90, expand=True), (8, 0))
     write_png(path, np.asarray(image))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from cdiff.loss import LOG_2PI, variance_from_raw
 from cdiff.metrics import ssim_map
+from cdiff.pipeline import SampleAsNoise
 
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -178,15 +179,19 @@ def one_step(pipeline, sar: torch.Tensor, eo: torch.Tensor, t: int, seed: int) -
     """The paper's Figure 7 protocol: the ground-truth EO latent noised to timestep ``t``, one U-Net call.
 
     sar, eo: (B, 3, H, W) in [-1, 1]. Latents are the VAE's scaled posterior means; the noise
-    is N(0, I) from ``seed``. Returns {"noise", "prediction"} (B, 4, h, w) and "variance"
-    (B, 1, h, w), the predicted variance of the noise (its inverse is the confidence map).
+    is N(0, I) from ``seed``. Returns "target" and "prediction" (B, 4, h, w), the quantity whose
+    error the variance describes: the noise for a noise-predicting U-Net, the clean EO latent for
+    one that predicts it (prediction = "sample", loaded as cdiff.pipeline.SampleAsNoise); and
+    "variance" (B, 1, h, w), the predicted variance (its inverse is the confidence map).
     """
     sar_latent, eo_latent = pipeline.vae.encode_latent(sar), pipeline.vae.encode_latent(eo)
     noise = torch.randn(eo_latent.shape, generator=torch.Generator().manual_seed(seed))
     timestep = torch.full((len(sar),), t, dtype=torch.long)
     noisy = pipeline.process.add_noise(eo_latent, noise, timestep)
     context = pipeline.context.expand(len(sar), -1, -1)  # (B, L, context_dim)
-    out = pipeline.unet(torch.cat([sar_latent, noisy], dim=1), timestep, context)  # (B, 5, h, w)
+    predicts_sample = isinstance(pipeline.unet, SampleAsNoise)
+    unet = pipeline.unet.unet if predicts_sample else pipeline.unet
+    out = unet(torch.cat([sar_latent, noisy], dim=1), timestep, context)  # (B, 5, h, w)
     channels = eo_latent.shape[1]
-    return {"noise": noise, "prediction": out[:, :channels].float(), "variance": variance_from_raw(out[:, channels:])}
-
+    return {"target": eo_latent if predicts_sample else noise, "prediction": out[:, :channels].float(),
+            "variance": variance_from_raw(out[:, channels:])}

@@ -94,6 +94,7 @@ def _protocol(n: dict) -> list[str]:
         "- **Models.** The C-Diff arm is the bundled demo model; the l2 arm is the same recipe with `--loss mse` "
         "(`tools/train_demo.py --loss mse`), so the two differ only in the U-Net's loss. Their VAEs are "
         f"{'bit-identical' if n['same_vae'] else '**not** identical (the l2 arm was made with a VAE of its own)'}. "
+        f"Their U-Nets predict the {n['predicts']['C-Diff']} (C-Diff arm) and the {n['predicts']['l2']} (l2 arm). "
         "Both are loaded in fp32.",
         "",
         "| arm | file | sha256 (first 16) | made by | training s | PSNR in its record / here (dB) |",
@@ -185,7 +186,7 @@ def _ablation(n: dict) -> list[str]:
         "## 3. The C-Diff loss against plain l2 (the paper's Table 3, on synthetic data)",
         "",
         "The same tiny model, recipe, data, seeds and VAE, trained once with the C-Diff loss and once with plain l2 "
-        "on the noise. Inside = pixels of the `sar_only | eo_only` masks (scenes without objects left out, n below); "
+        f"on the U-Net's output (the {n['predicts']['l2']}). Inside = pixels of the `sar_only | eo_only` masks (scenes without objects left out, n below); "
         "PSNR from the mean squared error over those pixels, SSIM as the mean of the local SSIM map "
         "(`cdiff.metrics.ssim_map`, 11 x 11 window) over them. The difference is paired per scene (same scene, same "
         "starting noise), mean ± standard error.",
@@ -225,7 +226,8 @@ def _calibration(n: dict) -> list[str]:
         "## 4. Calibration of the predicted variance",
         "",
         f"The one-call protocol at t in {{{', '.join(map(str, p['calibration_t']))}}} on every held-out scene; per latent "
-        "cell, the predicted variance against the squared error of the noise prediction (mean over the 4 latent "
+        f"cell, the predicted variance against the squared error of the U-Net's prediction of the "
+        f"{n['predicts']['C-Diff']} (what its C-Diff loss compares; mean over the 4 latent "
         "channels, which share one variance). Reliability: cells sorted by predicted variance, cut into "
         f"{p['bins']} equal-count bins; calibrated means error = variance in every bin.",
         "",

@@ -38,6 +38,7 @@ from cdiff.data.imageio import to_uint8, write_png, write_text  # noqa: E402
 from cdiff.data.synth import _SHIP_COLOUR, _VEHICLE_COLOURS, ROAD, WATER, make_pair  # noqa: E402
 from cdiff.demo import DEMO_MODEL, HELDOUT_SEED, Protocol, eo_batch, heldout_pairs, mean_eo_image, sar_batch, translate  # noqa: E402
 from cdiff.load import load_pipeline  # noqa: E402
+from cdiff.pipeline import SampleAsNoise  # noqa: E402
 from cdiff.metrics import image_metrics, to_unit  # noqa: E402
 from tools.reliability_plot import draw_reliability  # noqa: E402
 from tools.synthetic_eval import (  # noqa: E402
@@ -132,7 +133,8 @@ def confidence_scores(pipeline, data: dict, protocol: ReportProtocol) -> dict:
 
 
 def calibration(pipeline, data: dict, protocol: ReportProtocol) -> dict:
-    """Claim 4: predicted variance against the squared error of the noise prediction, per latent cell.
+    """Claim 4: predicted variance against the squared error of the U-Net's prediction (the noise, or
+    the clean latent for an x0-predicting U-Net: what its loss compares), per latent cell.
 
     The squared error of a cell is the mean over its 4 latent channels (which share one variance),
     so the per-cell Gaussian NLL equals the per-element one.
@@ -140,7 +142,7 @@ def calibration(pipeline, data: dict, protocol: ReportProtocol) -> dict:
     variances, errors, per_t = [], [], {}
     for t in protocol.calibration_t:
         out = one_step(pipeline, data["sar"], data["eo"], t, protocol.noise_seed + t)
-        error = (out["prediction"] - out["noise"]).square().mean(1).double()  # (B, h, w)
+        error = (out["prediction"] - out["target"]).square().mean(1).double()  # (B, h, w)
         variance = out["variance"][:, 0].double()
         constant = best_constant_variance(error)
         per_t[t] = {"nll_model": gaussian_nll(error, variance), "nll_constant": gaussian_nll(error, constant),
@@ -197,6 +199,8 @@ def measure(pipelines: dict, data: dict, protocol: ReportProtocol, npde: dict | 
                   "parameters_unet": sum(p.numel() for p in pipelines["C-Diff"].unet.parameters()),
                   "parameters": sum(p.numel() for m in (pipelines["C-Diff"].unet, pipelines["C-Diff"].vae) for p in m.parameters())},
     }
+    results["predicts"] = {arm: "clean latent (x0)" if isinstance(pipe.unet, SampleAsNoise) else "noise"
+                           for arm, pipe in pipelines.items()}
     vaes = [pipe.vae.state_dict() for pipe in pipelines.values()]
     results["same_vae"] = all(torch.equal(vaes[0][k], other[k]) for other in vaes[1:] for k in vaes[0])
     results["difference"] = {name: [a - b for a, b in zip(results["translation"]["C-Diff"][name], results["translation"]["l2"][name])]
