@@ -34,33 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from benchmarks.common import DTYPES, PEAK_GBPS  # noqa: E402  (PEAK_GBPS: by the device name; --peak-gbps for others)
 from cdiff.loss import confidence_nll, confidence_nll_reference  # noqa: E402
 
 SIZES = [(64, 4, 32, 32), (16, 4, 64, 64), (64, 4, 256, 256)]
 TRAINING_SIZES = [(64, 4, 32, 32), (16, 4, 64, 64)]  # QXS 256 px (bs 64), 512-px crops (bs 16)
 LARGE_SIZE = (64, 4, 256, 256)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-# Peak memory bandwidth, GB/s, by a substring of torch.cuda.get_device_name() (first match wins;
-# vendor data sheets). Pass --peak-gbps for a card not listed.
-PEAK_GBPS = [
-    ("H200", 4800),
-    ("H100 NVL", 3900),
-    ("H100 PCIe", 2000),
-    ("H100", 3350),  # SXM5, "NVIDIA H100 80GB HBM3"
-    ("GH200", 4000),
-    ("A100-SXM4-80GB", 2039),
-    ("A100 80GB PCIe", 1935),
-    ("A100", 1555),  # 40 GB SXM4 / PCIe
-    ("L40S", 864),
-    ("L40", 864),
-    ("L4", 300),
-    ("A6000", 768),
-    ("RTX 4090", 1008),
-    ("RTX 3090", 936),
-    ("V100", 900),
-    ("T4", 320),
-]
 
 
 def model_bytes(shape, element_size: int) -> int:

@@ -111,7 +111,7 @@ def errors(args) -> str:
             f"(another seed, untiled: {other_seed:.4f})")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=("tiny", "sd21"), default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -126,7 +126,7 @@ def main() -> int:
     parser.add_argument("--error-tile", type=int, default=256)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one run, print JSON
     parser.add_argument("--mode", choices=("tiled", "untiled"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(measure_one(args)))
         return 0

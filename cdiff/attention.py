@@ -3,14 +3,18 @@
 Every attention in the VAE and the U-Net calls ``attention``, which splits the heads and hands
 (B, heads, L, d) tensors to a backend: a function ``f(q, k, v, mask) -> (B, heads, Lq, d)``.
 
-- ``"sdpa"`` (the default): ``torch.nn.functional.scaled_dot_product_attention``;
+- ``"sdpa"`` (the default): ``torch.nn.functional.scaled_dot_product_attention``, which picks
+  its fastest kernel that takes the inputs, falling back to its math kernel;
+- ``"fused"``: the same function restricted to its fused kernels (flash, memory-efficient,
+  cuDNN; on the CPU its flash kernel), which never materialise the L x L scores; an error where
+  none takes the inputs, instead of a silent fallback (``fused_attention``);
 - ``"math"``: ``math_attention``, the plain formula, the readable reference;
 - any function of that signature: one's own attention, plugged in without editing this file.
 
 Which backend a module runs, most specific first, looked up at every call (never at import):
 1. the module's own ``attention_backend`` attribute, set with ``set_attention_backend(model_or_module, backend)``;
 2. the process-wide ``with attention_backend(backend):`` block;
-3. the environment switch ``CDIFF_ATTENTION`` ("sdpa" or "math", see cdiff.flags).
+3. the environment switch ``CDIFF_ATTENTION`` ("sdpa", "fused" or "math", see cdiff.flags).
 
 ``with capture_attention(unet) as maps:`` records the attention probabilities of chosen layers
 (the cross-attention, by default), which run the math path for the time.
@@ -35,7 +39,7 @@ from cdiff import flags
 
 # A backend's name, or a function (q, k, v, mask) -> out on (B, heads, L, d) tensors.
 Backend = Union[str, Callable]
-BACKEND_NAMES = ("sdpa", "math")
+BACKEND_NAMES = ("sdpa", "math", "fused")
 
 _forced: Backend | None = None
 
@@ -43,12 +47,15 @@ _forced: Backend | None = None
 def _check_backend(backend: Backend | None, allow_none: bool = False) -> None:
     if (backend is None and allow_none) or callable(backend) or backend in BACKEND_NAMES:
         return
-    raise ValueError(f"attention backend must be 'sdpa', 'math' or a function (q, k, v, mask) -> out, got {backend!r}")
+    raise ValueError(
+        f"attention backend must be 'sdpa', 'math' or a function (q, k, v, mask) -> out "
+        f"(or 'fused': SDPA's fused kernels only), got {backend!r}"
+    )
 
 
 @contextlib.contextmanager
 def attention_backend(backend: Backend):
-    """Use ``backend`` ("sdpa", "math" or a function) process-wide inside a ``with`` block.
+    """Use ``backend`` ("sdpa", "fused", "math" or a function) process-wide inside a ``with`` block.
 
     Modules whose own backend was set with ``set_attention_backend`` keep theirs.
     """
@@ -108,6 +115,21 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA on its fused kernels only: flash, memory-efficient or cuDNN (on the CPU: its flash kernel).
+
+    Which takes what (CUDA; aten/src/ATen/native/transformers/cuda/sdp_utils.cpp): flash wants
+    fp16/bf16, head size <= 256 and no mask (the U-Net's 64-wide heads without a padding mask);
+    the memory-efficient kernel takes any head size that is a multiple of 8 (4 in fp32), a mask,
+    and fp32 too: it runs the VAE's single 512-wide head. Raises RuntimeError where none applies.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernels = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with sdpa_kernel(kernels):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def resolve_backend(backend: Backend | None = None) -> Callable:
     """The function that runs for a module whose own choice is ``backend`` (None: the process-wide one)."""
     choice = backend if backend is not None else current_backend()
@@ -117,6 +139,8 @@ def resolve_backend(backend: Backend | None = None) -> Callable:
         return sdpa_attention
     if choice == "math":
         return math_attention
+    if choice == "fused":
+        return fused_attention
     raise ValueError(f"unknown attention backend {choice!r}; expected one of {BACKEND_NAMES} or a function")
 
 

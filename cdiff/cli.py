@@ -253,6 +253,10 @@ def _add_translate(sub) -> None:
     p.add_argument("--tile-overlap", type=int, default=256, help="overlap of neighbouring tiles in pixels, a "
                    "multiple of 8 (default: %(default)s)")
     p.add_argument("--tile-batch", type=int, default=4, help="tiles per network call (default: %(default)s)")
+    p.add_argument("--channels-last", action="store_true", help="C-DiffSET: run the U-Net and the VAE in "
+                   "channels-last (NHWC) memory, the fast layout of GPU tensor cores; same results")
+    p.add_argument("--compile", action="store_true", help="C-DiffSET: torch.compile the U-Net (each new image size "
+                   "compiles once, tens of seconds; pays off over many images); same results")
     p.add_argument("--skip-bad", action="store_true", help="log and count unreadable inputs instead of stopping")
     _add_overwrite(p, "translate again images whose outputs exist (default: skip them)")
     p.add_argument("--target", metavar="DIR", help="true EO images of the same names: evaluate the outputs "
@@ -272,7 +276,8 @@ def _add_translate(sub) -> None:
                               paper_scaling=a.paper_scaling, lpips_vgg=a.lpips_vgg, fid_weights=a.fid_weights,
                               skip_bad=a.skip_bad)
         run_translate(a.model, a.input, a.output, conf_dir=a.conf_dir, sampling=sampling, device=a.device,
-                      dtype=a.dtype, prompt=a.prompt, skip_bad=a.skip_bad, overwrite=a.overwrite, evaluation=evaluation)
+                      dtype=a.dtype, prompt=a.prompt, skip_bad=a.skip_bad, overwrite=a.overwrite, evaluation=evaluation,
+                      channels_last=a.channels_last, compile_unet=a.compile)
 
     p.set_defaults(run=run)
 

@@ -1,7 +1,12 @@
 """Environment switches, all in one place. Each is read when it is used, never at import.
 
-CDIFF_ATTENTION   "sdpa" (default) or "math": the attention backend (see cdiff.attention).
+CDIFF_ATTENTION   "sdpa" (default), "fused" or "math": the attention backend (see cdiff.attention).
 CDIFF_LOSS        "auto" (default), "triton" or "torch": the C-Diff loss backend (see cdiff.loss).
+CDIFF_GROUP_NORM  "torch" (default) or "triton": GroupNorm (+ SiLU) in the VAE and the U-Net on
+                  PyTorch's op, or on the fused Triton kernel of kernels/group_norm_silu.py for
+                  CUDA tensors (CPU tensors keep PyTorch's op, except under TRITON_INTERPRET=1,
+                  Triton's interpreter, which the tests use; inside torch.compile, PyTorch's op).
+                  Off by default until a GPU measures it faster (benchmarks/bench_group_norm.py).
 
 Paths to pretrained networks cdiff cannot download (see cdiff.perceptual); unset by default:
 CDIFF_LPIPS_VGG       torchvision's ImageNet VGG16, vgg16-397923af.pth (the LPIPS trunk).
@@ -13,8 +18,9 @@ from __future__ import annotations
 import os
 
 _CHOICES = {
-    "CDIFF_ATTENTION": ("sdpa", "math"),
+    "CDIFF_ATTENTION": ("sdpa", "math", "fused"),
     "CDIFF_LOSS": ("auto", "triton", "torch"),
+    "CDIFF_GROUP_NORM": ("torch", "triton"),
 }
 _PATHS = ("CDIFF_LPIPS_VGG", "CDIFF_FID_INCEPTION")
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cdiff import graphs
 from cdiff import tiling as tiles
 from cdiff.loss import confidence_from_raw
 from cdiff.samplers import make_sampler
@@ -79,18 +80,40 @@ class Pipeline:
         self.unet, self.vae, self.context, self.prompt = unet, vae, context, prompt
         self.process = process or DDPM()
         self._warned_range = False
+        self._compiled = None  # (the U-Net it was made from, torch.compile of it), see compile()
+        self._graph = None  # (key, CapturedFunction) of the last cuda_graph=True run
 
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the VAE's 8 times the U-Net's 8 = 64 for SD 2.1."""
         return self.vae.config.downsample_factor * self.unet.config.downsample_factor
 
-    def to(self, device=None, dtype=None) -> "Pipeline":
-        """Move every module (and the prompt embedding) to one device and dtype."""
-        self.unet.to(device=device, dtype=dtype)
-        self.vae.to(device=device, dtype=dtype)
+    def to(self, device=None, dtype=None, memory_format: torch.memory_format | None = None) -> "Pipeline":
+        """Move every module (and the prompt embedding) to one device and dtype.
+
+        ``memory_format=torch.channels_last`` stores the convolution weights NHWC, so the U-Net's
+        and the VAE's activations stay NHWC end to end (cdiff.layers), the fast layout of
+        tensor-core convolutions; results are the same as in the default layout.
+        """
+        layout = {} if memory_format is None else {"memory_format": memory_format}
+        self.unet.to(device=device, dtype=dtype, **layout)
+        self.vae.to(device=device, dtype=dtype, **layout)
         self.context = self.context.to(device=device, dtype=dtype)
         return self
+
+    def compile(self, enabled: bool = True, **options) -> "Pipeline":
+        """Run the U-Net through ``torch.compile(unet, **options)`` in ``translate`` (each new
+        input shape compiles once, tens of seconds); ``enabled=False`` returns to eager. The
+        module itself is unchanged (its weights are shared). Returns the pipeline."""
+        self._compiled = (self.unet, torch.compile(self.unet, **options)) if enabled else None
+        return self
+
+    @property
+    def denoiser(self):
+        """What ``translate`` calls as the U-Net: the compiled one after ``compile()``, else the module."""
+        if self._compiled is not None and self._compiled[0] is self.unet:
+            return self._compiled[1]
+        return self.unet
 
     @torch.no_grad()
     def translate(
@@ -103,6 +126,7 @@ class Pipeline:
         sampler: str = "ddim",
         show_progress: bool = False,
         tiling: Tiling | None = None,
+        cuda_graph: bool = False,
     ) -> Translation:
         """Translate SAR images into EO images and confidence maps.
 
@@ -121,6 +145,11 @@ class Pipeline:
             tiling: images larger than ``tiling.tile`` go through overlapping tiles, with peak
                 memory set by the tile size: each step blends the U-Net's predictions of all
                 tiles (MultiDiffusion), and the VAE runs tile by tile (cdiff.tiling). None: whole.
+            cuda_graph: run the sampling loop (every U-Net call and update) as one CUDA graph,
+                captured at the first call for these shapes, sampler and step count (one extra
+                run, kept with its memory until another shape is asked) and replayed after;
+                CUDA only, eta = 0, no tiling; the progress bar shows the capture only. The
+                VAE runs eagerly. Same results as without (tests/test_compiled.py).
 
         Returns:
             Translation(eo, confidence): eo (B, 3, H, W) in [-1, 1] in the VAE's dtype; the
@@ -133,19 +162,45 @@ class Pipeline:
         """
         self._check_sar(sar)
         chosen = make_sampler(sampler, self.process, steps, eta)  # checks steps, eta, sampler first
+        if cuda_graph and (eta != 0 or tiling is not None):
+            raise ValueError("cuda_graph=True replays a fixed loop: it needs eta=0 and tiling=None")
         unet_param, vae_param = next(self.unet.parameters()), next(self.vae.parameters())
         device, dtype = unet_param.device, unet_param.dtype
 
         sar_latent = tiles.encode(self.vae, sar.to(vae_param.device, vae_param.dtype), tiling)  # (B, 4, h, w), scaled
         sar_latent = sar_latent.to(device, dtype)
-        context = self.context.to(device, dtype).expand(sar.shape[0], -1, -1)  # (B, L, context_dim)
         noise = self._starting_noise(sar_latent.shape, latents, generator, device)  # fp32
+        context = self.context.to(device, dtype).expand(sar.shape[0], -1, -1)  # (B, L, context_dim)
 
+        def denoise(sar_latent: torch.Tensor, noise: torch.Tensor, context: torch.Tensor):
+            return self._denoise(chosen, sar_latent, noise, context, generator, tiling, show_progress)
+
+        if cuda_graph:
+            key = (sampler, steps, sar_latent.shape, dtype, device, id(self.denoiser))
+            if self._graph is None or self._graph[0] != key:
+                self._graph = None  # free the old graph's memory before capturing the new one
+                self._graph = (key, graphs.CapturedFunction(denoise, (sar_latent, noise, context), self._capture))
+            eo_latent, raw, nonfinite = self._graph[1](sar_latent, noise, context)
+        else:
+            eo_latent, raw, nonfinite = denoise(sar_latent, noise, context)
+        eo = tiles.decode(self.vae, eo_latent.to(vae_param.device, vae_param.dtype), tiling)  # (B, 3, H, W)
+        self._check_finite(sar_latent, nonfinite, eo, chosen.timesteps)
+        confidence = confidence_from_raw(raw.float()) if raw.shape[1] else None
+        return Translation(eo=eo.clamp(-1, 1), confidence=confidence)
+
+    _capture = staticmethod(graphs.cuda_graph_capture)  # tests put graphs.eager_capture here on the CPU
+
+    def _denoise(self, chosen, sar_latent, noise, context, generator, tiling, show_progress):
+        """The sampling loop: (EO latent (B, 4, h, w) fp32, raw variance (B, 0 or 1, h, w) of the
+        confidence step, (steps,) bool: which steps gave NaN/Inf). Reads tensors only from its
+        arguments (and the U-Net's weights), so that it can be captured in a CUDA graph."""
+        device, dtype = sar_latent.device, sar_latent.dtype
         capture = confidence_step(chosen.timesteps, self.process.num_train_timesteps)
         latent_channels = sar_latent.shape[1]
+        unet = self.denoiser
         # Device-side bookkeeping only (no host sync per step): which steps gave NaN/Inf, and the
         # raw variance of the capture step. Each sampler calls the model once per step, in order.
-        nonfinite = torch.zeros(steps, dtype=torch.bool, device=device)
+        nonfinite = torch.zeros(len(chosen.timesteps), dtype=torch.bool, device=device)
         captured, calls = {}, [0]
 
         def predict(eo_latent: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -153,18 +208,15 @@ class Pipeline:
             calls[0] += 1
             unet_input = torch.cat([sar_latent, eo_latent.to(dtype)], dim=1)  # (B, 8, h, w)
             # One U-Net call, or one per batch of tiles, blended (B, 4 [+1], h, w).
-            output = tiles.denoise(lambda x: self.unet(x, t, context[:1].expand(len(x), -1, -1)), unet_input,
+            output = tiles.denoise(lambda x: unet(x, t, context[:1].expand(len(x), -1, -1)), unet_input,
                                    tiling, scale=self.vae.config.downsample_factor)
             nonfinite[step] = ~torch.isfinite(output).all()
-            if step == capture and output.shape[1] > latent_channels:
-                captured["raw"] = output[:, latent_channels:]
+            if step == capture:
+                captured["raw"] = output[:, latent_channels:]  # (B, 1, h, w); (B, 0, h, w) for a 4-out U-Net
             return output[:, :latent_channels]
 
         eo_latent = chosen.sample(predict, noise, generator=generator, show_progress=show_progress)
-        eo = tiles.decode(self.vae, eo_latent.to(vae_param.device, vae_param.dtype), tiling)  # (B, 3, H, W)
-        self._check_finite(sar_latent, nonfinite, eo, chosen.timesteps)
-        confidence = confidence_from_raw(captured["raw"].float()) if "raw" in captured else None
-        return Translation(eo=eo.clamp(-1, 1), confidence=confidence)
+        return eo_latent, captured["raw"], nonfinite
 
     def _check_sar(self, sar) -> None:
         if not isinstance(sar, torch.Tensor):

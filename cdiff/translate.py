@@ -205,9 +205,12 @@ def model_file(model) -> Path:
 NPDE_REFUSED = {"steps": "--steps", "eta": "--eta", "sampler": "--sampler", "seed": "--seed"}
 
 
-def open_model(model, sampling: Sampling, conf_dir, device, dtype: str, prompt: str | None) -> tuple[Callable, Path]:
+def open_model(model, sampling: Sampling, conf_dir, device, dtype: str, prompt: str | None,
+               channels_last: bool = False, compile_unet: bool = False) -> tuple[Callable, Path]:
     """(translate(scenes, names, sampling, show_progress) -> [(EO, grey or None)], the model file)
-    for ``--model``: a C-DiffSET pipeline or an S2O-NPDE generator (module docstring)."""
+    for ``--model``: a C-DiffSET pipeline or an S2O-NPDE generator (module docstring).
+    ``channels_last`` / ``compile_unet``: the C-DiffSET speed switches (Pipeline.to(memory_format=),
+    Pipeline.compile()), same results as without them."""
     from cdiff import load_pipeline
     from cdiff.npde import is_model_file, load_generator
 
@@ -215,6 +218,7 @@ def open_model(model, sampling: Sampling, conf_dir, device, dtype: str, prompt: 
     if is_model_file(path):
         given = [flag for key, flag in NPDE_REFUSED.items() if getattr(sampling, key) != getattr(Sampling(), key)]
         given += ["--prompt"] * (prompt is not None) + ["--conf-dir"] * (conf_dir is not None)
+        given += ["--channels-last"] * channels_last + ["--compile"] * compile_unet
         if given:
             raise ValueError(f"{path}: an S2O-NPDE model translates in one generator pass, with no sampler, noise, "
                              f"prompt or confidence map: leave out {', '.join(given)}")
@@ -225,6 +229,10 @@ def open_model(model, sampling: Sampling, conf_dir, device, dtype: str, prompt: 
                          "so there is no confidence map: leave out --conf-dir")
     # The SD VAE overflows in fp16, so --dtype applies to the U-Net; the VAE stays fp32.
     pipeline.unet.to(DTYPES[dtype])
+    if channels_last:
+        pipeline.to(memory_format=torch.channels_last)
+    if compile_unet:
+        pipeline.compile()
     return functools.partial(translate_scenes, pipeline), path
 
 
@@ -259,6 +267,8 @@ def run_translate(
     skip_bad: bool = False,
     overwrite: bool = False,
     evaluation: dict | None = None,
+    channels_last: bool = False,
+    compile_unet: bool = False,
 ) -> Tally:
     """The ``cdiff translate`` command (module docstring). ``evaluation``: the keyword
     arguments of cdiff.evaluate.evaluate plus ``target`` and ``report_dir``, or None."""
@@ -274,7 +284,7 @@ def run_translate(
     all_jobs = plan_jobs(input_path, output_dir, conf_dir)
     jobs = shard(all_jobs, rank, world)
     device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    translate, path = open_model(model, sampling, conf_dir, device, dtype, prompt)
+    translate, path = open_model(model, sampling, conf_dir, device, dtype, prompt, channels_last, compile_unet)
     if path != Path(model) and rank == 0:
         print(f"cdiff translate: model {path}")
 

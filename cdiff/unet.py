@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cdiff.attention import attention
 from cdiff.config import UNetConfig
-from cdiff.layers import Downsample, GroupNorm, ResBlock, Upsample
+from cdiff.layers import Downsample, GroupNorm, ResBlock, Upsample, from_tokens, to_tokens
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -120,7 +120,7 @@ class SpatialTransformer(nn.Module):
 
     Head size and depth are ``level``'s (the last level's by default: the mid block's).
     sample: (B, C, H, W); context: (B, L, context_dim); mask: None or (B, 1, 1, L).
-    Returns (B, C, H, W).
+    Returns (B, C, H, W). In channels-last memory the tokens are read without a copy.
     """
 
     def __init__(self, channels: int, config: UNetConfig, level: int = -1):
@@ -134,13 +134,12 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Linear(channels, channels)
 
     def forward(self, sample: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        batch, channels, height, width = sample.shape
-        tokens = self.norm(sample).permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, HW, C)
-        tokens = self.proj_in(tokens)
+        height, width = sample.shape[2:]
+        tokens = self.proj_in(to_tokens(self.norm(sample)))  # (B, HW, C); a view of channels-last memory
         for block in self.blocks:
             tokens = block(tokens, context, mask)
         tokens = self.proj_out(tokens)
-        return sample + tokens.reshape(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W)
+        return sample + from_tokens(tokens, height, width)  # (B, C, H, W)
 
 
 class DownBlock(nn.Module):
@@ -399,4 +398,4 @@ class UNet(nn.Module):
             sample = self._run(block, sample, block_skips, time_emb, context, mask)
 
         # 5. Output head.
-        return self.conv_out(F.silu(self.norm_out(sample)))  # (B, out_channels, h, w)
+        return self.conv_out(self.norm_out(sample, silu=True))  # (B, out_channels, h, w)

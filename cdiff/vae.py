@@ -13,12 +13,11 @@ Parameter names map to diffusers' AutoencoderKL through ``cdiff.layouts.diffuser
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cdiff.attention import attention
 from cdiff.config import VAEConfig
-from cdiff.layers import Downsample, GroupNorm, ResBlock, Upsample
+from cdiff.layers import Downsample, GroupNorm, ResBlock, Upsample, from_tokens, to_tokens
 
 # The reference clamps the log-variance before exponentiating, so std never under- or overflows.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -68,15 +67,14 @@ class MidAttention(nn.Module):
         self.to_out = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = x.shape
-        # 1. normalise, then pixels become tokens
-        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        height, width = x.shape[2:]
+        # 1. normalise, then pixels become tokens (a view of channels-last memory, no copy)
+        h = to_tokens(self.norm(x))  # (B, HW, C)
         # 2. attend every pixel to every pixel
         h = attention(self.to_q(h), self.to_k(h), self.to_v(h), self.heads, backend=self.attention_backend)  # (B, HW, C)
         h = self.to_out(h)
-        # 3. tokens back to an image, plus the residual
-        h = h.transpose(1, 2).reshape(batch, channels, height, width)  # (B, C, H, W)
-        return x + h
+        # 3. tokens back to an image (a channels-last view), plus the residual
+        return x + from_tokens(h, height, width)  # (B, C, H, W)
 
 
 class MidBlock(nn.Module):
@@ -144,7 +142,7 @@ class Encoder(nn.Module):
             h = level(h)  # (B, c_last, H/f, W/f) after the last level
         # 2. the mid block, then norm-SiLU-conv to the moments
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2 * latent_channels, H/f, W/f)
+        return self.conv_out(self.norm_out(h, silu=True))  # (B, 2 * latent_channels, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -173,7 +171,7 @@ class Decoder(nn.Module):
         for level in self.up:
             h = level(h)  # (B, c0, h*f, w*f) after the last level
         # 3. norm-SiLU-conv to pixels
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, image_channels, h*f, w*f)
+        return self.conv_out(self.norm_out(h, silu=True))  # (B, image_channels, h*f, w*f)
 
 
 def _check_4d(x: torch.Tensor, name: str, channels: int, what: str) -> None:

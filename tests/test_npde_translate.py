@@ -171,6 +171,8 @@ def test_options_that_do_not_apply_are_refused(run_dir, pairs, tmp_path, capsys)
     assert "leave out --steps, --eta, --sampler, --seed" in err
     code, _, err = cli(capsys, *base, "--prompt", "optical", "--conf-dir", tmp_path / "conf")
     assert code == 2 and "leave out --prompt, --conf-dir" in err
+    code, _, err = cli(capsys, *base, "--channels-last", "--compile")
+    assert code == 2 and "leave out --channels-last, --compile" in err
     assert not (tmp_path / "eo").exists() or not any((tmp_path / "eo").iterdir())
     (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)
     (tmp_path / "fresh" / "config.toml").write_text("")

@@ -276,6 +276,22 @@ def test_a_batch_of_same_sized_images(model, inputs, tmp_path, capsys):
     assert plan_jobs(inputs / "a.png", out)[0].name == "a"
 
 
+def test_the_speed_switches_give_the_same_images(model, inputs, tmp_path, monkeypatch):
+    import cdiff.pipeline
+
+    compiled = []
+    monkeypatch.setattr(cdiff.pipeline.Pipeline, "compile", lambda self: compiled.append(self) or self)
+    plain, fast = tmp_path / "plain", tmp_path / "fast"
+    assert run("--model", model, "--input", inputs, "--output", plain, "--conf-dir", plain / "conf", "--steps", 2) == 0
+    assert run("--model", model, "--input", inputs, "--output", fast, "--conf-dir", fast / "conf", "--steps", 2,
+               "--channels-last", "--compile") == 0
+    assert len(compiled) == 1  # Pipeline.compile() asked for (tests/test_compiled.py checks what it does)
+    assert compiled[0].unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    for name in ("a.png", "sub/b.png", "conf/a.png"):  # channels-last: fp32 results equal to rounding
+        difference = np.abs(read(plain / name).astype(int) - read(fast / name).astype(int))
+        assert difference.max() <= 1, name
+
+
 def test_outputs_that_would_overwrite_the_inputs_are_refused(model, inputs, tmp_path, capsys):
     assert run("--model", model, "--input", inputs, "--output", inputs) == 2
     assert "is the source" in capsys.readouterr().err

@@ -56,6 +56,7 @@ class CDiffSETConfig:
     loss: str = "cdiff"  # "cdiff": the confidence-guided beta-NLL; "mse": L2 on the noise channels (Table 3)
     ema_decay: float = 0.0  # > 0: keep an EMA of the U-Net with this decay, validate and save it too
     gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
+    channels_last: bool = False  # U-Net weights and activations NHWC (tensor-core convolutions' layout); same results
     tiny_seed: int = 0  # the weights of init = "tiny"
 
     def __post_init__(self):
@@ -109,6 +110,8 @@ class CDiffSETTask:
         self.context = pipeline.context.to(device, torch.float32)  # (L, context_dim)
         if self.model.gradient_checkpointing:
             self.unet.gradient_checkpointing(True)
+        self.memory_format = torch.channels_last if self.model.channels_last else torch.contiguous_format
+        self.unet.to(memory_format=self.memory_format)
         self.ema = EMA(self.unet, self.model.ema_decay) if self.model.ema_decay else None
         if checkpoint is not None and self.ema is not None:
             self.ema.module.load_state_dict(cdiff.load_unet(checkpoint / EMA_FILE, dtype=torch.float32).state_dict())
@@ -152,7 +155,8 @@ class CDiffSETTask:
         t, noise = self._draw(batch["position"], eo_latent.shape[1:])
         noisy = self.process.add_noise(eo_latent, noise, t)  # (B, 4, h, w)
         context = self.context.expand(len(t), -1, -1)  # (B, L, context_dim)
-        out = self.wrapped["unet"](torch.cat([sar_latent, noisy], dim=1), t, context)  # (B, 5, h, w)
+        unet_input = torch.cat([sar_latent, noisy], dim=1).contiguous(memory_format=self.memory_format)  # (B, 8, h, w)
+        out = self.wrapped["unet"](unet_input, t, context)  # (B, 5, h, w)
         channels = eo_latent.shape[1]
         prediction, raw = out[:, :channels], out[:, channels:]
         target = noise if self.model.prediction == "epsilon" else eo_latent

@@ -228,6 +228,19 @@ def read_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return document, tensors
 
 
+def _match_layouts(optimizer) -> None:
+    """Give each per-parameter state tensor its parameter's memory layout. The state is saved
+    contiguous; fused AdamW walks parameter, gradient and moments as flat memory, so a
+    channels-last parameter beside contiguous moments mixes up elements (on the CPU silently,
+    on CUDA it refuses)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def restore_state(document: dict, tensors: dict, optimizers: dict, schedulers: dict, scaler) -> None:
     """Load the optimisers, schedulers and scaler saved by ``write_state`` (by name).
 
@@ -239,6 +252,7 @@ def restore_state(document: dict, tensors: dict, optimizers: dict, schedulers: d
         optimizer.load_state_dict(_join_optimizer(name, document["optimizers"][name], tensors))
         for group, kept in zip(optimizer.param_groups, settings):
             group.update(kept)
+        _match_layouts(optimizer)
     for name, scheduler in schedulers.items():
         scheduler.load_state_dict(document["schedulers"][name])
     if document["scaler"]:
