@@ -51,6 +51,7 @@ def render(n: dict) -> str:
         "Do not edit by hand: rerun it. "
         f"Run: {n['seconds']} s on {n['threads']} CPU thread(s), {n['machine']}, torch {n['torch']}.",
         "",
+        *([f"> {n['note']}", ""] if n.get("note") else []),
         "## Summary",
         "",
         "| # | claim | target | measured | |",

@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenes", type=int, default=ReportProtocol.scenes, help="held-out scenes (default: %(default)s)")
     parser.add_argument("--out", default=str(BENCHMARKS / "synthetic_report.md"), help="the report (default: %(default)s); "
                         "its .json and PNGs are written beside it")
+    parser.add_argument("--note", default="", help="a paragraph to put under the report's title (e.g. which models it used and why)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads; the numbers depend on it (default: %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     data = heldout(protocol)
     results = measure(pipelines, data, protocol, npde)
     sources = {arm: describe_model(Path(p)) for arm, p in zip(ARMS, (args.model, args.ablation))}
-    write_report(Path(args.out), data, results, protocol, sources, args.threads, time.perf_counter() - start)
+    write_report(Path(args.out), data, results, protocol, sources, args.threads, time.perf_counter() - start, args.note)
     return 0
 
 
@@ -278,7 +279,8 @@ def describe_model(path: Path) -> dict:
             "recorded": {"protocol": recorded.get("protocol"), "scores": recorded.get("model")} if recorded else None}
 
 
-def write_report(out: Path, data: dict, results: dict, protocol: ReportProtocol, sources: dict, threads: int, seconds: float) -> None:
+def write_report(out: Path, data: dict, results: dict, protocol: ReportProtocol, sources: dict, threads: int, seconds: float,
+                 note: str = "") -> None:
     """The markdown report, its numbers as JSON, the reliability diagram and the example panel, beside ``out``."""
     from tools.synthetic_markdown import render
 
@@ -298,7 +300,7 @@ def write_report(out: Path, data: dict, results: dict, protocol: ReportProtocol,
     context = {"protocol": asdict(protocol), "models": sources, "threads": threads, "seconds": round(seconds),
                "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                "plot": plot.name, "examples": examples.name,
-               "numbers_file": out.with_suffix(".json").name}
+               "numbers_file": out.with_suffix(".json").name, "note": note}
     write_text(out.with_suffix(".json"), json.dumps({**context, **numbers}, indent=1) + "\n")
     write_text(out, render({**context, **numbers}))
     print(f"synthetic_report: {out}, {out.with_suffix('.json').name}, {plot.name}, {examples.name} ({seconds:.0f} s)")
