@@ -70,7 +70,15 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> t
     """Structural similarity with an 11 x 11 Gaussian window (sigma 1.5), per image: (B,).
 
     Local means, variances and covariance come from the window over reflect-padded images;
-    the SSIM map is averaged over every pixel and channel.
+    the SSIM map (``ssim_map``) is averaged over every pixel and channel.
+    """
+    return ssim_map(pred, target, data_range).flatten(1).mean(1)
+
+
+def ssim_map(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """The local SSIM of every pixel and channel, (B, C, H, W), whose mean is ``ssim``.
+
+    For scores over a region (e.g. inside a mask): average the map over that region.
     """
     _check(pred, target, "ssim")
     dtype = _compute_dtype(pred)
@@ -85,8 +93,7 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> t
     var_t = (tt - mu_t**2).clamp_min(0)
     cov = pt - mu_p * mu_t
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
-    ssim_map = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2))
-    return ssim_map.flatten(1).mean(1)
+    return ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2))
 
 
 def _laplacian(images: torch.Tensor) -> torch.Tensor:
