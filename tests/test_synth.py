@@ -12,7 +12,9 @@ from cdiff.cli import main
 from cdiff.data import PairAugment, SyntheticPairs, csv_pairs, folder_pairs, make_pair, to_uint8, write_synthetic
 from cdiff.data.imageio import read_image, write_png
 from cdiff.files import atomic_path
-from cdiff.data.synth import BUILDING, CLASSES, VEGETATION, WATER
+from cdiff.data.synth import (
+    _EO_COLOUR, _FIELD_COLOURS, _ROOF_COLOURS, BUILDING, CLASSES, FIELDS, VEGETATION, WATER, _eo_shadow, _scene, redraw_eo,
+)
 
 SEEDS = range(6)
 
@@ -26,6 +28,54 @@ def test_deterministic_and_seed_dependent():
     assert a.sar.dtype == np.float32 and a.eo.dtype == np.float32
     assert a.sar.min() >= -1 and a.sar.max() <= 1 and a.eo.min() >= -1 and a.eo.max() <= 1
     assert make_pair(1, (40, 72)).eo.shape == (40, 72, 3)
+
+
+def _layout(seed: int, size: int):
+    return _scene(np.random.default_rng(np.random.SeedSequence(seed).spawn(7)[0]), size, size)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_eo_colours_follow_the_final_land_cover(seed):
+    # Roads and water drawn over a field parcel once kept the field's colour: the EO showed a field
+    # where the SAR shows water, a disagreement no mask recorded.
+    landcover, colour, _, _, group = _layout(seed, 128)
+    own = (landcover != FIELDS) & (landcover != BUILDING)
+    assert np.array_equal(colour[own], _EO_COLOUR[landcover[own]])
+    assert np.array_equal(group >= 0, ~own)  # a colour group for every field and roof pixel, none elsewhere
+    for gid in np.unique(group[group >= 0]):
+        members = group == gid
+        assert len(np.unique(landcover[members])) == 1 and len(np.unique(colour[members], axis=0)) == 1
+        palette = _ROOF_COLOURS if landcover[members][0] == BUILDING else _FIELD_COLOURS
+        assert (palette == colour[members][0]).all(1).any()
+
+
+def test_redraw_eo_keeps_the_layout_and_redraws_what_the_sar_cannot_show():
+    seed, size, draws = 3, 64, 300
+    landcover, colour, height, stripe, group = _layout(seed, size)
+    assert np.array_equal(landcover, make_pair(seed, size).landcover)
+    assert (landcover == BUILDING).any() and (landcover == FIELDS).any()  # this scene has both kinds of group
+    rng = np.random.default_rng(0)
+    images = np.stack([(redraw_eo(seed, size, rng) + 1) / 2 for _ in range(draws)])  # (draws, H, W, 3) in [0, 1]
+    assert images.shape == (draws, size, size, 3) and images.dtype == np.float32
+    assert np.array_equal(redraw_eo(seed, size, np.random.default_rng(5)), redraw_eo(seed, size, np.random.default_rng(5)))
+    # Tone and texture have mean 1 and the noise mean 0, so the mean image is the palette's mean colour
+    # on roofs and fields (x the field rows), and the class's own colour elsewhere (out of shadow).
+    mean = images.mean(0)
+    sunny = ~_eo_shadow(height)
+    for gid in np.unique(group[group >= 0]):
+        members = (group == gid) & sunny
+        roof = landcover[group == gid][0] == BUILDING
+        expected = (_ROOF_COLOURS if roof else _FIELD_COLOURS).mean(0)
+        rows = 1.0 if roof else (0.85 + 0.15 * stripe[members])[:, None]
+        np.testing.assert_allclose((mean[members] / rows).mean(0), expected, atol=0.03)
+        # and the colour is drawn afresh: every palette colour shows up on this group
+        per_draw = images[:, members].mean(1) / np.mean(rows)  # (draws, 3): the group's colour in each draw
+        palette = _ROOF_COLOURS if roof else _FIELD_COLOURS
+        nearest = np.abs(per_draw[:, None] - palette[None]).sum(-1).argmin(1)
+        assert len(np.unique(nearest)) == len(palette)
+    water = (landcover == WATER) & sunny
+    assert water.any()
+    np.testing.assert_allclose(mean[water].mean(0), _EO_COLOUR[WATER], atol=0.01)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -9,7 +9,8 @@ from cdiff.demo import tiny_pipeline
 from cdiff.native import save_native
 from tools.synthetic_report import ReportProtocol, describe_model, heldout, main, measure, write_report
 
-TINY = ReportProtocol(scenes=2, steps=2, calibration_t=(300, 700), mean_scenes=2, bins=4, resamples=5, speed_scenes=1)
+TINY = ReportProtocol(scenes=2, steps=2, calibration_t=(300, 700), mean_scenes=2, bins=4, resamples=5, speed_scenes=1,
+                      oracle_draws=2, model_samples=2)
 
 
 def test_report_machinery_end_to_end(tmp_path):
@@ -33,6 +34,10 @@ def test_report_machinery_end_to_end(tmp_path):
     assert 0 <= results["confidence"]["C-Diff"]["discrepancy"]["auroc"] <= 1
     assert results["calibration"]["l2"]["nll_model"] == pytest.approx(results["calibration"]["l2"]["nll_unit"])
     assert sum(b["count"] for b in results["calibration"]["C-Diff"]["bins"]) == 2 * len(TINY.calibration_t) * 16 * 16
+    assert set(results["ceiling"]) == {"oracle sample", "oracle sample through the VAE", "oracle mean", "model, mean of samples"}
+    assert all(len(v["psnr"]) == 2 for v in results["ceiling"].values())
+    assert all(v["auroc"] == 0.5 for v in results["confidence"]["l2"]["by_coverage"].values())  # chance, as above
+    assert 0 <= results["confidence"]["C-Diff"]["error_auroc"] <= 1
     assert results["difference"]["psnr"] == pytest.approx([a - b for a, b in zip(results["translation"]["C-Diff"]["psnr"],
                                                                                 results["translation"]["l2"]["psnr"])])
 
@@ -41,7 +46,8 @@ def test_report_machinery_end_to_end(tmp_path):
     sources = {arm: describe_model(model) for arm in ("C-Diff", "l2")}
     write_report(out, data, results, TINY, sources, threads=1, seconds=1.0)
     text = out.read_text()
-    for heading in ("## Summary", "## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "synthetic_report_reliability.png"):
+    for heading in ("## Summary", "## 1.", "### The ceiling", "## 2.", "Where the limit lies", "## 3.", "## 4.", "## 5.", "## 6.",
+                    "synthetic_report_reliability.png"):
         assert heading in text
     numbers = json.loads(out.with_suffix(".json").read_text())
     assert numbers["translation"]["C-Diff"]["psnr"]["n"] == 2

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
 from cdiff.data.imageio import to_uint8, write_png, write_text  # noqa: E402
-from cdiff.data.synth import _SHIP_COLOUR, _VEHICLE_COLOURS, ROAD, WATER, make_pair  # noqa: E402
+from cdiff.data.synth import _SHIP_COLOUR, _VEHICLE_COLOURS, ROAD, WATER, make_pair, redraw_eo  # noqa: E402
 from cdiff.demo import DEMO_MODEL, HELDOUT_SEED, Protocol, eo_batch, heldout_pairs, mean_eo_image, sar_batch, translate  # noqa: E402
 from cdiff.load import load_pipeline  # noqa: E402
 from cdiff.pipeline import SampleAsNoise  # noqa: E402
@@ -71,6 +71,10 @@ class ReportProtocol:
     resamples: int = 200  # bootstrap resamples of scenes for the AUROC interval
     speed_scenes: int = 8  # batch-1 translations timed for images/s (after one warm-up)
     object_margin: int = 3  # px kept clear around the true objects when looking for spurious ones
+    oracle_draws: int = 32  # redrawn EO images per scene averaged into the oracle's posterior mean (claim 1's ceiling)
+    oracle_seed: int = 11  # their generator's seed
+    model_samples: int = 8  # translations (noise seeds seed .. seed + model_samples - 1) averaged per scene
+    coverage: tuple[float, ...] = (0.125, 0.25)  # claim 2 by object coverage: positives cover more than this of a cell
 
 
 def heldout(protocol: ReportProtocol) -> dict:
@@ -128,6 +132,19 @@ def confidence_scores(pipeline, data: dict, protocol: ReportProtocol) -> dict:
     # The same, with misregistered cells left out of the negatives: do objects stand out from well-registered ground?
     keep = ~latent_mask(data["misregistration"]) | latent_mask(data["discrepancy"])
     result["discrepancy_vs_registered"] = {"auroc": auroc(variance[keep], latent_mask(data["discrepancy"])[keep])}
+    # How far the variance could go: the AUROC of the U-Net's actual squared error at the same call (a variance
+    # that predicted each cell's error exactly would score this), and both by how much of a cell the objects cover.
+    labels = latent_mask(data["discrepancy"])
+    error = (out["prediction"] - out["target"]).square().mean(1)  # (B, h, w)
+    result["error_auroc"] = auroc(error, labels)
+    coverage = F.avg_pool2d(data["discrepancy"].float()[:, None], 8)[:, 0]  # (B, h, w): the share of each cell
+    result["by_coverage"] = {}
+    for share in protocol.coverage:
+        positive, negative = coverage > share, coverage == 0
+        if positive.any():
+            result["by_coverage"][str(share)] = {
+                "cells": int(positive.sum()), "auroc": auroc(variance[positive | negative], positive[positive | negative]),
+                "error_auroc": auroc(error[positive | negative], positive[positive | negative])}
     result["variance"] = variance
     return result
 
@@ -165,6 +182,39 @@ def vae_bound(pipeline, data: dict) -> dict:
     return {name: v.tolist() for name, v in image_metrics(to_unit(reconstruction), to_unit(data["eo"])).items()}
 
 
+@torch.no_grad()
+def ceiling(pipeline, data: dict, protocol: ReportProtocol, prediction: torch.Tensor) -> dict:
+    """Claim 1's ceiling: what a perfect translator could score on these scenes, and the model's own mean.
+
+    A perfect model given the SAR can at best know the scene's layout; the rest of the EO (roof and field
+    colours, tone, texture, noise) it must draw. ``cdiff.data.synth.redraw_eo`` makes such draws, so:
+    - "oracle sample": one redrawn EO image per scene, the score of a single sample from the true
+      distribution given the layout (in expected squared error, an upper bound for any sampler that sees
+      only the SAR: the SAR shows less than the layout);
+    - "oracle sample through the VAE": the same, encoded and decoded by the model's VAE, as any
+      translation of this model is;
+    - "oracle mean": the mean of ``oracle_draws`` redraws, about the best single image (the posterior mean);
+    - "model, mean of samples": the mean of ``model_samples`` translations (noise seeds seed, seed + 1, ...;
+      ``prediction`` is the first), the model's own estimate of that mean.
+    """
+    rng = np.random.default_rng(protocol.oracle_seed)
+    seeds = [HELDOUT_SEED + i for i in range(len(data["eo"]))]
+    size = protocol.size
+
+    def images(draws: list[np.ndarray]) -> torch.Tensor:  # (B, H, W, 3) numpy -> (B, 3, H, W) tensor
+        return torch.from_numpy(np.stack(draws)).permute(0, 3, 1, 2).float()
+
+    sample = images([redraw_eo(s, size, rng) for s in seeds])
+    mean = images([np.mean([redraw_eo(s, size, rng) for _ in range(protocol.oracle_draws)], axis=0) for s in seeds])
+    through_vae = pipeline.vae.decode_latent(pipeline.vae.encode_latent(sample)).clamp(-1, 1)
+    samples = [prediction] + [translate(pipeline, data["sar"], Protocol(scenes=len(seeds), size=size, steps=protocol.steps,
+                                                                         seed=protocol.seed + k)).eo.float()
+                              for k in range(1, protocol.model_samples)]
+    scored = {"oracle sample": sample, "oracle sample through the VAE": through_vae, "oracle mean": mean,
+              "model, mean of samples": torch.stack(samples).mean(0)}
+    return {name: {k: v.tolist() for k, v in image_metrics(to_unit(x), to_unit(data["eo"])).items()} for name, x in scored.items()}
+
+
 def images_per_second(pipeline, data: dict, protocol: ReportProtocol) -> float:
     """Batch-1 translations (``steps`` DDIM steps, VAE included): one over the median seconds, after a warm-up."""
     seconds = []
@@ -195,6 +245,7 @@ def measure(pipelines: dict, data: dict, protocol: ReportProtocol, npde: dict | 
         "confidence": {arm: confidence_scores(pipe, data, protocol) for arm, pipe in pipelines.items()},
         "calibration": {arm: calibration(pipe, data, protocol) for arm, pipe in pipelines.items()},
         "vae": vae_bound(pipelines["C-Diff"], data),
+        "ceiling": ceiling(pipelines["C-Diff"], data, protocol, predictions["C-Diff"]),
         "speed": {"images_per_s": images_per_second(pipelines["C-Diff"], data, protocol),
                   "parameters_unet": sum(p.numel() for p in pipelines["C-Diff"].unet.parameters()),
                   "parameters": sum(p.numel() for m in (pipelines["C-Diff"].unet, pipelines["C-Diff"].vae) for p in m.parameters())},
@@ -296,6 +347,7 @@ def write_report(out: Path, data: dict, results: dict, protocol: ReportProtocol,
     numbers["baselines"] = {name: summarize(v) for name, v in results["baselines"].items()}
     numbers["difference"] = summarize(results["difference"])
     numbers["vae"] = summarize(results["vae"])
+    numbers["ceiling"] = {name: summarize(v) for name, v in results["ceiling"].items()}
     numbers["confidence"] = {arm: {k: v for k, v in c.items() if k != "variance"} for arm, c in results["confidence"].items()}
     context = {"protocol": asdict(protocol), "models": sources, "threads": threads, "seconds": round(seconds),
                "machine": platform.processor() or platform.machine(), "torch": torch.__version__,

@@ -19,6 +19,8 @@ of milliseconds):
   the mask is their footprint exactly), and ``misregistrations`` square patches of the SAR
   moved by a small integer offset (``shift``: SAR pixel (y, x) shows the scene at
   (y + dy, x + dx)). Objects are placed after the shift, at their true positions.
+- ``redraw_eo``: another EO image of a scene's layout, with what the SAR cannot show (roof and
+  field colours, tone, texture, noise) drawn afresh: what a perfect translator could produce.
 
 What it does not imitate: real sensor geometry (incidence angle, foreshortening of terrain),
 polarimetry, side lobes and point targets, sub-pixel or smooth misregistration, objects seen
@@ -118,7 +120,9 @@ def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 
 def _scene(rng: np.random.Generator, h: int, w: int):
-    """Land cover, per-pixel EO colour, building heights, and the field stripe pattern."""
+    """Land cover, per-pixel EO colour, building heights, the field stripe pattern, and the colour
+    groups: (H, W) int32, one id per field parcel and per building (the pixels that share a drawn
+    colour), -1 where the colour is the class's own."""
     ycuts, xcuts = _cuts(rng, h, 24, 64), _cuts(rng, w, 24, 64)
     iy = np.searchsorted(ycuts, np.arange(h), side="right") - 1  # parcel row of each pixel row
     ix = np.searchsorted(xcuts, np.arange(w), side="right") - 1
@@ -148,6 +152,8 @@ def _scene(rng: np.random.Generator, h: int, w: int):
 
     # Buildings: each urban parcel split into blocks, one building per block, inset by 3 px.
     height = np.zeros((h, w), dtype=np.int16)
+    group = np.where(fields, iy[:, None] * nx + ix[None, :], -1).astype(np.int32)
+    buildings = 0
     ybounds, xbounds = np.append(ycuts, h), np.append(xcuts, w)
     for py, px in zip(*np.nonzero(urban_parcel)):
         y0, y1, x0, x1 = ybounds[py] + 3, ybounds[py + 1] - 3, xbounds[px] + 3, xbounds[px + 1] - 3
@@ -162,6 +168,8 @@ def _scene(rng: np.random.Generator, h: int, w: int):
                 sl = (slice(by0 + 1, by1 - 1), slice(bx0 + 1, bx1 - 1))
                 height[sl] = rng.integers(2, 10)
                 colour[sl] = _ROOF_COLOURS[rng.integers(len(_ROOF_COLOURS))]
+                group[sl] = ny * nx + buildings  # after the parcel ids
+                buildings += 1
     landcover[height > 0] = BUILDING
 
     # Roads along about half of the parcel borders (all borders of urban parcels would be a grid).
@@ -176,9 +184,11 @@ def _scene(rng: np.random.Generator, h: int, w: int):
     water = water_noise < np.quantile(water_noise, rng.uniform(0.05, 0.3))
     landcover[water] = WATER
     height[landcover != BUILDING] = 0
-    keep = (landcover != BUILDING) & ~fields
+    # Roads and water over a field keep nothing of it: the EO shows what the SAR shows.
+    keep = (landcover != BUILDING) & (landcover != FIELDS)
     colour[keep] = _EO_COLOUR[landcover[keep]]
-    return landcover, colour, height, stripe
+    group[keep] = -1
+    return landcover, colour, height, stripe, group
 
 
 def _layover_shadow(height: np.ndarray):
@@ -246,6 +256,53 @@ def _place_objects(rng: np.random.Generator, landcover: np.ndarray, count: int):
     return objects
 
 
+def _shape_and_streams(seed, size) -> tuple[int, int, list[np.random.Generator]]:
+    """(H, W, the pair's 7 random streams): each stage of the generator draws from its own."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if min(h, w) < 16:
+        raise ValueError(f"size must be at least 16 px, got {size}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return h, w, [np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(7)]
+
+
+def _eo_image(landcover, colour, height, stripe, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(EO (H, W, 3) in [0, 1] before objects and noise, tone (H, W)): colour x tone (x texture on
+    vegetation) x shadow, and the field rows."""
+    h, w = landcover.shape
+    tone = 0.85 + 0.3 * _fractal(rng, h, w, 48)
+    texture = np.where(landcover == VEGETATION, 0.7 + 0.6 * _value_noise(rng, h, w, 3), 1.0)
+    eo = colour * (tone * texture * np.where(_eo_shadow(height), 0.55, 1.0))[..., None]
+    fields = landcover == FIELDS
+    eo[fields] *= (0.85 + 0.15 * stripe[fields])[:, None]
+    return eo, tone
+
+
+def _eo_noise(eo: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The sensor's N(0, 0.01) noise, clipped, mapped to [-1, 1]."""
+    eo = eo + rng.normal(0.0, 0.01, size=eo.shape).astype(np.float32)
+    return np.clip(eo, 0.0, 1.0) * 2.0 - 1.0
+
+
+def redraw_eo(seed: int, size: int | tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Another EO image of the scene of ``make_pair(seed, size)``, (H, W, 3) float32 in [-1, 1].
+
+    The same land cover, buildings and field rows (all that the SAR shows), with what the SAR
+    cannot show drawn afresh from ``rng``: the colour of each roof and field parcel, the tone,
+    the vegetation texture and the sensor noise; no injected objects. A draw from the EO's
+    distribution given the scene's layout: what a perfect translator could sample at best
+    (tools/synthetic_report.py measures that ceiling).
+    """
+    h, w, streams = _shape_and_streams(seed, size)
+    landcover, colour, height, stripe, group = _scene(streams[0], h, w)
+    colour = colour.copy()
+    for gid in np.unique(group[group >= 0]):
+        palette = _ROOF_COLOURS if landcover[group == gid][0] == BUILDING else _FIELD_COLOURS
+        colour[group == gid] = palette[rng.integers(len(palette))]
+    eo, _ = _eo_image(landcover, colour, height, stripe, rng)
+    return _eo_noise(eo, rng).astype(np.float32)
+
+
 def make_pair(
     seed: int,
     size: int | tuple[int, int] = 256,
@@ -260,26 +317,16 @@ def make_pair(
     objects to inject in one image only (fewer if no room is found; the masks say which).
     ``misregistrations``: SAR patches shifted by up to ``max_shift`` px.
     """
-    h, w = (size, size) if isinstance(size, int) else size
-    if min(h, w) < 16:
-        raise ValueError(f"size must be at least 16 px, got {size}")
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if looks is not None and not looks > 0:
         raise ValueError(f"looks must be positive or None, got {looks}")
     if discrepancies < 0 or misregistrations < 0 or max_shift < 0:
         raise ValueError("discrepancies, misregistrations and max_shift must be >= 0")
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(7)]
+    h, w, streams = _shape_and_streams(seed, size)
     g_scene, g_eo, g_sar, g_misreg, g_objects, g_speckle, g_eo_noise = streams
 
-    landcover, colour, height, stripe = _scene(g_scene, h, w)
-
-    # EO: colour x tone (x texture on vegetation), shadows; objects; noise.
-    tone = 0.85 + 0.3 * _fractal(g_eo, h, w, 48)
-    texture = np.where(landcover == VEGETATION, 0.7 + 0.6 * _value_noise(g_eo, h, w, 3), 1.0)
-    eo = colour * (tone * texture * np.where(_eo_shadow(height), 0.55, 1.0))[..., None]
+    landcover, colour, height, stripe, _ = _scene(g_scene, h, w)
+    eo, tone = _eo_image(landcover, colour, height, stripe, g_eo)
     fields = landcover == FIELDS
-    eo[fields] *= (0.85 + 0.15 * stripe[fields])[:, None]
 
     # SAR backscatter: class value x texture, building geometry, then the misregistration.
     sigma0 = _SIGMA0[landcover] * (0.6 + 0.8 * _fractal(g_sar, h, w, 24, 2))
@@ -306,8 +353,7 @@ def make_pair(
             eo[y0:y1, x0:x1] = obj_colour * tone[y0:y1, x0:x1, None]
             eo_only[y0:y1, x0:x1] = True
 
-    eo = eo + g_eo_noise.normal(0.0, 0.01, size=eo.shape).astype(np.float32)
-    eo = np.clip(eo, 0.0, 1.0) * 2.0 - 1.0
+    eo = _eo_noise(eo, g_eo_noise)
     intensity = sigma0 * g_speckle.gamma(looks, 1.0 / looks, size=(h, w)) if looks is not None else sigma0
     db = 10.0 * np.log10(np.maximum(intensity, 1e-6))
     lo, hi = _DB_RANGE
