@@ -189,8 +189,8 @@ def ceiling(pipeline, data: dict, protocol: ReportProtocol, prediction: torch.Te
     A perfect model given the SAR can at best know the scene's layout; the rest of the EO (roof and field
     colours, tone, texture, noise) it must draw. ``cdiff.data.synth.redraw_eo`` makes such draws, so:
     - "oracle sample": one redrawn EO image per scene, the score of a single sample from the true
-      distribution given the layout (in expected squared error, an upper bound for any sampler that sees
-      only the SAR: the SAR shows less than the layout);
+      distribution given the layout (in expected squared error, an upper bound for any model whose samples
+      follow the EO's distribution given the SAR: the SAR shows less than the layout);
     - "oracle sample through the VAE": the same, encoded and decoded by the model's VAE, as any
       translation of this model is;
     - "oracle mean": the mean of ``oracle_draws`` redraws, about the best single image (the posterior mean);
