@@ -65,12 +65,11 @@ def test_redraw_eo_keeps_the_layout_and_redraws_what_the_sar_cannot_show():
     for gid in np.unique(group[group >= 0]):
         members = (group == gid) & sunny
         roof = landcover[group == gid][0] == BUILDING
-        expected = (_ROOF_COLOURS if roof else _FIELD_COLOURS).mean(0)
+        palette = _ROOF_COLOURS if roof else _FIELD_COLOURS
         rows = 1.0 if roof else (0.85 + 0.15 * stripe[members])[:, None]
-        np.testing.assert_allclose((mean[members] / rows).mean(0), expected, atol=0.03)
+        np.testing.assert_allclose((mean[members] / rows).mean(0), palette.mean(0), atol=0.03)
         # and the colour is drawn afresh: every palette colour shows up on this group
         per_draw = images[:, members].mean(1) / np.mean(rows)  # (draws, 3): the group's colour in each draw
-        palette = _ROOF_COLOURS if roof else _FIELD_COLOURS
         nearest = np.abs(per_draw[:, None] - palette[None]).sum(-1).argmin(1)
         assert len(np.unique(nearest)) == len(palette)
     water = (landcover == WATER) & sunny

@@ -1,13 +1,14 @@
 """The machinery of tools/synthetic_report.py on tiny random models and two scenes (not the real run)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from cdiff.demo import tiny_pipeline
 from cdiff.native import save_native
-from tools.synthetic_report import ReportProtocol, describe_model, heldout, main, measure, write_report
+from tools.synthetic_report import ReportProtocol, ceiling, describe_model, heldout, main, measure, write_report
 
 TINY = ReportProtocol(scenes=2, steps=2, calibration_t=(300, 700), mean_scenes=2, bins=4, resamples=5, speed_scenes=1,
                       oracle_draws=2, model_samples=2)
@@ -36,7 +37,11 @@ def test_report_machinery_end_to_end(tmp_path):
     assert sum(b["count"] for b in results["calibration"]["C-Diff"]["bins"]) == 2 * len(TINY.calibration_t) * 16 * 16
     assert set(results["ceiling"]) == {"oracle sample", "oracle sample through the VAE", "oracle mean", "model, mean of samples"}
     assert all(len(v["psnr"]) == 2 for v in results["ceiling"].values())
+    assert results["confidence"]["l2"]["by_coverage"]  # these two scenes have cells their objects cover more than 1/8 of
     assert all(v["auroc"] == 0.5 for v in results["confidence"]["l2"]["by_coverage"].values())  # chance, as above
+    alone = ceiling(pipelines["C-Diff"], data, replace(TINY, model_samples=1), results["predictions"]["C-Diff"])
+    for name, values in alone["model, mean of samples"].items():  # the mean of one sample is that sample
+        assert values == results["translation"]["C-Diff"][name]
     assert 0 <= results["confidence"]["C-Diff"]["error_auroc"] <= 1
     assert results["difference"]["psnr"] == pytest.approx([a - b for a, b in zip(results["translation"]["C-Diff"]["psnr"],
                                                                                 results["translation"]["l2"]["psnr"])])
