@@ -130,11 +130,11 @@ def confidence_scores(pipeline, data: dict, protocol: ReportProtocol) -> dict:
         result[name] = {"auroc": auroc(variance, labels), "interval": bootstrap_auroc(variance, labels, protocol.resamples),
                         "positive_cells": int(labels.sum()), "cells": labels.numel()}
     # The same, with misregistered cells left out of the negatives: do objects stand out from well-registered ground?
-    keep = ~latent_mask(data["misregistration"]) | latent_mask(data["discrepancy"])
-    result["discrepancy_vs_registered"] = {"auroc": auroc(variance[keep], latent_mask(data["discrepancy"])[keep])}
+    labels = latent_mask(data["discrepancy"])
+    keep = ~latent_mask(data["misregistration"]) | labels
+    result["discrepancy_vs_registered"] = {"auroc": auroc(variance[keep], labels[keep])}
     # How far the variance could go: the AUROC of the U-Net's actual squared error at the same call (a variance
     # that predicted each cell's error exactly would score this), and both by how much of a cell the objects cover.
-    labels = latent_mask(data["discrepancy"])
     error = (out["prediction"] - out["target"]).square().mean(1)  # (B, h, w)
     result["error_auroc"] = auroc(error, labels)
     coverage = F.avg_pool2d(data["discrepancy"].float()[:, None], 8)[:, 0]  # (B, h, w): the share of each cell

@@ -297,8 +297,9 @@ def redraw_eo(seed: int, size: int | tuple[int, int], rng: np.random.Generator) 
     landcover, colour, height, stripe, group = _scene(streams[0], h, w)
     colour = colour.copy()
     for gid in np.unique(group[group >= 0]):
-        palette = _ROOF_COLOURS if landcover[group == gid][0] == BUILDING else _FIELD_COLOURS
-        colour[group == gid] = palette[rng.integers(len(palette))]
+        members = group == gid
+        palette = _ROOF_COLOURS if landcover[members][0] == BUILDING else _FIELD_COLOURS
+        colour[members] = palette[rng.integers(len(palette))]
     eo, _ = _eo_image(landcover, colour, height, stripe, rng)
     return _eo_noise(eo, rng).astype(np.float32)
 
