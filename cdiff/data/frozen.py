@@ -157,7 +157,7 @@ def read_frozen(dataset: str, split: str, root: str | os.PathLike | None = None,
                    f"{entry.file} ({entry.lines:,} files, SHA-256 {entry.sha256[:12]}..., {entry.source}): the "
                    f"dataset copy differs from the one the field scored on")
         if not force:
-            raise ValueError(f"{message}. Re-extract the dataset, or pass force=True (--force) to use these files")
+            raise ValueError(f"{message}. Re-extract the dataset, or pass force=True to use these files")
         log.warning("%s; going on with them (force)", message)
     return lines
 
@@ -183,7 +183,7 @@ def check_user_list(list_file: str | os.PathLike, dataset: str, split: str | Non
                f"{entry.file} (SHA-256 {entry.sha256[:12]}..., {entry.lines:,} lines, {entry.source}): numbers made "
                f"on it do not compare with the field's tables")
     if not force:
-        raise ValueError(f"{message}. Leave list_file out to use the shipped list, or pass force=True (--force)")
+        raise ValueError(f"{message}. Leave list_file out to use the shipped list, or pass force=True")
     log.warning("%s; using it anyway (force)", message)
 
 
