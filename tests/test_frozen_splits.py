@@ -9,6 +9,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 import pytest
+import torch
 
 from cdiff.data import frozen, qxs_saropt, sar2eo, sar2opt, spacenet6, spacenet6_chips
 
@@ -170,3 +171,25 @@ def test_own_split_stays_for_other_datasets_and_on_request(tmp_path):
         qxs_saropt(tmp_path, "train")
     own = qxs_saropt(tmp_path, "train", frozen=False, transform=None)
     assert len(own) == 8 and (tmp_path / "cdiff_split_qxs" / "split_080.json").is_file()
+
+
+def test_sar2eo_reads_grey_pairs_as_three_channels(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    for split, k in (("train", 12), ("validation", 3)):
+        for side, value in (("EO", 40 + k), ("SAR", 200 - k)):
+            path = tmp_path / "SAR-EO" / side / split / f"Gotcha{k}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grey = np.full((8, 8), value, np.uint8)
+            grey[0, 0] = 0  # not constant (a constant SAR image is refused)
+            Image.fromarray(grey).save(path)
+    ds = sar2eo(tmp_path, "train", frozen=False, transform=None)
+    (sample,) = [ds[0]]
+    assert ds.pairs[0].sar == tmp_path / "SAR-EO/SAR/train/Gotcha12.png" and sample["name"] == "Gotcha12"
+    assert sample["eo"].shape == sample["sar"].shape == (3, 8, 8)
+    torch.testing.assert_close(sample["eo"][:, 1, 1], torch.full((3,), (40 + 12) / 127.5 - 1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sample["sar"][:, 1, 1], torch.full((3,), 188 / 127.5 - 1), rtol=0, atol=1e-6)
+    assert [p.eo.name for p in sar2eo(tmp_path, None, transform=None).pairs] == ["Gotcha12.png", "Gotcha3.png"]
+    with pytest.raises(ValueError, match="SAR2EO split must be one of"):
+        sar2eo(tmp_path, "val")
