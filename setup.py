@@ -33,6 +33,8 @@ setup(
     # inside the cdiff namespace: a top-level module named "kernels" belongs to another package.
     packages=["cdiff", "cdiff.layouts", "cdiff.data", "cdiff.npde", "cdiff.train", "cdiff.kernels"],
     package_dir={"cdiff": "cdiff", "cdiff.kernels": "kernels"},
+    # The field's frozen split lists (cdiff.data.frozen) travel inside the package.
+    package_data={"cdiff.data": ["splits/NOTICE", "splits/*/*.txt", "splits/*/*.json"]},
     install_requires=["torch>=2.4", "numpy>=1.24", "safetensors>=0.4", "pillow>=9"],
     extras_require={
         "cpu": ["torch==2.13.0"],

@@ -323,6 +323,45 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _add_prepare(sub) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="turn a downloaded dataset into the form the field's tables were made on (SpaceNet6 chips)",
+        description="Prepare a dataset as the published SAR-to-EO tables (GeoSET, ReFlowSET) prepared it. "
+        "See docs/datasets.md for where to get each dataset.",
+    )
+    datasets = p.add_subparsers(title="datasets", metavar="DATASET")
+    sn6 = datasets.add_parser(
+        "spacenet6",
+        help="build the 256-px SpaceNet6 chips of the frozen train/test lists from the 900-px tiles",
+        description="Read the tiles of the frozen SpaceNet6 lists (2,558 train, 495 test) under SRC "
+        "(the folder holding train/AOI_11_Rotterdam/PS-RGB and SAR-Intensity) and write OUT/{train,test}B/<stem>.png "
+        "(EO, bicubic to 256 px) and OUT/{train,test}A/<stem>.png (SAR: HH, HV, VV in dB through the fixed window "
+        "of sar_stretch.json, bilinear to 256 px), each with its georeferencing in <stem>.png.aux.xml. A rerun "
+        "skips chips already written; complete folders are checked against GeoSET's pixel digests. Needs "
+        "rasterio (pip install cdiff[geo]).",
+    )
+    sn6.add_argument("src", metavar="SRC", help="the extracted SpaceNet6 training archive (holds train/AOI_11_Rotterdam/)")
+    sn6.add_argument("out", metavar="OUT", help="folder for the chips (created if missing; existing chips are kept)")
+    sn6.add_argument("--split", choices=("train", "test"), action="append",
+                     help="build only this list (repeatable; default: both)")
+    sn6.add_argument("--limit", type=int, metavar="N", help="only the first N tiles of each list (a quick look)")
+    _add_overwrite(sn6, "rebuild chips that already exist in OUT")
+
+    def run(a):
+        from cdiff.data.spacenet6_chips import prepare_spacenet6
+
+        summary = prepare_spacenet6(a.src, a.out, splits=tuple(a.split or ("train", "test")), limit=a.limit,
+                                    overwrite=a.overwrite)
+        print(f"cdiff prepare spacenet6: {summary['written']} chip pairs written, {summary['skipped']} already there "
+              f"-> {a.out}")
+        for folder, same in summary["digests"].items():
+            print(f"  {folder}: {'matches' if same else 'DIFFERS FROM'} GeoSET's published pixel digest")
+
+    sn6.set_defaults(run=run)
+    p.set_defaults(run=lambda a: p.print_help())
+
+
 def _device(name: str | None) -> str:
     import torch
 
@@ -351,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_train(sub)
     _add_cache_latents(sub)
+    _add_prepare(sub)
     return parser
 
 

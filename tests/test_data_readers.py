@@ -77,8 +77,8 @@ def test_qxs_reads_pairs_scaled_and_matched(tmp_path):
 def test_own_split_deterministic_release_format(tmp_path):
     # Numbers 100 apart: each pair is a QXS block (scene group) of its own.
     root = make_qxs(tmp_path, numbers=[100 * k for k in range(10)])
-    train = qxs_saropt(root, split="train", transform=None)
-    test = qxs_saropt(root, split="test", transform=None)
+    train = qxs_saropt(root, split="train", transform=None, frozen=False)
+    test = qxs_saropt(root, split="test", transform=None, frozen=False)
     train_file = root / "cdiff_split_qxs" / "train_eo_list_080.txt"
     test_file = root / "cdiff_split_qxs" / "test_eo_list_080.txt"
     train_lines = train_file.read_text().splitlines()
@@ -100,7 +100,7 @@ def test_own_split_deterministic_release_format(tmp_path):
     # Re-reading uses the written lists (same result); a shuffled input gives the same split.
     assert make_split(list(reversed(all_eo)), group=qxs_group) == (train_lines, test_lines)
     assert make_split(all_eo, seed=7) != (train_lines, test_lines) or make_split(all_eo, seed=8) != (train_lines, test_lines)
-    assert qxs_saropt(root, split="test", transform=None).pairs == test.pairs
+    assert qxs_saropt(root, split="test", transform=None, frozen=False).pairs == test.pairs
 
 
 def test_make_split_integer_counts():
@@ -115,7 +115,7 @@ def test_release_list_file_is_used(tmp_path):
     lst = tmp_path / "lists" / "test_eo_list_080.txt"
     lst.parent.mkdir()
     lst.write_text("opt_256_oc_0.2/3.png\nopt_256_oc_0.2/7.png\n\n")
-    ds = qxs_saropt(root, split=None, list_file=lst)
+    ds = qxs_saropt(root, split=None, list_file=lst, force=True)  # not the published list
     assert isinstance(ds.transform, type(None))  # QXS has no crop: the test split gets no transform
     assert [p.sar for p in ds.pairs] == [root / "sar_256_oc_0.2" / "3.png", root / "sar_256_oc_0.2" / "7.png"]
     assert ds[1]["sar"][0, 0, 0] == torch.tensor(unit(np.float32(90)))
@@ -124,7 +124,7 @@ def test_release_list_file_is_used(tmp_path):
         qxs_saropt(root, list_file=lst, split="train")
     train_lst = lst.with_name("train_eo_list_080.txt")
     train_lst.write_text("opt_256_oc_0.2/1.png\n")
-    assert qxs_saropt(root, list_file=train_lst).transform == PairAugment(crop_size=None)  # split from the name
+    assert qxs_saropt(root, list_file=train_lst, force=True).transform == PairAugment(crop_size=None)  # split from the name
 
 
 def test_sar2opt_keeps_its_folders(tmp_path):
@@ -132,11 +132,11 @@ def test_sar2opt_keeps_its_folders(tmp_path):
         for k in range(n):
             png(tmp_path / f"{split}B" / f"{split}{k}.png", rgb(k, 50, 60, 20, 24))
             png(tmp_path / f"{split}A" / f"{split}{k}.png", grey(30 + k, 20, 24))
-    train = sar2opt(tmp_path, "train")
-    test = sar2opt(tmp_path, "test")
+    train = sar2opt(tmp_path, "train", frozen=False)
+    test = sar2opt(tmp_path, "test", frozen=False)
     assert len(train) == 3 and len(test) == 2
     assert train.transform == PairAugment(crop_size=512) and test.transform == CenterCrop(512)
-    raw = sar2opt(tmp_path, "test", transform=None)
+    raw = sar2opt(tmp_path, "test", transform=None, frozen=False)
     for i in range(2):
         s = raw[i]
         k = int(s["name"][-1])
@@ -147,11 +147,11 @@ def test_sar2opt_keeps_its_folders(tmp_path):
     assert not list(tmp_path.glob("cdiff_split*"))
     lst = tmp_path / "train_eo_list.txt"
     lst.write_text("trainB/train1.png\n")
-    from_list = sar2opt(tmp_path, None, list_file=lst, transform=None)
+    from_list = sar2opt(tmp_path, None, list_file=lst, transform=None, force=True)
     assert from_list.pairs[0].sar == tmp_path / "trainA" / "train1.png"
     test_lst = tmp_path / "test_eo_list.txt"
     test_lst.write_text("testB/test1.png\n")
-    from_test_list = sar2opt(tmp_path, list_file=test_lst)
+    from_test_list = sar2opt(tmp_path, list_file=test_lst, force=True)
     assert from_test_list.transform == CenterCrop(512) and from_test_list.pairs[0].sar == tmp_path / "testA" / "test1.png"
 
 
@@ -204,15 +204,15 @@ def test_spacenet6_uint16_eo_joint_stretch_and_split(tmp_path):
         tifffile.imwrite(sar_path, quadrant_bands()[0], photometric="minisblack", planarconfig="contig")
         eo = np.stack([np.zeros((20, 20)), np.full((20, 20), 1000), np.full((20, 20), 2000)], -1).astype(np.uint16)
         tifffile.imwrite(eo_path, eo, photometric="rgb")
-    ds = spacenet6(tmp_path, split="train")
+    ds = spacenet6(tmp_path, split="train", frozen=False)
     assert len(ds) == 4 and ds.transform == PairAugment(crop_size=512)
     lines = read_split(tmp_path / "cdiff_split_spacenet6" / "train_eo_list_080.txt")
     assert all(line.startswith(f"{SN6}/PS-RGB/SN6_Train_AOI_11_Rotterdam_PS-RGB_tile_") for line in lines)
     assert ds.pairs[0].sar == tmp_path / lines[0].replace("PS-RGB", "SAR-Intensity")
-    raw = spacenet6(tmp_path, split="train", transform=None)
+    raw = spacenet6(tmp_path, split="train", transform=None, frozen=False)
     # One stretch over all bands keeps the colour balance: 0 -> -1, 1000 -> 0, 2000 -> 1.
     torch.testing.assert_close(raw[0]["eo"][:, 5, 5], torch.tensor([-1.0, 0.0, 1.0]), rtol=0, atol=1e-6)
-    assert spacenet6(tmp_path, split="test").transform == CenterCrop(512)
+    assert spacenet6(tmp_path, split="test", frozen=False).transform == CenterCrop(512)
 
 
 def test_sen12_path_derivation_and_reader(tmp_path):

@@ -79,8 +79,8 @@ def test_split_by_scene_spacenet6_keeps_the_tiles_of_a_strip_together(tmp_path):
             base = "train/AOI_11_Rotterdam"
             touch(tmp_path / base / "PS-RGB" / f"SN6_Train_AOI_11_Rotterdam_PS-RGB_{strip}_tile_{100 * s + t}.tif")
             touch(tmp_path / base / "SAR-Intensity" / f"SN6_Train_AOI_11_Rotterdam_SAR-Intensity_{strip}_tile_{100 * s + t}.tif")
-    train = spacenet6(tmp_path, "train", transform=None)
-    test = spacenet6(tmp_path, "test", transform=None)
+    train = spacenet6(tmp_path, "train", transform=None, frozen=False)
+    test = spacenet6(tmp_path, "test", transform=None, frozen=False)
     strip_of = lambda pair: pair.eo.name.split("_PS-RGB_")[1].split("_tile_")[0]  # noqa: E731
     train_strips, test_strips = sides(train, test, strip_of)
     assert train_strips and test_strips and not train_strips & test_strips
@@ -94,8 +94,8 @@ def test_split_by_scene_qxs_keeps_blocks_of_consecutive_numbers_together(tmp_pat
     for k in range(1, 1001):  # QXS-SAROPT numbers its patches from 1
         touch(tmp_path / "opt_256_oc_0.2" / f"{k}.png")
         touch(tmp_path / "sar_256_oc_0.2" / f"{k}.png")
-    train = qxs_saropt(tmp_path, "train", transform=None)
-    test = qxs_saropt(tmp_path, "test", transform=None)
+    train = qxs_saropt(tmp_path, "train", transform=None, frozen=False)
+    test = qxs_saropt(tmp_path, "test", transform=None, frozen=False)
     block = lambda pair: int(pair.eo.stem) // 100  # noqa: E731
     train_blocks, test_blocks = sides(train, test, block)
     assert not train_blocks & test_blocks and train_blocks | test_blocks == set(range(11))
@@ -188,7 +188,7 @@ def test_stale_split_is_refused(tmp_path):
     for k in range(10):
         touch(tmp_path / "opt_256_oc_0.2" / f"{k}.png")
     with pytest.raises(ValueError, match=r"made with reader 'folders', now reader is 'qxs'"):
-        qxs_saropt(tmp_path, "test", split_dir=folder)
+        qxs_saropt(tmp_path, "test", split_dir=folder, frozen=False)
     test_list = folder / "test_eo_list_080.txt"
     test_list.write_text(test_list.read_text() + "eo/p99.png\n")
     with pytest.raises(ValueError, match=r"its lists were edited after it was made"):
@@ -211,7 +211,7 @@ def test_default_split_folder_is_one_per_reader(tmp_path):
         touch(tmp_path / "opt_256_oc_0.2" / f"{100 * k}.png")
         touch(tmp_path / "sar_256_oc_0.2" / f"{100 * k}.png")
     make_pairs(tmp_path, [f"p{k}.png" for k in range(5)])
-    qxs = qxs_saropt(tmp_path, "test", transform=None)
+    qxs = qxs_saropt(tmp_path, "test", transform=None, frozen=False)
     folders = folder_pairs(tmp_path, "test", transform=None)
     assert all(p.eo.parent.name == "opt_256_oc_0.2" for p in qxs.pairs) and len(qxs) == 2
     assert all(p.eo.parent.name == "eo" for p in folders.pairs) and len(folders) == 1

@@ -50,6 +50,9 @@ def test_wheel_ships_kernels_inside_the_cdiff_namespace(tmp_path):
     (wheel,) = tmp_path.glob("cdiff-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "cdiff/kernels/__init__.py" in names
+    # The field's frozen split lists ship with the package (cdiff.data.frozen).
+    assert {"cdiff/data/splits/NOTICE", "cdiff/data/splits/qxs-saropt/test_eo_list.txt",
+            "cdiff/data/splits/spacenet6/sar_stretch.json", "cdiff/data/splits/sar2eo/test_first4000.txt"} <= set(names)
     assert not any(n.startswith("kernels/") for n in names), "kernels/ must not be a top-level module"
     unpacked = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(unpacked)

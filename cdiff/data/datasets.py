@@ -15,6 +15,17 @@ Layouts (``root`` is the dataset's top folder; split lists hold EO paths relativ
                 file-name part only; no crop.
 - folder_pairs: EO ``eo/*``, SAR the same names in ``sar/``; no crop unless ``crop=``.
 - csv_pairs:    columns ``sar,eo`` of a CSV, relative to its folder; no crop unless ``crop=``.
+- sar2eo:       EO ``SAR-EO/EO/{train,validation}/Gotcha<k>.png`` (grey); SAR: ``/EO/`` -> ``/SAR/``;
+                no crop. Splits "train", "test" (the scored first 4,000 validation pairs) and
+                "test_all" (all 21,260).
+- spacenet6_chips: the 256-px chips of ``cdiff prepare spacenet6``: EO ``{train,test}B/<stem>.png``,
+                SAR ``{train,test}A/<stem>.png``; no crop.
+
+Frozen lists: for qxs, sar2opt, spacenet6, spacenet6_chips and sar2eo, a ``split`` without a
+``list_file`` reads the field's published list shipped with cdiff (cdiff.data.frozen), in its
+order; ``frozen=False`` falls back to the behaviour below. A ``list_file`` for one of those
+splits must be a published list (same SHA-256) unless ``force=True``. Files a frozen or given
+list names that are missing are counted in one error (``on_error="raise"``).
 
 Splits: ``list_file`` takes a release list (``train_eo_list_080.txt``...), read as it is.
 Without one, a ``split`` of "train"/"test" reads cdiff's own deterministic 80/20 split by
@@ -72,6 +83,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cdiff.data import imageio
+from cdiff.data.frozen import check_listed_files, check_user_list, has_frozen, read_frozen, spacenet6_chip_stem
 from cdiff.data.split import (
     SPLIT_SEED,
     Grouping,
@@ -379,6 +391,24 @@ def _swap_part(rel: str, table: dict[str, str], path_for_error: str) -> str:
     return str(PurePosixPath(*parts))
 
 
+def _frozen_paths(root: Path, dataset: str, split: str | None, list_file, frozen: bool, force: bool) -> list[str] | None:
+    """The field's list for ``split`` when it applies (see the module docstring), else None.
+
+    A user's ``list_file`` is checked against the published lists and then read by the caller."""
+    if list_file is not None:
+        check_user_list(list_file, dataset, _split_of_list(split, list_file), force)
+        return None
+    if frozen and split is not None and has_frozen(dataset, split):
+        return read_frozen(dataset, split, root, force)
+    return None
+
+
+def _check_listed(root: Path, eo_rel: Sequence[str], sar_from_eo: Callable[[str], str], what: str, on_error: str) -> None:
+    """One error counting every file a list names that is missing (with on_error="raise")."""
+    if on_error == "raise":
+        check_listed_files([root / p for e in eo_rel for p in (e, sar_from_eo(e))], what)
+
+
 # --- the readers -----------------------------------------------------------------------------
 
 
@@ -392,12 +422,20 @@ def qxs_group(eo_rel: str) -> str:
 
 
 def qxs_saropt(root, split: str | None = None, *, list_file=None, split_dir=None, ratio: int = 80,
-               seed: int = SPLIT_SEED, transform=DEFAULT, on_error: str = "raise") -> PairedImages:
+               seed: int = SPLIT_SEED, transform=DEFAULT, on_error: str = "raise", frozen: bool = True,
+               force: bool = False) -> PairedImages:
     """QXS-SAROPT: 256x256 grey Gaofen-3 SAR and Google Earth RGB PNGs; no crop.
 
-    Split groups: blocks of QXS_BLOCK consecutive patch numbers (the names are plain numbers
-    with no scene id; see the module docstring)."""
+    "train"/"test" read the field's frozen lists (16,001 / 3,999 pairs) unless ``frozen=False``.
+    Split groups of cdiff's own split: blocks of QXS_BLOCK consecutive patch numbers (the names
+    are plain numbers with no scene id; see the module docstring)."""
     root = _root(root)
+    table = {"opt_256_oc_0.2": "sar_256_oc_0.2"}
+    listed = _frozen_paths(root, "qxs", split, list_file, frozen, force)
+    if listed is not None:
+        _check_listed(root, listed, lambda e: _swap_part(e, table, e), f"the frozen QXS-SAROPT {split} list", on_error)
+        return _build(root, listed, lambda e: _swap_part(e, table, e), split, None, transform, on_error,
+                      f"QXS-SAROPT {root}")
     eo_dir = root / "opt_256_oc_0.2"
 
     def discover():
@@ -405,23 +443,33 @@ def qxs_saropt(root, split: str | None = None, *, list_file=None, split_dir=None
 
     grouping = Grouping("qxs", f"blocks of {QXS_BLOCK} consecutive patch numbers", qxs_group)
     split, eo_rel = _select(root, split, list_file, split_dir, ratio, seed, discover, grouping)
-    table = {"opt_256_oc_0.2": "sar_256_oc_0.2"}
+    if list_file is not None:
+        _check_listed(root, eo_rel, lambda e: _swap_part(e, table, e), f"the split list {list_file}", on_error)
     return _build(root, eo_rel, lambda e: _swap_part(e, table, e), split, None, transform, on_error, f"QXS-SAROPT {root}")
 
 
-def sar2opt(root, split: str | None = None, *, list_file=None, transform=DEFAULT, on_error: str = "raise") -> PairedImages:
-    """SAR2Opt: 600x600 TerraSAR-X SAR (trainA/testA) and RGB (trainB/testB); 512 crops."""
+def sar2opt(root, split: str | None = None, *, list_file=None, transform=DEFAULT, on_error: str = "raise",
+            frozen: bool = True, force: bool = False) -> PairedImages:
+    """SAR2Opt: 600x600 TerraSAR-X SAR (trainA/testA) and RGB (trainB/testB); 512 crops.
+
+    "train"/"test" read the field's frozen lists (1,450 / 627: the official folders) unless
+    ``frozen=False``, which lists the folders as they are."""
     root = _root(root)
-    if list_file is not None:
+    table = {"trainB": "trainA", "testB": "testA"}
+    listed = _frozen_paths(root, "sar2opt", split, list_file, frozen, force)
+    if listed is not None:
+        eo_rel = listed
+        _check_listed(root, eo_rel, lambda e: _swap_part(e, table, e), f"the frozen SAR2Opt {split} list", on_error)
+    elif list_file is not None:
         split = _split_of_list(split, list_file)
         eo_rel = read_split(list_file)
+        _check_listed(root, eo_rel, lambda e: _swap_part(e, table, e), f"the split list {list_file}", on_error)
     else:
         folders = {"train": ["trainB"], "test": ["testB"], None: ["trainB", "testB"]}
         if split not in folders:
             raise ValueError(f"split must be 'train', 'test' or None, got {split!r}")
         eo_rel = [e for f in folders[split] for e in _images_under(root / f, root)]
         _nonempty(eo_rel, root, "SAR2Opt's trainA/, trainB/, testA/, testB/")
-    table = {"trainB": "trainA", "testB": "testA"}
     return _build(root, eo_rel, lambda e: _swap_part(e, table, e), split, 512, transform, on_error, f"SAR2Opt {root}")
 
 
@@ -437,11 +485,21 @@ def spacenet6_group(eo_rel: str) -> str:
 
 
 def spacenet6(root, split: str | None = None, *, list_file=None, split_dir=None, ratio: int = 80,
-              seed: int = SPLIT_SEED, transform=DEFAULT, on_error: str = "raise") -> PairedImages:
+              seed: int = SPLIT_SEED, transform=DEFAULT, on_error: str = "raise", frozen: bool = True,
+              force: bool = False) -> PairedImages:
     """SpaceNet6: 900x900 Capella full-pol SAR-Intensity and Maxar PS-RGB GeoTIFFs; 512 crops.
 
-    Split groups: the SAR strip, named by the two collect timestamps in every tile's name."""
+    "train"/"test" read the field's frozen lists (2,558 / 495 tiles: UTM-easting blocks with a
+    450 m guard band) unless ``frozen=False``; the field trains and scores on the 256-px chips
+    of these tiles (``spacenet6_chips``). Split groups of cdiff's own split: the SAR strip,
+    named by the two collect timestamps in every tile's name."""
     root = _root(root)
+    listed = _frozen_paths(root, "spacenet6", split, list_file, frozen, force)
+    if listed is not None:
+        sar_of = lambda e: e.replace("PS-RGB", "SAR-Intensity")  # noqa: E731
+        _check_listed(root, listed, sar_of, f"the frozen SpaceNet6 {split} list", on_error)
+        return _build(root, listed, sar_of, split, 512, transform, on_error, f"SpaceNet6 {root}",
+                      read_sar=read_spacenet6_sar, read_eo=read_spacenet6_eo)
 
     def discover():
         found = [e for e in _images_under(root, root, "**/PS-RGB/*") if e.lower().endswith((".tif", ".tiff"))]
@@ -452,6 +510,9 @@ def spacenet6(root, split: str | None = None, *, list_file=None, split_dir=None,
     for e in eo_rel:
         if "PS-RGB" not in e:
             raise ValueError(f"SpaceNet6 EO path {e} does not contain 'PS-RGB': cannot derive its SAR path")
+    if list_file is not None:
+        _check_listed(root, eo_rel, lambda e: e.replace("PS-RGB", "SAR-Intensity"), f"the split list {list_file}",
+                      on_error)
     return _build(root, eo_rel, lambda e: e.replace("PS-RGB", "SAR-Intensity"), split, 512, transform, on_error,
                   f"SpaceNet6 {root}", read_sar=read_spacenet6_sar, read_eo=read_spacenet6_eo)
 
@@ -573,10 +634,86 @@ def csv_pairs(csv_file, split: str | None = None, *, list_file=None, split_dir=N
     return _build(root, eo_rel, sar_from_eo, split, crop, transform, on_error, f"pairs CSV {csv_file}")
 
 
+def read_grey_eo(path: Path) -> np.ndarray:
+    """Grey (or RGB) EO image: one band is repeated to three (SAR2EO's monochrome WAMI EO)."""
+    unit = imageio.to_unit_range(imageio.read_image(path), path)
+    return np.repeat(unit, 3, axis=2) if unit.shape[2] == 1 else unit
+
+
+SAR2EO_SPLITS = ("train", "test", "test_all")
+_SAR2EO_FOLDERS = {"train": "SAR-EO/EO/train", "test": "SAR-EO/EO/validation", "test_all": "SAR-EO/EO/validation"}
+
+
+def sar2eo_sar_path(eo_rel: str) -> str:
+    """``SAR-EO/EO/train/Gotcha12.png`` -> ``SAR-EO/SAR/train/Gotcha12.png``."""
+    parts = list(PurePosixPath(eo_rel).parts)
+    if "EO" not in parts[:-1]:
+        raise ValueError(f"SAR2EO EO path {eo_rel} has no EO/ folder: cannot derive its SAR path")
+    parts[parts.index("EO")] = "SAR"
+    return str(PurePosixPath(*parts))
+
+
+def sar2eo(root, split: str | None = None, *, list_file=None, transform=DEFAULT, on_error: str = "raise",
+           frozen: bool = True, force: bool = False) -> PairedImages:
+    """SAR2EO (the E3Diff release): 256x256 grey airborne UNICORN SAR and WAMI EO PNGs; no crop.
+
+    ``root`` holds ``SAR-EO/{EO,SAR}/{train,validation}/``. Splits: "train" (68,151 pairs),
+    "test" (the scored subset: the first 4,000 validation pairs in the published order) and
+    "test_all" (all 21,260). With ``frozen`` (the default) "test" is the shipped list and the
+    other two are the sorted folder listings, refused unless they hash to the published lists;
+    ``frozen=False`` lists the folders as they are ("test" then means all validation pairs).
+    """
+    root = _root(root)
+    if split is not None and split not in SAR2EO_SPLITS:
+        raise ValueError(f"SAR2EO split must be one of {SAR2EO_SPLITS} or None, got {split!r}")
+    listed = _frozen_paths(root, "sar2eo", split, list_file, frozen, force)
+    if listed is not None:
+        eo_rel, what = listed, f"the frozen SAR2EO {split} list"
+    elif list_file is not None:
+        split, eo_rel, what = _split_of_list(split, list_file), read_split(list_file), f"the split list {list_file}"
+    else:
+        folders = [_SAR2EO_FOLDERS[split]] if split is not None else ["SAR-EO/EO/train", "SAR-EO/EO/validation"]
+        eo_rel = _nonempty([e for f in folders for e in _images_under(root / f, root, "*")], root,
+                           "SAR2EO's SAR-EO/EO/{train,validation}/ and SAR-EO/SAR/{train,validation}/")
+        what = f"SAR2EO {root}"
+    _check_listed(root, eo_rel, sar2eo_sar_path, what, on_error)
+    return _build(root, eo_rel, sar2eo_sar_path, split, None, transform, on_error, f"SAR2EO {root}",
+                  read_eo=read_grey_eo)
+
+
+def spacenet6_chips(root, split: str | None = None, *, list_file=None, transform=DEFAULT, on_error: str = "raise",
+                    frozen: bool = True, force: bool = False) -> PairedImages:
+    """SpaceNet6 as the field trains and scores it: the 256-px chips of ``cdiff prepare spacenet6``.
+
+    ``root`` holds ``{train,test}A/<stem>.png`` (SAR: HH, HV, VV in a fixed dB window) and
+    ``{train,test}B/<stem>.png`` (EO). "train"/"test" follow the frozen SpaceNet6 lists, in
+    their order (``frozen=False``: the folders' sorted listings); no crop. A ``list_file``
+    holds chip paths such as ``testB/<stem>.png``.
+    """
+    root = _root(root)
+    sar_of = lambda e: _swap_part(e, {"trainB": "trainA", "testB": "testA"}, e)  # noqa: E731
+    if list_file is not None:
+        split, eo_rel, what = _split_of_list(split, list_file), read_split(list_file), f"the split list {list_file}"
+    elif frozen and split is not None and has_frozen("spacenet6", split):
+        tiles = read_frozen("spacenet6", split)
+        eo_rel, what = [f"{split}B/{spacenet6_chip_stem(t)}.png" for t in tiles], f"the frozen SpaceNet6 {split} list"
+    else:
+        folders = {"train": ["trainB"], "test": ["testB"], None: ["trainB", "testB"]}
+        if split not in folders:
+            raise ValueError(f"split must be 'train', 'test' or None, got {split!r}")
+        eo_rel = _nonempty([e for f in folders[split] for e in _images_under(root / f, root, "*.png")], root,
+                           "the chips of 'cdiff prepare spacenet6': trainA/, trainB/, testA/, testB/")
+        what = f"SpaceNet6 chips {root}"
+    _check_listed(root, eo_rel, sar_of, what, on_error)
+    return _build(root, eo_rel, sar_of, split, None, transform, on_error, f"SpaceNet6 chips {root}")
+
+
 READERS = {
     "qxs": qxs_saropt,
     "sar2opt": sar2opt,
     "spacenet6": spacenet6,
+    "spacenet6_chips": spacenet6_chips,
+    "sar2eo": sar2eo,
     "sen12": sen12,
     "folders": folder_pairs,
     "csv": csv_pairs,
@@ -584,7 +721,8 @@ READERS = {
 
 
 def open_dataset(kind: str, root, **kwargs) -> PairedImages:
-    """``READERS[kind](root, **kwargs)``; kind is one of qxs, sar2opt, spacenet6, sen12, folders, csv."""
+    """``READERS[kind](root, **kwargs)``; kind is one of qxs, sar2opt, spacenet6, spacenet6_chips, sar2eo,
+    sen12, folders, csv."""
     if kind not in READERS:
         raise ValueError(f"dataset kind must be one of {sorted(READERS)}, got {kind!r}")
     return READERS[kind](root, **kwargs)
