@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from cdiff import hub, zoo
+from cdiff import flags, hub, zoo
 
 
 def run_fetch(
@@ -58,14 +58,14 @@ def _fetch_file(remote: hub.Remote, options: dict) -> Path:
     except hub.OfflineError as err:
         cached = zoo.cached_names(options["cache_dir"])
         where = f"cached: {', '.join(cached)}" if cached else "nothing cdiff knows by name is cached"
-        raise hub.OfflineError(f"{err}. Working offline; {where} (`cdiff fetch --list`)") from None
+        raise hub.OfflineError(f"{err}; offline, {where} (`cdiff fetch --list`)") from None
 
 
 def _fetch_model(model: zoo.Model, convert: bool, overwrite: bool, options: dict) -> Path:
     echo, cache_dir = options["echo"], options["cache_dir"]
     cached, total = zoo.status(model, cache_dir)
     echo(f"{model.name}: {model.what}")
-    if cached < total:  # the first fetch: say the terms before the download starts
+    if cached < total and not hub.offline():  # the first fetch: say the terms before the download starts
         print_licence(model, echo)
         echo(f"  {total - cached} of {total} files to fetch (about {hub.describe(model.size)} in all)")
     paths = {remote: _fetch_file(remote, options) for remote in model.files}
@@ -74,8 +74,10 @@ def _fetch_model(model: zoo.Model, convert: bool, overwrite: bool, options: dict
     if model.convert is None:
         for remote, path in paths.items():
             echo(f"  {path}")
-        if hub.web_cache(cache_dir) == hub.web_cache():
+        if cache_dir is None and flags.get_path("CDIFF_CACHE_DIR") is None:
             echo("  (torch's hub cache: cdiff evaluate, torchvision, lpips and pytorch-fid find the files there)")
+        else:
+            echo("  (give these files to cdiff evaluate: --lpips-vgg / --fid-weights PATH)")
         if convert:
             echo(f"  {model.name}: a network file, nothing to convert")
         return paths[model.files[0]]

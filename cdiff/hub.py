@@ -65,6 +65,7 @@ RETRY_WAIT = 2.0  # seconds before the first resume; doubled each time
 MAX_REDIRECTS = 10
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+HASH = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")  # a git blob id or a sha256: the hub's ETags
 # torch's convention: a file name carrying the first hex digits of its sha256, "vgg16-397923af.pth".
 NAME_HASH = re.compile(r"-([0-9a-f]{8,64})\.")
 
@@ -98,6 +99,14 @@ class HubFile:
     revision: str = "main"  # a branch, a tag or a 40-hex commit
     sha256: str | None = None  # recorded by cdiff; checked on top of the hub's own hash
 
+    def __post_init__(self):
+        # Each part becomes part of a path in the cache: nothing may climb out of it.
+        for what, value, parts in (("repository", self.repo, 2), ("path", self.path, None),
+                                   ("revision", self.revision, None)):
+            pieces = value.split("/")
+            if any(p in ("", ".", "..") or "\\" in p for p in pieces) or (parts and len(pieces) != parts):
+                raise ValueError(f"hf://{self.repo}/{self.path}@{self.revision}: not a valid {what}: {value!r}")
+
     def __str__(self) -> str:
         return f"hf://{self.repo}/{self.path}@{self.revision}"
 
@@ -109,6 +118,10 @@ class WebFile:
     url: str
     name: str  # the file name in the cache (torch's: the last part of the address)
     sha256: str | None = None
+
+    def __post_init__(self):
+        if self.name in ("", ".", "..") or "/" in self.name or "\\" in self.name:
+            raise ValueError(f"{self.url}: not a valid file name for the cache: {self.name!r}")
 
     def __str__(self) -> str:
         return self.url
@@ -272,18 +285,22 @@ def _fetch_hub(remote: HubFile, cache_dir, base: str, echo, show_progress, retri
         raise OfflineError(f"{remote}: not cached, and HF_HUB_OFFLINE is set (nothing is downloaded)")
     quote = urllib.parse.quote
     url = f"{base}/{remote.repo}/resolve/{quote(remote.revision, safe='')}/{quote(remote.path)}"
-    auth = _auth(base)
+    auth = _auth()
     try:
         meta = _head(url, auth, remote)
-    except OfflineError as err:
+    except (NotFoundError, AccessError):
+        raise
+    except FetchError as err:  # no network, or the hub is down (5xx): a cached copy will do
         if cached is None:
             raise
         echo(f"  note: {err}; using the cached copy of {remote.path}")
         return cached
     commit = meta.commit or (remote.revision if COMMIT.match(remote.revision) else None)
-    if commit is None or meta.etag is None:
-        missing = "X-Repo-Commit" if commit is None else "ETag"
-        raise FetchError(f"{url}: the server sent no {missing} header; is {base} a Hugging Face hub (HF_ENDPOINT)?")
+    # Both name files in the cache: only the hub's own forms (hex digests) are accepted.
+    if commit is None or not COMMIT.match(commit) or meta.etag is None or not HASH.match(meta.etag):
+        missing = "commit (X-Repo-Commit)" if commit is None or not COMMIT.match(commit) else "hash (ETag)"
+        raise FetchError(f"{url}: the server sent no valid {missing} header; is {base} a Hugging Face hub "
+                         "(HF_ENDPOINT)?")
     if remote.sha256 and SHA256.match(meta.etag) and meta.etag != remote.sha256:
         raise IntegrityError(
             f"{remote}: the hub now serves sha256 {meta.etag}, but cdiff recorded {remote.sha256} for this "
@@ -318,7 +335,7 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirect)
 
 
-def _auth(base: str) -> dict[str, str]:
+def _auth() -> dict[str, str]:
     value = token()
     return {"Authorization": f"Bearer {value}"} if value else {}
 
@@ -329,7 +346,11 @@ def _same_host(url: str, base: str) -> bool:
 
 def _request(method: str, url: str, headers: dict[str, str]):
     """One request, redirects not followed: the response (an HTTPError for a 3xx/4xx/5xx)."""
-    request = urllib.request.Request(url, method=method, headers={"Accept-Encoding": "identity", **headers})
+    import cdiff
+
+    # identity: the bytes counted are the file's bytes, never a compressed stream of them
+    fixed = {"Accept-Encoding": "identity", "User-Agent": f"cdiff/{cdiff.__version__}"}
+    request = urllib.request.Request(url, method=method, headers={**fixed, **headers})
     try:
         return _OPENER.open(request, timeout=TIMEOUT)
     except urllib.error.HTTPError as err:
@@ -337,7 +358,7 @@ def _request(method: str, url: str, headers: dict[str, str]):
     except (urllib.error.URLError, OSError) as err:  # refused, no route, DNS, timeout
         reason = getattr(err, "reason", err)
         host = urllib.parse.urlsplit(url).netloc
-        raise OfflineError(f"cannot reach {host} ({reason}): no network?") from None
+        raise OfflineError(f"cannot reach {host} ({reason})") from None
 
 
 @dataclass(frozen=True)
@@ -491,7 +512,8 @@ def _download(url: str, dest: Path, *, size: int | None, checks: dict[str, str],
             have = 0
         _check_space(partial, (size - have) if size is not None else None)
         what = f"{label} ({_human(size)})" if size is not None else label
-        echo(f"  downloading {what}" + (f", resuming at {_human(have)}" if have else "") + f" from {url}")
+        resuming = f", resuming at {_human(have)}" if have else ""
+        echo(f"  downloading {what}{resuming} from {urllib.parse.urlsplit(url).netloc}")
         began, first = time.perf_counter(), have
         attempt = 0
         while True:
@@ -513,12 +535,11 @@ def _download(url: str, dest: Path, *, size: int | None, checks: dict[str, str],
                     echo(f"\n  interrupted: {_human(partial.stat().st_size)} kept in {partial}; run the same "
                          "command again to download the rest")
                 raise
+        seconds, done = time.perf_counter() - began, partial.stat().st_size - first
         _verify(partial, size, checks, label)
         os.replace(partial, dest)  # the final name appears only now, complete and verified
-        seconds = time.perf_counter() - began
-        done = dest.stat().st_size - first
-        echo(f"  {label}: {_human(done)} in {seconds:.1f} s ({_human(done / max(seconds, 1e-9))}/s)"
-             + (", verified" if checks else ", size checked (no hash known)"))
+        echo(f"  {label}: {_human(done)} in {seconds:.1f} s ({_human(done / max(seconds, 1e-9))}/s), "
+             + (f"{' and '.join(checks)} verified" if checks else "size checked (no hash known)"))
 
 
 def _check_space(partial: Path, needed: int | None) -> None:
@@ -575,9 +596,17 @@ def _get(url, partial: Path, size, headers, label, show_progress) -> int:
 
 
 def _stream(response, partial: Path, have: int, size: int | None, label: str, show_progress: bool) -> int:
-    bar = Bar(-(-size // 10**6) if size else None, f"{label} MB", show_progress, start=have // 10**6)
+    # The bar counts MB (cdiff.progress draws whole numbers); small files get none.
+    name = label.rsplit("/", 1)[-1][:40]
+    show = show_progress and (size is None or size >= 10**7)
+    bar = Bar(-(-size // 10**6) if size else None, f"{name} (MB)", show, start=have // 10**6)
     began, last_draw = time.perf_counter(), 0.0
     done = have
+
+    def draw():
+        rate = (done - have) / 1e6 / max(time.perf_counter() - began, 1e-9)
+        bar.update(-(-done // 10**6) if done == size else done // 10**6, f"{rate:.1f} MB/s")
+
     try:
         # Unbuffered: what was received is on disk, so a kill loses nothing a resume could reuse.
         with open(partial, "ab" if have else "wb", buffering=0) as out:
@@ -599,10 +628,10 @@ def _stream(response, partial: Path, have: int, size: int | None, label: str, sh
                                          "download the rest") from None
                     raise
                 done += len(data)
-                now = time.perf_counter()
-                if now - last_draw > 0.2:
-                    last_draw = now
-                    bar.update(done // 10**6, f"{(done - have) / 1e6 / max(now - began, 1e-9):.1f} MB/s")
+                if time.perf_counter() - last_draw > 0.2:
+                    last_draw = time.perf_counter()
+                    draw()
+        draw()
     finally:
         bar.close()
     if size is not None and done < size:

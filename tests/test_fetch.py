@@ -358,7 +358,7 @@ def test_addresses():
     assert hub.parse_address("hf://a/b/x.bin") == HubFile("a/b", "x.bin", "main")
     assert hub.parse_address("https://huggingface.co/a/b/resolve/v1/c/d.json") == HubFile("a/b", "c/d.json", "v1")
     assert hub.parse_address("https://x.org/m/vgg.pth") == WebFile("https://x.org/m/vgg.pth", "vgg.pth")
-    for bad in ("hf://a/b", "hf://a/b/c@", "ftp://x/y", "https://x.org/"):
+    for bad in ("hf://a/b", "hf://a/b/c@", "ftp://x/y", "https://x.org/", "hf://a/b/../../../etc/x", "hf://a/b/c@.."):
         with pytest.raises(ValueError):
             hub.parse_address(bad)
 
@@ -380,3 +380,36 @@ for name, value in (("XDG_CACHE_HOME", "xdg"), ("HF_HOME", "home"), ("HF_HUB_CAC
     lines = result.stdout.split("\n")[:3]
     assert [line.split()[0] for line in lines] == ["True"] * 3, (result.stdout, result.stderr)
     assert [Path(line.split()[1]).parent.name for line in lines] == ["huggingface", "home", str(tmp_path.name)]
+
+
+def test_docs_examples_run(tmp_path, monkeypatch, capsys):
+    """The Python examples of docs/fetch.md run as written, offline."""
+    import re
+
+    monkeypatch.setenv("CDIFF_CACHE_DIR", str(tmp_path))
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "fetch.md").read_text(), flags=re.S)
+    assert blocks
+    for i, block in enumerate(blocks, 1):
+        exec(compile(block, f"docs/fetch.md example {i}", "exec"), {})
+    out = capsys.readouterr().out
+    assert "openrail++ ['baselines/qxs-saropt/c-diffset/config.json'" in out and "(0, 7)" in out
+
+
+def test_metric_network_lands_where_evaluate_looks(fake_hub, tmp_path, monkeypatch):
+    """Without a cache folder, `cdiff fetch lpips-vgg` writes torch's hub cache, where
+    cdiff.perceptual (and so `cdiff evaluate`) finds the file."""
+    from cdiff.perceptual import LPIPS_VGG, find_weights
+
+    monkeypatch.delenv("CDIFF_CACHE_DIR")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    data = random_bytes(30_000, seed=6)
+    fake_hub.web[LPIPS_VGG.file_name] = data
+    table = dict(zoo.MODELS)  # the real name, served locally; the fake bytes' hash recorded instead of the name's
+    table["lpips-vgg"] = dataclasses.replace(table["lpips-vgg"], files=(
+        WebFile(f"{fake_hub.url}/web/{LPIPS_VGG.file_name}", LPIPS_VGG.file_name, hashlib.sha256(data).hexdigest()),))
+    monkeypatch.setattr(zoo, "MODELS", table)
+    with pytest.raises(FileNotFoundError):
+        find_weights(LPIPS_VGG)
+    [path] = run_fetch(["lpips-vgg"], **QUIET)
+    assert path == tmp_path / "torch" / "hub" / "checkpoints" / LPIPS_VGG.file_name
+    assert find_weights(LPIPS_VGG) == path and path.read_bytes() == data
