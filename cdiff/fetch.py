@@ -30,21 +30,21 @@ def run_fetch(
     native file of each name that has one). All names are checked before any download."""
     if not names:
         raise ValueError("cdiff fetch: give a model NAME or an address (`cdiff fetch --list` shows the names)")
-    targets = [name if name.startswith(("hf://", "https://", "http://")) else zoo.lookup(name) for name in names]
+    addresses = [name for name in names if name.startswith(("hf://", "https://", "http://"))]
+    if convert and addresses:
+        raise ValueError(f"{addresses[0]}: --convert takes model names; convert a file with `cdiff convert`")
+    targets = [(name, hub.parse_address(name)) if name in addresses else zoo.lookup(name) for name in names]
     options = dict(cache_dir=cache_dir, endpoint_url=endpoint, echo=echo, show_progress=show_progress, retries=retries)
     results = []
     for target in targets:
-        if isinstance(target, str):
-            if convert:
-                raise ValueError(f"{target}: --convert takes model names; convert a file with `cdiff convert`")
-            results.append(_fetch_address(target, options))
+        if isinstance(target, tuple):
+            results.append(_fetch_address(*target, options))
         else:
             results.append(_fetch_model(target, convert, overwrite, options))
     return results
 
 
-def _fetch_address(address: str, options: dict) -> Path:
-    remote = hub.parse_address(address)
+def _fetch_address(address: str, remote: hub.Remote, options: dict) -> Path:
     echo = options["echo"]
     echo(f"{address}: licence unknown to cdiff; check its source before use")
     path = _fetch_file(remote, options)
@@ -74,10 +74,11 @@ def _fetch_model(model: zoo.Model, convert: bool, overwrite: bool, options: dict
     if model.convert is None:
         for remote, path in paths.items():
             echo(f"  {path}")
-        if cache_dir is None and flags.get_path("CDIFF_CACHE_DIR") is None:
-            echo("  (torch's hub cache: cdiff evaluate, torchvision, lpips and pytorch-fid find the files there)")
-        else:
-            echo("  (give these files to cdiff evaluate: --lpips-vgg / --fid-weights PATH)")
+        if any(isinstance(remote, hub.WebFile) for remote in paths):
+            if cache_dir is None and flags.get_path("CDIFF_CACHE_DIR") is None:
+                echo("  (torch's hub cache: cdiff evaluate, torchvision, lpips and pytorch-fid find the files there)")
+            else:
+                echo("  (give these files to cdiff evaluate: --lpips-vgg / --fid-weights PATH)")
         if convert:
             echo(f"  {model.name}: a network file, nothing to convert")
         return paths[model.files[0]]
@@ -110,7 +111,10 @@ def convert_model(model: zoo.Model, base: Path, unet: Path | None, cache_dir, ov
         echo(f"  already converted: {out} (--overwrite converts again)")
         return out
     convert(base, out, unet=unet, plain=model.convert == "release", overwrite=True, echo=lambda line: echo(f"  {line}"))
-    echo(f"  ready: cdiff translate --model {model.name} --input SAR --output OUT")
+    # The loaders find names through CDIFF_CACHE_DIR, not through this command's --cache-dir.
+    found_by_name = zoo.native_path(model.name) == out
+    echo(f"  ready: cdiff translate --model {model.name if found_by_name else out} --input SAR --output OUT"
+         + ("" if found_by_name else f"  (or set CDIFF_CACHE_DIR={cache_dir} and use --model {model.name})"))
     return out
 
 

@@ -5,8 +5,9 @@ Where each fact comes from (checked when this table was written; no download was
 - SD 2.1-base: Stability's own repository is gone; the C-DiffSET authors' follow-up repository
   KAIST-VICLab/GeoSET loads the community mirror ``Manojb/stable-diffusion-2-1-base`` at revision
   0094d483... (its ``baselines/sd21-ft/README.md``, ``baselines/c-diffset/README.md`` and
-  ``baselines/sd21-ft/make_init.py``). The file list is the diffusers layout of SD 2.1-base. The
-  mirror's VAE has sha256 a1d99348..., byte-identical to stabilityai/sd-vae-ft-mse
+  ``baselines/sd21-ft/make_init.py``). The file list is SD 2.1-base's diffusers layout (GeoSET
+  lists no files; the mirror could not be listed from here). The mirror's VAE has sha256
+  a1d99348..., byte-identical to stabilityai/sd-vae-ft-mse
   (KAIST-VICLab/ReFlowSET ``vae_audit/README.md``); cdiff checks it on top of the hub's hash.
 - the released U-Nets: Hugging Face ``JeonghyeokDo/GeoSET``, ``baselines/<dataset>/c-diffset/``
   (8-in/5-out) and ``baselines/<dataset>/sd21-ft/`` (8-in/4-out), each
@@ -17,7 +18,10 @@ Where each fact comes from (checked when this table was written; no download was
   DISTS: the authors' alpha/beta file that the DISTS_pytorch package loads (github.com/dingkeyan93/DISTS,
   ``DISTS_pytorch/weights.pt``, MIT) on top of torchvision's VGG16.
 - DINO (GeoSET's evaluator: DINOv3-SAT ViT-L/16 patch tokens): Meta's Hugging Face repository
-  ``facebook/dinov3-vitl16-pretrain-sat493m`` (gated, DINOv3 License), in the transformers layout.
+  ``facebook/dinov3-vitl16-pretrain-sat493m`` (gated, DINOv3 License), in the transformers layout
+  (its three files as Meta's transformers repositories hold them; not listed from here). GeoSET's
+  evaluator reads Meta's original ``dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth`` instead, which is
+  handed out by Meta's download form, not at a fixed address.
 
 Sizes are for the listing only (decimal units), from the parameter counts in fp32: U-Net 865.9M
 (C-DiffSET 865.9M), VAE 83.7M, text encoder 340.4M parameters; torchvision's VGG16 file 527.8 MiB;
@@ -63,7 +67,8 @@ LICENCES = {
         "https://huggingface.co/JeonghyeokDo/GeoSET/blob/main/baselines/licenses/LICENSE-CreativeML-OpenRAIL++-M.txt",
         OPENRAIL_TERMS,
     ),
-    "bsd-3-clause": Licence("BSD-3-Clause (torchvision's weights)", "https://github.com/pytorch/vision/blob/main/LICENSE"),
+    "bsd-3-clause": Licence("BSD-3-Clause (torchvision's weights)",
+                            "https://github.com/pytorch/vision/blob/main/LICENSE"),
     "apache-2.0": Licence("Apache-2.0 (pytorch-fid)", "https://github.com/mseitzer/pytorch-fid/blob/master/LICENSE"),
     "mit+bsd-3-clause": Licence(
         "MIT (DISTS alpha/beta, github.com/dingkeyan93/DISTS) + BSD-3-Clause (torchvision's VGG16)",
@@ -177,7 +182,8 @@ def _table() -> dict[str, Model]:
         Model("dists", "DISTS: the authors' alpha/beta weights + torchvision's VGG16", (DISTS_ALPHA_BETA, VGG16),
               553_433_881 + 12_000, "mit+bsd-3-clause", "github.com/dingkeyan93/DISTS + download.pytorch.org"),
         Model("dino-sat", "DINOv3-SAT ViT-L/16 (transformers layout), the DINO metric's network; gated",
-              tuple(HubFile(DINO_REPO, name) for name in ("config.json", "model.safetensors", "preprocessor_config.json")),
+              tuple(HubFile(DINO_REPO, name)
+                    for name in ("config.json", "model.safetensors", "preprocessor_config.json")),
               1_213_000_000, "dinov3", f"hf://{DINO_REPO} (Meta)"),
     ]
     return {model.name: model for model in models}
@@ -228,4 +234,6 @@ def resolve(source):
         return path
     cached, total = status(model)
     done = "its files are cached but not converted" if cached == total else "it is not fetched yet"
-    raise FileNotFoundError(f"{name}: a cdiff model name; {done} ({path} is missing): run `cdiff fetch {name} --convert`")
+    raise FileNotFoundError(
+        f"{name}: a cdiff model name; {done} ({path} is missing): run `cdiff fetch {name} --convert`"
+    )

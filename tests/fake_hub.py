@@ -80,7 +80,8 @@ class FakeHub:
     @staticmethod
     def read_folder(folder: Path, prefix: str = "") -> dict[str, bytes]:
         """Every file under ``folder`` as {prefix + relative path: bytes}."""
-        return {prefix + p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        return {prefix + p.relative_to(folder).as_posix(): p.read_bytes() for p in files}
 
     def cdn_path(self, data: bytes) -> str:
         return f"/cdn/{hashlib.sha256(data).hexdigest()}"

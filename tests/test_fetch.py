@@ -27,7 +27,7 @@ from cdiff.data.imageio import write_png
 from cdiff.fetch import run_fetch
 from cdiff.hub import HubFile, WebFile
 
-from .fake_hub import FakeHub, git_sha1
+from .fake_hub import FakeHub, Fault, git_sha1
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(echo=lambda line: None, show_progress=False)
@@ -175,7 +175,8 @@ def test_other_layouts_and_the_huggingface_cache(fake_hub, tiny_release, tmp_pat
     monkeypatch.setattr(zoo, "MODELS", table)
 
     base, stage1, weights = run_fetch(["sd21-base", "sd21ft-qxs-saropt", "lpips-vgg"], **QUIET)
-    assert base == cache(tmp_path) / "hub" / "models--Manojb--stable-diffusion-2-1-base" / "snapshots" / zoo.SD21_REVISION
+    repo = cache(tmp_path) / "hub" / "models--Manojb--stable-diffusion-2-1-base"
+    assert base == repo / "snapshots" / zoo.SD21_REVISION
     for path, data in tiny_release[zoo.SD21_REPO].items():
         assert (base / path).read_bytes() == data, path
     assert weights == cache(tmp_path) / "checkpoints" / name and weights.read_bytes() == vgg
@@ -205,7 +206,7 @@ def test_cut_connection_resumes_with_only_the_rest(fake_hub, tmp_path):
     data = random_bytes(3_000_000, seed=1)
     fake_hub.add_repo("test/weights", {"unet/model.safetensors": data})
     remote, cdn = HubFile("test/weights", "unet/model.safetensors"), fake_hub.cdn_path(data)
-    fake_hub.faults[cdn] = hub_fault(cut_after=1_200_000)
+    fake_hub.faults[cdn] = Fault(cut_after=1_200_000)
     with pytest.raises(hub.FetchError, match="run the same command again"):
         hub.fetch(remote, retries=0, **QUIET)
     partials = list((cache(tmp_path) / "hub").rglob("*.incomplete"))
@@ -221,22 +222,16 @@ def test_cut_connection_resumes_with_only_the_rest(fake_hub, tmp_path):
     # Within one fetch: the cut is resumed at once.
     more = random_bytes(2_000_000, seed=2)
     fake_hub.add_repo("test/more", {"model.safetensors": more})
-    fake_hub.faults[fake_hub.cdn_path(more)] = hub_fault(cut_after=700_000)
+    fake_hub.faults[fake_hub.cdn_path(more)] = Fault(cut_after=700_000)
     assert hub.fetch(HubFile("test/more", "model.safetensors"), retries=1, **QUIET).read_bytes() == more
     assert fake_hub.sent[fake_hub.cdn_path(more)] == len(more)
-
-
-def hub_fault(**kwargs):
-    from .fake_hub import Fault
-
-    return Fault(**kwargs)
 
 
 def test_corrupted_bytes_are_refused_and_removed(fake_hub, tmp_path):
     data, small = random_bytes(500_000, seed=4), b'{"in_channels": 8}\n'
     fake_hub.add_repo("test/bad", {"model.safetensors": data, "config.json": small})
-    fake_hub.faults[fake_hub.cdn_path(data)] = hub_fault(corrupt=True)
-    fake_hub.faults["/test/bad/resolve/main/config.json"] = hub_fault(corrupt=True)
+    fake_hub.faults[fake_hub.cdn_path(data)] = Fault(corrupt=True)
+    fake_hub.faults["/test/bad/resolve/main/config.json"] = Fault(corrupt=True)
     with pytest.raises(hub.IntegrityError) as err:
         hub.fetch(HubFile("test/bad", "model.safetensors"), **QUIET)
     bad = bytes([data[0] ^ 0xFF]) + data[1:]
@@ -300,7 +295,7 @@ def test_killed_download_leaves_no_file_under_its_final_name(fake_hub, tmp_path)
     data = random_bytes(2_000_000, seed=5)
     fake_hub.add_repo("test/kill", {"model.safetensors": data})
     cdn = fake_hub.cdn_path(data)
-    fake_hub.faults[cdn] = hub_fault(stall_after=800_000)
+    fake_hub.faults[cdn] = Fault(stall_after=800_000)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "cdiff", "fetch", "hf://test/kill/model.safetensors"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
