@@ -22,14 +22,11 @@ Where files go (``--cache-dir`` / ``CDIFF_CACHE_DIR`` puts all of it under one f
   pytorch-fid and ``cdiff evaluate`` look for them (``<dir>/checkpoints``);
 - models converted by ``cdiff fetch --convert``: ``$XDG_CACHE_HOME/cdiff/models`` (``<dir>/models``).
 
-How one file is downloaded (``_download``):
-1. the bytes go to ``<final name>.incomplete``; a partial file left by a cut connection, a kill
-   or a full disk is resumed with an HTTP Range request, so only the rest is downloaded;
-2. its size is checked against the server's (``X-Linked-Size`` or ``Content-Length``) and its
-   hash against the hub's (``X-Linked-Etag``, the LFS sha256; or ``ETag``, the git blob sha1 of a
-   small file) and against any sha256 cdiff records; a mismatch deletes the file;
-3. only then is it renamed to its final name (and, for the hub, linked into the snapshot).
-   So a file under its final name is always complete and verified.
+Each file is downloaded by cdiff.download: resumed after a cut (HTTP Range), its size checked
+against the server's (``X-Linked-Size`` or ``Content-Length``) and its hash against the hub's
+(``X-Linked-Etag``, the LFS sha256; or ``ETag``, the git blob sha1 of a small file) and any
+sha256 cdiff records, and renamed to its final name (then linked into the snapshot) only once
+complete and verified.
 
 huggingface_hub itself (the ``hub`` extra) is optional: with it, the token saved by
 ``hf auth login`` is used. Its own download function is not used: it neither resumes a cut
@@ -38,56 +35,25 @@ download nor checks the sha256 (huggingface_hub 2.x checks the size only).
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import http.client
 import os
 import re
 import shutil
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from cdiff import flags
+# The errors of cdiff.download are this module's too (hub.FetchError, ...).
+from cdiff.download import (COMMIT, MAX_REDIRECTS, RETRIES, SHA256, AccessError, FetchError, IntegrityError,
+                            NotFoundError, OfflineError, download, expected_hashes, http_error, human, request,
+                            same_host)
 from cdiff.files import atomic_path
-from cdiff.progress import Bar
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-TIMEOUT = 60.0  # seconds without a byte before a connection counts as cut
-CHUNK = 1 << 20  # bytes read and written at a time
-RETRIES = 3  # resumes within one fetch after a cut connection
-RETRY_WAIT = 2.0  # seconds before the first resume; doubled each time
-MAX_REDIRECTS = 10
-COMMIT = re.compile(r"^[0-9a-f]{40}$")
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
 HASH = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")  # a git blob id or a sha256: the hub's ETags
 # torch's convention: a file name carrying the first hex digits of its sha256, "vgg16-397923af.pth".
 NAME_HASH = re.compile(r"-([0-9a-f]{8,64})\.")
-
-
-class FetchError(OSError):
-    """A download that could not be done; the message says why and what to do."""
-
-
-class NotFoundError(FetchError):
-    """HTTP 404: no such repository, revision or file."""
-
-
-class AccessError(FetchError):
-    """HTTP 401/403: a gated or private repository."""
-
-
-class OfflineError(FetchError):
-    """No network (or HF_HUB_OFFLINE set), and the file is not cached."""
-
-
-class IntegrityError(FetchError):
-    """The downloaded bytes are not the file the server (or cdiff's table) vouches for."""
 
 
 @dataclass(frozen=True)
@@ -269,8 +235,8 @@ def _fetch_web(remote: WebFile, cache_dir, echo, show_progress, retries) -> Path
     if offline():
         raise OfflineError(f"{remote}: not cached, and HF_HUB_OFFLINE is set (nothing is downloaded)")
     dest = web_cache(cache_dir) / remote.name
-    checks = _checks(None, remote.sha256, _name_hash(remote.name))
-    _download(remote.url, dest, size=None, checks=checks, headers={}, label=remote.name,
+    wanted = expected_hashes(None, remote.sha256, _name_hash(remote.name))
+    download(remote.url, dest, size=None, checks=wanted, headers={}, label=remote.name,
               lock=dest.with_name(f".{dest.name}.lock"), echo=echo, show_progress=show_progress, retries=retries)
     return dest
 
@@ -310,10 +276,11 @@ def _fetch_hub(remote: HubFile, cache_dir, base: str, echo, show_progress, retri
     blob = folder / "blobs" / meta.etag
     if not blob.is_file():
         # The token goes only to the hub itself, never to the storage a large file redirects to.
-        headers = auth if _same_host(meta.url, base) else {}
+        headers = auth if same_host(meta.url, base) else {}
         lock = hub_cache(cache_dir) / ".locks" / folder.name / f"{meta.etag}.lock"  # huggingface_hub's lock file
-        _download(meta.url, blob, size=meta.size, checks=_checks(meta.etag, remote.sha256, None), headers=headers,
-                  label=remote.path, lock=lock, echo=echo, show_progress=show_progress, retries=retries)
+        wanted = expected_hashes(meta.etag, remote.sha256, None)
+        download(meta.url, blob, size=meta.size, checks=wanted, headers=headers, label=remote.path, lock=lock,
+                 echo=echo, show_progress=show_progress, retries=retries)
     snapshot = folder / "snapshots" / commit / remote.path
     _link(blob, snapshot)
     if remote.revision != commit:
@@ -327,38 +294,9 @@ def _fetch_hub(remote: HubFile, cache_dir, base: str, echo, show_progress, retri
 # --- HTTP -----------------------------------------------------------------------------------
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):  # redirects are followed by hand (see _head)
-        return None
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect)
-
-
 def _auth() -> dict[str, str]:
     value = token()
     return {"Authorization": f"Bearer {value}"} if value else {}
-
-
-def _same_host(url: str, base: str) -> bool:
-    return urllib.parse.urlsplit(url).netloc == urllib.parse.urlsplit(base).netloc
-
-
-def _request(method: str, url: str, headers: dict[str, str]):
-    """One request, redirects not followed: the response (an HTTPError for a 3xx/4xx/5xx)."""
-    import cdiff
-
-    # identity: the bytes counted are the file's bytes, never a compressed stream of them
-    fixed = {"Accept-Encoding": "identity", "User-Agent": f"cdiff/{cdiff.__version__}"}
-    request = urllib.request.Request(url, method=method, headers={**fixed, **headers})
-    try:
-        return _OPENER.open(request, timeout=TIMEOUT)
-    except urllib.error.HTTPError as err:
-        return err
-    except (urllib.error.URLError, OSError) as err:  # refused, no route, DNS, timeout
-        reason = getattr(err, "reason", err)
-        host = urllib.parse.urlsplit(url).netloc
-        raise OfflineError(f"cannot reach {host} ({reason})") from None
 
 
 @dataclass(frozen=True)
@@ -379,7 +317,7 @@ def _head(url: str, headers: dict[str, str], remote: HubFile) -> _Meta:
     """The hub's metadata of one file. A large file answers with a redirect to its storage,
     carrying X-Linked-Etag/-Size; a relative redirect (a renamed repository) is followed."""
     for _ in range(MAX_REDIRECTS):
-        response = _request("HEAD", url, headers)
+        response = request("HEAD", url, headers)
         response.close()
         status, h = response.status, response.headers
         if 300 <= status < 400 and "Location" in h:
@@ -398,267 +336,26 @@ def _head(url: str, headers: dict[str, str], remote: HubFile) -> _Meta:
     raise FetchError(f"{url}: more than {MAX_REDIRECTS} redirects")
 
 
-def _http_error(status: int, headers, remote: Remote, url: str) -> FetchError:
+def _http_error(status: int, headers, remote: HubFile, url: str) -> FetchError:
+    """The hub's refusals, each with what to do; other statuses as cdiff.download words them."""
     said = headers.get("X-Error-Message") or headers.get("X-Error-Code") or ""
     said = f" (the server says: {said})" if said else ""
-    if isinstance(remote, HubFile) and status in (401, 403):
+    if status in (401, 403):
         page = f"{endpoint()}/{remote.repo}"
         return AccessError(
             f"{remote}: HTTP {status}{said}. The repository is gated or private: open {page} while logged "
             f"in, accept its licence there, make a read token at {endpoint()}/settings/tokens, and set "
             f"HF_TOKEN=<token> (or run `hf auth login`); then run the command again"
         )
-    if status in (401, 403):
-        return AccessError(f"{url}: HTTP {status}{said}: access denied")
     if status == 404:
-        what = "repository, revision or file" if isinstance(remote, HubFile) else "file"
-        return NotFoundError(f"{remote}: HTTP 404, no such {what}{said}; check the address "
-                             "(`cdiff fetch --list` shows cdiff's names)")
-    return FetchError(f"{url}: HTTP {status}{said}; try again later")
-
-
-# --- one download ----------------------------------------------------------------------------
+        return NotFoundError(f"{remote}: HTTP 404, no such repository, revision or file{said}; check the "
+                             "address (`cdiff fetch --list` shows cdiff's names)")
+    return http_error(status, headers, remote.path, url)
 
 
 def _name_hash(name: str) -> str | None:
     found = NAME_HASH.search(name)
     return found.group(1) if found else None
-
-
-def _checks(etag: str | None, sha256: str | None, sha256_prefix: str | None) -> dict[str, str]:
-    """What the finished file must hash to: {"sha256": hex, "sha256-prefix": hex, "git-sha1": hex}."""
-    checks = {}
-    if etag and SHA256.match(etag):
-        checks["sha256"] = etag
-    elif etag and COMMIT.match(etag):
-        checks["git-sha1"] = etag  # a small (non-LFS) file: the hub's ETag is its git blob id
-    if sha256:
-        checks["sha256"] = sha256.lower()
-    if sha256_prefix and "sha256" not in checks:
-        checks["sha256-prefix"] = sha256_prefix
-    return checks
-
-
-class _Hashes:
-    """sha256 and git's blob sha1 ("blob <size>\\0" + bytes) of the bytes seen, fed in order."""
-
-    def __init__(self, size: int | None):
-        self.sha256 = hashlib.sha256()
-        self.git = hashlib.sha1(f"blob {size}\0".encode()) if size is not None else None
-
-    def update(self, data: bytes) -> None:
-        self.sha256.update(data)
-        if self.git is not None:
-            self.git.update(data)
-
-    def mismatch(self, checks: dict[str, str]) -> tuple[str, str, str] | None:
-        """(kind, expected, got) of the first failed check, or None."""
-        sha256 = self.sha256.hexdigest()
-        for kind, expected in checks.items():
-            if kind == "git-sha1" and self.git is None:
-                continue  # no size was announced; the size check covers it
-            got = self.git.hexdigest() if kind == "git-sha1" else sha256
-            if not got.startswith(expected) if kind == "sha256-prefix" else got != expected:
-                return kind, expected, sha256 if kind == "sha256-prefix" else got
-        return None
-
-
-class _Cut(Exception):
-    """The connection ended before the file did."""
-
-
-@contextmanager
-def _locked(path: Path, label: str, echo) -> Iterator[None]:
-    """One download of a file at a time (huggingface_hub takes the same fcntl lock on the hub's
-    lock file); no lock where fcntl does not exist."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            echo(f"  waiting for another process downloading {label}")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def _human(size: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(size) < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
-        size /= 1000
-    raise AssertionError
-
-
-def _download(url: str, dest: Path, *, size: int | None, checks: dict[str, str], headers: dict[str, str], label: str,
-              lock: Path, echo, show_progress: bool, retries: int) -> None:
-    """Download ``url`` to ``dest`` through ``dest.incomplete`` (module docstring, steps 1-3).
-    ``size`` None: the server's Content-Length. ``label`` names the file in messages."""
-    partial = dest.with_name(dest.name + ".incomplete")
-    with _locked(lock, label, echo):
-        if dest.is_file():
-            return  # another process finished it while this one waited
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        have = partial.stat().st_size if partial.is_file() else 0
-        if size is not None and have > size:
-            partial.unlink()  # longer than the file: not a prefix of it
-            have = 0
-        _check_space(partial, (size - have) if size is not None else None)
-        what = f"{label} ({_human(size)})" if size is not None else label
-        resuming = f", resuming at {_human(have)}" if have else ""
-        echo(f"  downloading {what}{resuming} from {urllib.parse.urlsplit(url).netloc}")
-        began, first = time.perf_counter(), have
-        attempt = 0
-        while True:
-            try:
-                size = _get(url, partial, size, headers, label, show_progress)
-                break
-            except _Cut as cut:
-                if attempt >= retries:
-                    raise FetchError(
-                        f"{label}: the connection was cut ({cut}); {_human(partial.stat().st_size)} are kept in "
-                        f"{partial}: run the same command again to download the rest"
-                    ) from None
-                attempt += 1
-                wait = RETRY_WAIT * 2 ** (attempt - 1)
-                echo(f"  connection cut ({cut}); resuming in {wait:.0f} s (try {attempt} of {retries})")
-                time.sleep(wait)
-            except KeyboardInterrupt:
-                if partial.is_file():
-                    echo(f"\n  interrupted: {_human(partial.stat().st_size)} kept in {partial}; run the same "
-                         "command again to download the rest")
-                raise
-        seconds, done = time.perf_counter() - began, partial.stat().st_size - first
-        _verify(partial, size, checks, label)
-        os.replace(partial, dest)  # the final name appears only now, complete and verified
-        echo(f"  {label}: {_human(done)} in {seconds:.1f} s ({_human(done / max(seconds, 1e-9))}/s), "
-             + (f"{' and '.join(checks)} verified" if checks else "size checked (no hash known)"))
-
-
-def _check_space(partial: Path, needed: int | None) -> None:
-    if needed is None:
-        return
-    free = shutil.disk_usage(partial.parent).free
-    if free < needed:
-        raise FetchError(errno.ENOSPC, f"{partial.parent}: not enough disk space: {_human(needed)} to download, "
-                         f"{_human(free)} free; free some space or choose another --cache-dir")
-
-
-def _get(url, partial: Path, size, headers, label, show_progress) -> int:
-    """Append the missing bytes of ``url`` to ``partial``; the file's full size. Raises _Cut."""
-    have = partial.stat().st_size if partial.is_file() else 0
-    if size is not None and have == size:
-        return size  # complete already (a kill between the last byte and the rename)
-    request_headers = dict(headers)
-    if have:
-        request_headers["Range"] = f"bytes={have}-"
-    response = None
-    for _ in range(MAX_REDIRECTS):
-        try:
-            response = _request("GET", url, request_headers)
-        except OfflineError as err:
-            raise _Cut(str(err)) from None
-        if 300 <= response.status < 400 and "Location" in response.headers:
-            response.close()
-            location = urllib.parse.urljoin(url, response.headers["Location"])
-            if not _same_host(location, url):
-                request_headers.pop("Authorization", None)
-            url = location
-            continue
-        break
-    with response:
-        status = response.status
-        if status == 416 and have:  # the partial file is not a prefix the server recognises
-            partial.unlink()
-            raise _Cut("the server refused to resume; starting again")
-        if status >= 400:
-            raise _http_error(status, response.headers, WebFile(url, label), url)
-        if status == 206:
-            found = re.match(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
-            if not found or int(found.group(1)) != have:
-                raise FetchError(f"{url}: the server resumed at the wrong place "
-                                 f"(Content-Range {response.headers.get('Content-Range')!r}, expected byte {have})")
-            total = found.group(2)
-            size = size if size is not None or total == "*" else int(total)
-        else:
-            have = 0  # 200: the server sends everything, from the start
-            length = response.headers.get("Content-Length")
-            size = size if size is not None or not length else int(length)
-        _check_space(partial, (size - have) if size is not None else None)
-        return _stream(response, partial, have, size, label, show_progress)
-
-
-def _stream(response, partial: Path, have: int, size: int | None, label: str, show_progress: bool) -> int:
-    # The bar counts MB (cdiff.progress draws whole numbers); small files get none.
-    name = label.rsplit("/", 1)[-1][:40]
-    show = show_progress and (size is None or size >= 10**7)
-    bar = Bar(-(-size // 10**6) if size else None, f"{name} (MB)", show, start=have // 10**6)
-    began, last_draw = time.perf_counter(), 0.0
-    done = have
-
-    def draw():
-        rate = (done - have) / 1e6 / max(time.perf_counter() - began, 1e-9)
-        bar.update(-(-done // 10**6) if done == size else done // 10**6, f"{rate:.1f} MB/s")
-
-    try:
-        # Unbuffered: what was received is on disk, so a kill loses nothing a resume could reuse.
-        with open(partial, "ab" if have else "wb", buffering=0) as out:
-            while True:
-                try:
-                    data = response.read1(CHUNK)  # whatever has arrived, up to CHUNK
-                except (OSError, http.client.HTTPException) as err:  # reset, timeout
-                    raise _Cut(f"{type(err).__name__} after {_human(done)}") from None
-                if not data:
-                    break  # the end, or a cut connection: the size check below tells
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[out.write(view):]
-                except OSError as err:
-                    if err.errno == errno.ENOSPC:
-                        raise FetchError(errno.ENOSPC, f"{partial}: the disk is full after {_human(done)}; free "
-                                         "some space (or choose another --cache-dir) and run the command again to "
-                                         "download the rest") from None
-                    raise
-                done += len(data)
-                if time.perf_counter() - last_draw > 0.2:
-                    last_draw = time.perf_counter()
-                    draw()
-        draw()
-    finally:
-        bar.close()
-    if size is not None and done < size:
-        raise _Cut(f"the body ended after {_human(done)} of {_human(size)}")
-    return done if size is None else size
-
-
-def _verify(partial: Path, size: int | None, checks: dict[str, str], label: str) -> None:
-    """Size and hashes of the finished partial file; on a mismatch it is deleted."""
-    actual = partial.stat().st_size
-    if size is not None and actual != size:
-        partial.unlink()
-        raise IntegrityError(f"{label}: {actual} bytes instead of {size}; the file was removed, run the command again")
-    hashes = _Hashes(actual)
-    with open(partial, "rb") as f:
-        while data := f.read(CHUNK):
-            hashes.update(data)
-    bad = hashes.mismatch(checks)
-    if bad is not None:
-        partial.unlink()
-        kind, expected, got = bad
-        want = f"its name says sha256 {expected}..." if kind == "sha256-prefix" else f"the file's {kind} is {expected}"
-        got_kind = "sha256" if kind == "sha256-prefix" else kind
-        raise IntegrityError(
-            f"{label}: the downloaded bytes have {got_kind} {got}, but {want}; the file was removed. "
-            "Run the command again (a proxy or a bad disk may have changed the bytes)"
-        )
 
 
 def _link(blob: Path, snapshot: Path) -> None:
@@ -678,4 +375,4 @@ def _link(blob: Path, snapshot: Path) -> None:
 
 def describe(size: int | None) -> str:
     """Bytes as the command prints them (decimal units: 1 GB = 10^9 bytes)."""
-    return "?" if size is None else _human(size)
+    return "?" if size is None else human(size)

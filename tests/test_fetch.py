@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from cdiff import hub, zoo
+from cdiff import download, hub, zoo
 from cdiff.cli import main as cli_main
 from cdiff.data.imageio import write_png
 from cdiff.fetch import run_fetch
@@ -42,7 +42,7 @@ def fake_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no real token is read
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HF_TOKEN_PATH", "HF_HUB_CACHE"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(hub, "RETRY_WAIT", 0.0)
+    monkeypatch.setattr(download, "RETRY_WAIT", 0.0)
     yield server
     server.stop()
 
@@ -341,7 +341,7 @@ def test_full_disk_is_named(fake_hub, tmp_path, monkeypatch):
     class Usage:
         free = 10
 
-    monkeypatch.setattr(hub.shutil, "disk_usage", lambda path: Usage)
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda path: Usage)
     with pytest.raises(hub.FetchError) as err:
         hub.fetch(HubFile("test/big", "model.safetensors"), **QUIET)
     assert err.value.errno == errno.ENOSPC and str(cache(tmp_path) / "hub") in str(err.value)
