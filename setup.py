@@ -21,6 +21,9 @@ CLIP = TORCH_WITH_VISION + ["open_clip_torch==3.3.0"]
 # LPIPS and FID with the libraries the paper used (cdiff.perceptual); both need torchvision and scipy.
 METRICS = TORCH_WITH_VISION + ["lpips==0.1.4", "pytorch-fid==0.3.0", "scipy>=1.10"]
 GEO = ["rasterio>=1.3"]  # GeoTIFF scenes in and out of `cdiff translate` (cdiff.geo)
+# Optional for `cdiff fetch` (cdiff.hub), which downloads with the standard library: the token of
+# `hf auth login`, and the `hf` command to inspect or clean the shared Hugging Face cache.
+HUB = ["huggingface_hub>=0.23"]
 
 setup(
     name="cdiff",
@@ -43,10 +46,12 @@ setup(
         "triton": ["triton>=3.0"],
         "metrics": METRICS,
         "geo": GEO,
+        "hub": HUB,
         "train": ["tensorboard>=2.14"],  # optional: cdiff train also writes TensorBoard scalars
         "test": CLIP
         + METRICS
         + GEO
+        + HUB
         + [
             "pytest>=8",
             "setuptools>=70.1",  # builds the wheel in tests/test_package.py without the `wheel` package

@@ -231,8 +231,8 @@ def _add_translate(sub) -> None:
         "--steps, --eta, --sampler, --seed, --prompt and --conf-dir are refused for it.",
     )
     p.add_argument("--model", required=True, metavar="M", help="a C-DiffSET model (a cdiff native file from 'cdiff "
-                   "convert'), an S2O-NPDE model file, or a 'cdiff train' run directory (its best checkpoint, else "
-                   "its newest)")
+                   "convert'), a name fetched with 'cdiff fetch NAME --convert' (e.g. cdiffset-qxs-saropt), an S2O-NPDE "
+                   "model file, or a 'cdiff train' run directory (its best checkpoint, else its newest)")
     p.add_argument("--input", required=True, metavar="SAR", help="a SAR image file or a folder of them")
     p.add_argument("--output", required=True, metavar="OUT_DIR", help="folder for the EO images")
     p.add_argument("--conf-dir", metavar="DIR", help="also save confidence maps here: <name>.png (grey, as the "
@@ -368,6 +368,38 @@ def _device(name: str | None) -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _add_fetch(sub) -> None:
+    p = sub.add_parser(
+        "fetch",
+        help="download pretrained weights by name (SD 2.1-base, the released C-DiffSET models, metric networks)",
+        description="Download the files of each NAME (see --list) into the cache, resuming a cut download and "
+        "checking every file's size and hash; nothing is downloaded except on this command. Hub files go to the "
+        "Hugging Face cache (HF_HOME, HF_HUB_CACHE), the metric networks to torch's hub cache (TORCH_HOME), both "
+        "under --cache-dir if given. With --convert, a model is also written as cdiff's native file, so that "
+        "'cdiff translate --model NAME' and cdiff.load_pipeline(NAME) use it. NAME may also be an address: "
+        "hf://owner/repo/path@revision or https://... . Offline (HF_HUB_OFFLINE=1, or no network), cached files "
+        "are used; each model's licence is printed at its first fetch.",
+    )
+    p.add_argument("names", nargs="*", metavar="NAME", help="model names (e.g. cdiffset-qxs-saropt) or addresses")
+    p.add_argument("--list", action="store_true", help="list every name with its size, licence, source and what is cached")
+    p.add_argument("--convert", action="store_true", help="also write the native model file that --model NAME reads")
+    p.add_argument("--cache-dir", metavar="DIR", help="keep everything under DIR (default: $CDIFF_CACHE_DIR, else the "
+                   "Hugging Face and torch caches)")
+    p.add_argument("--endpoint", metavar="URL", help="the hub's address (default: $HF_ENDPOINT, else https://huggingface.co)")
+    _add_overwrite(p, "with --convert: convert again though the native file exists")
+
+    def run(a):
+        from cdiff.fetch import list_models, run_fetch
+
+        if a.list:
+            print(list_models(a.cache_dir))
+            if not a.names:
+                return
+        run_fetch(a.names, convert=a.convert, cache_dir=a.cache_dir, endpoint=a.endpoint, overwrite=a.overwrite)
+
+    p.set_defaults(run=run)
+
+
 def _add_overwrite(p, what: str) -> None:
     # Outputs are checked before the work starts (cdiff.files.check_output); this is the one
     # way to write over something that exists.
@@ -388,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_translate(sub)
     _add_evaluate(sub)
+    _add_fetch(sub)
     _add_train(sub)
     _add_cache_latents(sub)
     _add_prepare(sub)

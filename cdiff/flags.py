@@ -11,6 +11,13 @@ CDIFF_GROUP_NORM  "torch" (default) or "triton": GroupNorm (+ SiLU) in the VAE a
 Paths to pretrained networks cdiff cannot download (see cdiff.perceptual); unset by default:
 CDIFF_LPIPS_VGG       torchvision's ImageNet VGG16, vgg16-397923af.pth (the LPIPS trunk).
 CDIFF_FID_INCEPTION   pytorch-fid's Inception, pt_inception-2015-12-05-6726825d.pth (FID).
+CDIFF_CACHE_DIR       one folder for everything `cdiff fetch` downloads and converts (its --cache-dir):
+                      hub/ (Hugging Face layout), checkpoints/ (web files), models/ (native files).
+                      Unset: the Hugging Face cache, torch's hub cache and ~/.cache/cdiff (see cdiff.hub).
+
+Read by `cdiff fetch` (cdiff.hub), with the meaning huggingface_hub and torch give them:
+HF_ENDPOINT (the hub's address), HF_TOKEN (a token for gated repositories), HF_HUB_OFFLINE=1
+(download nothing, use the cache), HF_HOME / HF_HUB_CACHE (the hub cache), TORCH_HOME (torch's).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ _CHOICES = {
     "CDIFF_LOSS": ("auto", "triton", "torch"),
     "CDIFF_GROUP_NORM": ("torch", "triton"),
 }
-_PATHS = ("CDIFF_LPIPS_VGG", "CDIFF_FID_INCEPTION")
+_PATHS = ("CDIFF_LPIPS_VGG", "CDIFF_FID_INCEPTION", "CDIFF_CACHE_DIR")
 
 
 def get(name: str) -> str:

@@ -17,6 +17,7 @@ from cdiff.schedulers import DDPM
 from cdiff.surgery import cdiffset_surgery
 from cdiff.unet import UNet
 from cdiff.vae import VAE
+from cdiff.zoo import resolve
 
 log = logging.getLogger("cdiff.load")
 
@@ -85,8 +86,10 @@ def load_pipeline(
     open_clip). ``prompt`` None: the prompt (and padding) a model without a text encoder was
     converted with, else ``DEFAULT_PROMPT``; a prompt given for such a model must be its own.
     ``surgery=True`` applies ``cdiffset_surgery`` to a 4- or 5-out U-Net first; without it a
-    plain SD 2.1 U-Net (4 in) is refused, as it cannot take a SAR latent.
+    plain SD 2.1 U-Net (4 in) is refused, as it cannot take a SAR latent. ``source`` may be a
+    name of ``cdiff fetch`` (e.g. "cdiffset-qxs-saropt"), once fetched with ``--convert``.
     """
+    source = resolve(source)
     model = load_unet(unet if unet is not None else source, dtype, device)
     if surgery:
         model = cdiffset_surgery(model)
