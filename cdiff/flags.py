@@ -10,7 +10,9 @@ CDIFF_GROUP_NORM  "torch" (default) or "triton": GroupNorm (+ SiLU) in the VAE a
 
 Paths to pretrained networks cdiff cannot download (see cdiff.perceptual); unset by default:
 CDIFF_LPIPS_VGG       torchvision's ImageNet VGG16, vgg16-397923af.pth (the LPIPS trunk).
-CDIFF_FID_INCEPTION   pytorch-fid's Inception, pt_inception-2015-12-05-6726825d.pth (FID).
+CDIFF_FID_INCEPTION   pytorch-fid's Inception, pt_inception-2015-12-05-6726825d.pth (FID and KID).
+CDIFF_DISTS           DISTS's alpha/beta, the authors' DISTS_pytorch/weights.pt (cdiff.networks).
+CDIFF_DINO            the DINOv3-SAT ViT-L/16 folder in the transformers layout (the DINO metric).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ _CHOICES = {
     "CDIFF_LOSS": ("auto", "triton", "torch"),
     "CDIFF_GROUP_NORM": ("torch", "triton"),
 }
-_PATHS = ("CDIFF_LPIPS_VGG", "CDIFF_FID_INCEPTION")
+_PATHS = ("CDIFF_LPIPS_VGG", "CDIFF_FID_INCEPTION", "CDIFF_DISTS", "CDIFF_DINO")
 
 
 def get(name: str) -> str:
