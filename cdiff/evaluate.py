@@ -37,8 +37,12 @@ import torch
 from cdiff import metrics as image_metrics
 from cdiff.data.imageio import read_image, to_unit_range, write_text
 from cdiff.progress import progress
+from cdiff import matching, published, scoring
 from cdiff.protocol import METRICS as METRIC_TABLE
 from cdiff.protocol import PROTOCOLS, RELEASE_METRICS, label
+from cdiff.protocol import parse_metrics as parse_field_metrics
+from cdiff.protocol import protocol as find_protocol
+from cdiff.report import FieldReport
 
 log = logging.getLogger(__name__)
 
@@ -327,9 +331,6 @@ def run_evaluate(
     out with one line; metrics named in ``metrics`` must all be computed. ``paper_scaling`` is
     the old name of ``protocol="release"``.
     """
-    from cdiff.protocol import parse_metrics as parse_protocol_metrics
-    from cdiff.protocol import protocol as find_protocol
-
     chosen_protocol = find_protocol("release" if paper_scaling else protocol)
     if chosen_protocol.name == "release":
         given = {"--split-list": split_list, "--sar": sar_dir, "--dataset": dataset, "--dists-weights": dists_weights,
@@ -338,10 +339,7 @@ def run_evaluate(
         if extra:
             raise ValueError(f"{extra[0]} applies to the field protocol only, not to --protocol release")
         return _run_release(pred_dir, target_dir, metrics, report_dir, device, lpips_vgg, fid_weights, skip_bad)
-    from cdiff import matching, published, scoring
-    from cdiff.report import FieldReport
-
-    required = parse_protocol_metrics(metrics) if metrics is not None else ()
+    required = parse_field_metrics(metrics) if metrics is not None else ()
     if "identity" in required and sar_dir is None:
         raise ValueError("--metrics identity: the identity-collapse ratio needs the SAR inputs (--sar DIR)")
     chosen = required or chosen_protocol.metrics + (("identity",) if sar_dir is not None else ())
@@ -362,7 +360,7 @@ def run_evaluate(
 
 def _run_release(pred_dir, target_dir, metrics, report_dir, device, lpips_vgg, fid_weights, skip_bad) -> Evaluation:
     """The release protocol. Without ``metrics``, a metric whose network weights are missing is
-    left out with one line."""
+    left out with one line (unless its file was given: a wrong path is an error)."""
     if metrics is not None:
         chosen = parse_metrics(metrics)
         Networks.check(chosen, lpips_vgg, fid_weights)
@@ -374,6 +372,8 @@ def _run_release(pred_dir, target_dir, metrics, report_dir, device, lpips_vgg, f
                 Networks.check((name,), lpips_vgg, fid_weights)
                 chosen.append(name)
             except FileNotFoundError as err:
+                if (name == "lpips" and lpips_vgg is not None) or (name == "fid" and fid_weights is not None):
+                    raise
                 left_out.append(f"{METRIC_TABLE[name].label} left out: {err}")
         chosen = tuple(chosen)
     pairs = match_pairs(pred_dir, target_dir)

@@ -56,8 +56,8 @@ class Scores:
 
 class Networks:
     """The networks ``metrics`` need, loaded once on ``device``. A network whose files or
-    library are missing is recorded in ``skipped`` (metric -> one line), or, for a metric in
-    ``required``, raises."""
+    library are missing is recorded in ``skipped`` (metric -> one line), or raises when one of
+    its metrics is in ``required`` or its file was given (a wrong path is a mistake to report)."""
 
     def __init__(self, metrics: tuple[str, ...], files: NetworkFiles, device=None, required: tuple[str, ...] = ()):
         from cdiff import networks, perceptual
@@ -68,6 +68,8 @@ class Networks:
             "inception": lambda: perceptual.load_fid_inception(files.fid_weights, device),
             "dino": lambda: networks.load_dino(files.dino, device),
         }
+        given = {"lpips": files.lpips_vgg, "dists": files.dists_weights, "inception": files.fid_weights,
+                 "dino": files.dino}
         self.loaded: dict[str, torch.nn.Module] = {}
         self.skipped: dict[str, str] = {}
         for name, load in loaders.items():
@@ -77,7 +79,7 @@ class Networks:
             try:
                 self.loaded[name] = load()
             except (FileNotFoundError, ImportError) as err:
-                if any(m in required for m in users):
+                if given[name] is not None or any(m in required for m in users):
                     raise
                 for metric in users:
                     self.skipped[metric] = f"{METRICS[metric].label} left out: {err}"

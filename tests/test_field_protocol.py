@@ -329,6 +329,9 @@ def test_a_metric_asked_for_by_name_without_its_weights_is_an_error(tmp_path, hu
     assert "cdiff fetch dino-sat" in capsys.readouterr().err
     assert main(["evaluate", "--pred", str(pred), "--target", str(target), "--metrics", "identity"]) == 2
     assert "--sar" in capsys.readouterr().err
+    # A file given by its option that is not there is a mistake, not a metric to leave out.
+    assert main(["evaluate", "--pred", str(pred), "--target", str(target), "--fid-weights", str(tmp_path / "no.pth")]) == 2
+    assert "no.pth: no such file" in capsys.readouterr().err
 
 
 def test_identity_collapse_is_flagged_below_1(tmp_path, hub, capsys):
