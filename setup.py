@@ -19,7 +19,9 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "cdiff" / "__init__.py")
 TORCH_WITH_VISION = ["torch==2.14.1", "torchvision==0.29.1"]
 CLIP = TORCH_WITH_VISION + ["open_clip_torch==3.3.0"]
 # LPIPS and FID with the libraries the paper used (cdiff.perceptual); both need torchvision and scipy.
-METRICS = TORCH_WITH_VISION + ["lpips==0.1.4", "pytorch-fid==0.3.0", "scipy>=1.10"]
+# dists-pytorch: the DISTS authors' package, which cdiff's DISTS (cdiff.networks) is tested equal to; it
+# also ships the learnt alpha/beta file that cdiff then finds without a download.
+METRICS = TORCH_WITH_VISION + ["lpips==0.1.4", "pytorch-fid==0.3.0", "scipy>=1.10", "dists-pytorch==0.1"]
 GEO = ["rasterio>=1.3"]  # GeoTIFF scenes in and out of `cdiff translate` (cdiff.geo)
 # Optional for `cdiff fetch` (cdiff.hub), which downloads with the standard library: the token of
 # `hf auth login`, and the `hf` command to inspect or clean the shared Hugging Face cache.

@@ -301,24 +301,60 @@ def _add_metric_options(p) -> None:
 
 
 def _add_evaluate(sub) -> None:
+    from cdiff.protocol import METRICS, PROTOCOLS
+    from cdiff.published import BENCHMARKS
+
     p = sub.add_parser(
         "evaluate",
-        help="score translated images against targets: PSNR, SSIM, SCC, LPIPS, FID as the paper reports them",
-        description="Match the images of PRED and TARGET by name (relative path without suffix), compute "
-        "PSNR, SSIM, SCC and LPIPS per image and average them, compute FID over the two sets (pytorch-fid, "
-        "2048-d features), print a table and write evaluation.json and evaluation.md.",
+        help="score translated images against the ground truth as the published tables do (FID, DISTS, KID, "
+        "DINO, LPIPS, SSIM, PSNR)",
+        description="Match the images of PRED to the test items (every image of TARGET, or the names of "
+        "--split-list) by file name without suffix (a _fake_B suffix is accepted), centre-crop the ground truth "
+        "to the prediction's size, and score them under the field's protocol (GeoSET's evaluator): PSNR, SSIM, "
+        "LPIPS (VGG, x * 2 - 1), DISTS and DINO per image and averaged, FID and KID on 2048-d Inception "
+        "features against every test item's ground truth, and with --sar the identity-collapse ratio. Metrics "
+        "whose network weights are missing are left out with one line each (get them with 'cdiff fetch NAME'). "
+        "Test items without a prediction are counted and named. Prints a table (with --dataset, beside the "
+        "published C-DiffSET and stage-1 rows) and writes evaluation.json and evaluation.md. --protocol "
+        "release scores as the C-DiffSET release did for the paper's numbers. See docs/evaluation.md.",
     )
     p.add_argument("--pred", required=True, metavar="DIR", help="folder of translated (predicted) EO images")
-    p.add_argument("--target", required=True, metavar="DIR", help="folder of the true EO images, same names")
-    _add_metric_options(p)
-    p.add_argument("--device", help="torch device for LPIPS and FID (default: cuda if available, else cpu)")
-    p.add_argument("--skip-bad", action="store_true", help="log and count unreadable or mismatched pairs instead of stopping")
+    p.add_argument("--target", required=True, metavar="DIR", help="folder of the ground-truth EO images")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="field",
+                   help="field: as the published comparison tables (default); release: as the C-DiffSET release "
+                   "computed the paper's numbers ((x + 0.5) scaling, files matched by relative path)")
+    p.add_argument("--paper-scaling", action="store_true", help="the same as --protocol release (its old name)")
+    p.add_argument("--metrics", metavar="LIST", help="comma-separated metrics, each of which must then be computed "
+                   f"(from {','.join(METRICS)}; default: the protocol's set, leaving out those whose weights are "
+                   "missing)")
+    p.add_argument("--split-list", metavar="FILE", help="the test items: a text file of names or paths, one per line "
+                   "(default: every image of --target)")
+    p.add_argument("--dataset", choices=tuple(BENCHMARKS), help="a published benchmark: predictions must have its "
+                   "evaluation size, and its published C-DiffSET and stage-1 rows are printed beside this run's")
+    p.add_argument("--sar", metavar="DIR", help="the SAR inputs, same names: adds the identity-collapse ratio "
+                   "mean|gen - SAR| / mean|gen - GT| (flagged below 1)")
+    p.add_argument("--lpips-vgg", metavar="FILE", help="torchvision's vgg16-397923af.pth, for LPIPS and DISTS "
+                   "(default: $CDIFF_LPIPS_VGG, then torch's hub cache; 'cdiff fetch lpips-vgg')")
+    p.add_argument("--fid-weights", metavar="FILE", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth, for "
+                   "FID and KID (default: $CDIFF_FID_INCEPTION, then torch's hub cache; 'cdiff fetch fid-inception')")
+    p.add_argument("--dists-weights", metavar="FILE", help="DISTS's alpha/beta (the authors' weights.pt) "
+                   "(default: $CDIFF_DISTS, torch's hub cache, then the dists-pytorch package; 'cdiff fetch dists')")
+    p.add_argument("--dino", metavar="DIR", help="DINOv3-SAT ViT-L/16 in the transformers layout, for DINO "
+                   "(default: $CDIFF_DINO; 'cdiff fetch dino-sat'); without it DINO is left out")
+    p.add_argument("--report-dir", metavar="DIR", help="where evaluation.json and evaluation.md go "
+                   "(default: the prediction folder)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per network call (default: %(default)s)")
+    p.add_argument("--device", help="torch device for the networks (default: cuda if available, else cpu)")
+    p.add_argument("--skip-bad", action="store_true", help="log and count unreadable or mismatched images instead "
+                   "of stopping")
 
     def run(a):
         from cdiff.evaluate import run_evaluate
 
         run_evaluate(a.pred, a.target, metrics=a.metrics, paper_scaling=a.paper_scaling, report_dir=a.report_dir,
-                     device=_device(a.device), lpips_vgg=a.lpips_vgg, fid_weights=a.fid_weights, skip_bad=a.skip_bad)
+                     device=_device(a.device), lpips_vgg=a.lpips_vgg, fid_weights=a.fid_weights, skip_bad=a.skip_bad,
+                     protocol=a.protocol, split_list=a.split_list, sar_dir=a.sar, dataset=a.dataset,
+                     dists_weights=a.dists_weights, dino=a.dino, batch_size=a.batch_size)
 
     p.set_defaults(run=run)
 

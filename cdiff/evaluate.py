@@ -1,6 +1,13 @@
-"""``cdiff evaluate``: the paper's five metrics over a folder of predictions and one of targets.
+"""``cdiff evaluate``: score a folder of predictions against one of ground truths, under one of
+two protocols (cdiff.protocol).
 
-The protocol is the release's (its utils.py and test.py):
+The default, ``field``, is the protocol of the published comparison tables (GeoSET's
+scripts/evaluate.py): cdiff.matching pairs the files, cdiff.scoring computes FID, DISTS, KID,
+DINO, LPIPS, SSIM and PSNR (and the identity-collapse ratio with ``--sar``) in one batched pass,
+cdiff.report writes the report with the published rows beside it (``--dataset``).
+
+``release`` (``--protocol release``, formerly ``--paper-scaling``) keeps the C-DiffSET release's
+protocol for the paper's own numbers (its utils.py and test.py); it is the code of this module:
 - PSNR, SSIM, SCC and LPIPS are computed per image (batch size 1) and averaged over images;
 - FID is pytorch-fid's, on the two sets of images (2048-d Inception pool features);
 - predictions and targets are read from their files: uint8 images map to [-1, 1] as
@@ -30,14 +37,21 @@ import torch
 from cdiff import metrics as image_metrics
 from cdiff.data.imageio import read_image, to_unit_range, write_text
 from cdiff.progress import progress
+from cdiff import matching, published, scoring
+from cdiff.protocol import METRICS as METRIC_TABLE
+from cdiff.protocol import PROTOCOLS, RELEASE_METRICS, label
+from cdiff.protocol import parse_metrics as parse_field_metrics
+from cdiff.protocol import protocol as find_protocol
+from cdiff.report import FieldReport
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-METRICS = ("psnr", "ssim", "scc", "lpips", "fid")
-PER_IMAGE = ("psnr", "ssim", "scc", "lpips")
-LABELS = {"psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "scc": "SCC ↑", "lpips": "LPIPS ↓", "fid": "FID ↓"}
-SCALINGS = {False: "(x + 1) / 2", True: "(x + 0.5).clamp(0, 1), the release's (--paper-scaling)"}
+METRICS = RELEASE_METRICS
+PER_IMAGE = tuple(m for m in METRICS if METRIC_TABLE[m].per_image)
+LABELS = {m: label(m) for m in METRICS}
+SCALINGS = {False: "(x + 1) / 2", True: "(x + 0.5).clamp(0, 1), the release's (--protocol release)"}
+LPIPS_CONVENTIONS = {False: PROTOCOLS["field"].lpips, True: PROTOCOLS["release"].lpips}
 REPORT_NAMES = ("evaluation.json", "evaluation.md")
 SCORES = {"psnr": image_metrics.psnr, "ssim": image_metrics.ssim, "scc": image_metrics.scc}
 
@@ -134,6 +148,7 @@ class Evaluation:
     per_image: list[dict] = field(default_factory=list)  # {"name", and a float per per-image metric}
     fid: float | None = None
     skipped: list[str] = field(default_factory=list)  # "path: reason" of pairs left out (--skip-bad)
+    left_out: list[str] = field(default_factory=list)  # one line per metric left out (weights missing)
 
     @property
     def count(self) -> int:
@@ -153,10 +168,13 @@ class Evaluation:
                 "pred": self.pred_dir,
                 "target": self.target_dir,
                 "images": self.count,
+                "protocol": "release",
                 "scaling": SCALINGS[self.paper_scaling],
                 "paper_scaling": self.paper_scaling,
+                "lpips_convention": LPIPS_CONVENTIONS[self.paper_scaling],
                 "means": self.means,
                 "skipped": self.skipped,
+                "left_out": self.left_out,
                 "per_image": self.per_image,
             },
             indent=2,
@@ -167,18 +185,21 @@ class Evaluation:
         rows = [(LABELS[m], f"{v:.4f}") for m, v in self.means.items()]
         width = max(len(label) for label, _ in rows)
         lines = [f"{label:<{width}}  {value:>10}" for label, value in rows]
-        lines.append(f"{self.count} images; metric scaling {SCALINGS[self.paper_scaling]}")
+        lines.append(f"{self.count} images; protocol: release; metric scaling {SCALINGS[self.paper_scaling]}")
+        lines.append(f"LPIPS convention: {LPIPS_CONVENTIONS[self.paper_scaling]}")
         if self.skipped:
             lines.append(f"{len(self.skipped)} pairs skipped (unreadable or mismatched)")
-        return "\n".join(lines)
+        return "\n".join(lines + self.left_out)
 
     def to_markdown(self) -> str:
         lines = [
             "# cdiff evaluation",
             "",
             f"Predictions `{self.pred_dir}`, targets `{self.target_dir}`: {self.count} image pairs.",
+            f"Protocol: release, {PROTOCOLS['release'].title}.",
             f"PSNR, SSIM, SCC and LPIPS are per-image means on images scaled by `{SCALINGS[self.paper_scaling]}`;",
             "FID (pytorch-fid, 2048-d pool features) is computed on the image files as they are.",
+            f"LPIPS convention: {LPIPS_CONVENTIONS[self.paper_scaling]}.",
             "",
             "| metric | value |",
             "|---|---|",
@@ -186,6 +207,8 @@ class Evaluation:
         lines += [f"| {LABELS[m]} | {v:.4f} |" for m, v in self.means.items()]
         if self.skipped:
             lines += ["", f"{len(self.skipped)} pairs were skipped:", ""] + [f"- {s}" for s in self.skipped]
+        if self.left_out:
+            lines += [""] + [f"- {line}" for line in self.left_out]
         return "\n".join(lines) + "\n"
 
     def write(self, folder: str | os.PathLike) -> list[Path]:
@@ -286,19 +309,76 @@ def _fid(inception, preds: list[torch.Tensor], targets: list[torch.Tensor]) -> f
 def run_evaluate(
     pred_dir,
     target_dir,
-    metrics: str = ",".join(METRICS),
+    metrics: str | None = None,
     paper_scaling: bool = False,
     report_dir=None,
     device=None,
     lpips_vgg=None,
     fid_weights=None,
     skip_bad: bool = False,
-) -> Evaluation:
-    """The ``cdiff evaluate`` command: match, score, print the table, write the reports."""
-    chosen = parse_metrics(metrics)
-    Networks.check(chosen, lpips_vgg, fid_weights)
+    protocol: str = "field",
+    split_list=None,
+    sar_dir=None,
+    dataset: str | None = None,
+    dists_weights=None,
+    dino=None,
+    batch_size: int = 16,
+    show_progress: bool = True,
+):
+    """The ``cdiff evaluate`` command: match, score, print the table, write the reports.
+
+    ``metrics`` None: the protocol's set, each metric whose network weights are missing left
+    out with one line; metrics named in ``metrics`` must all be computed. ``paper_scaling`` is
+    the old name of ``protocol="release"``.
+    """
+    chosen_protocol = find_protocol("release" if paper_scaling else protocol)
+    if chosen_protocol.name == "release":
+        given = {"--split-list": split_list, "--sar": sar_dir, "--dataset": dataset, "--dists-weights": dists_weights,
+                 "--dino": dino}
+        extra = [flag for flag, value in given.items() if value is not None]
+        if extra:
+            raise ValueError(f"{extra[0]} applies to the field protocol only, not to --protocol release")
+        return _run_release(pred_dir, target_dir, metrics, report_dir, device, lpips_vgg, fid_weights, skip_bad)
+    required = parse_field_metrics(metrics) if metrics is not None else ()
+    if "identity" in required and sar_dir is None:
+        raise ValueError("--metrics identity: the identity-collapse ratio needs the SAR inputs (--sar DIR)")
+    chosen = required or chosen_protocol.metrics + (("identity",) if sar_dir is not None else ())
+    size = published.benchmark(dataset).size if dataset is not None else None
+    found = matching.match(pred_dir, target_dir, split_list, sar_dir, dataset)
+    files = scoring.NetworkFiles(lpips_vgg, fid_weights, dists_weights, dino)
+    networks = scoring.Networks(chosen, files, device, required=required)
+    scores = scoring.score(found, chosen, networks, scoring.evaluation_size(found, size), batch_size, device,
+                           skip_bad, show_progress)
+    result = FieldReport(str(pred_dir), str(target_dir), None if split_list is None else str(split_list),
+                         None if sar_dir is None else str(sar_dir), dataset, chosen, scores, found.missing,
+                         [str(p) for p in found.unmatched], len(found.reference))
+    print(result.table())
+    for path in result.write(report_dir or pred_dir):
+        print(f"  {path}")
+    return result
+
+
+def _run_release(pred_dir, target_dir, metrics, report_dir, device, lpips_vgg, fid_weights, skip_bad) -> Evaluation:
+    """The release protocol. Without ``metrics``, a metric whose network weights are missing is
+    left out with one line (unless its file was given: a wrong path is an error)."""
+    if metrics is not None:
+        chosen = parse_metrics(metrics)
+        Networks.check(chosen, lpips_vgg, fid_weights)
+        left_out = []
+    else:
+        chosen, left_out = [], []
+        for name in METRICS:
+            try:
+                Networks.check((name,), lpips_vgg, fid_weights)
+                chosen.append(name)
+            except FileNotFoundError as err:
+                if (name == "lpips" and lpips_vgg is not None) or (name == "fid" and fid_weights is not None):
+                    raise
+                left_out.append(f"{METRIC_TABLE[name].label} left out: {err}")
+        chosen = tuple(chosen)
     pairs = match_pairs(pred_dir, target_dir)
-    result = evaluate(pairs, pred_dir, target_dir, chosen, paper_scaling, device, lpips_vgg, fid_weights, skip_bad)
+    result = evaluate(pairs, pred_dir, target_dir, chosen, True, device, lpips_vgg, fid_weights, skip_bad)
+    result.left_out.extend(left_out)
     print(result.table())
     for path in result.write(report_dir or pred_dir):
         print(f"  {path}")

@@ -8,9 +8,11 @@ CDIFF_GROUP_NORM  "torch" (default) or "triton": GroupNorm (+ SiLU) in the VAE a
                   Triton's interpreter, which the tests use; inside torch.compile, PyTorch's op).
                   Off by default until a GPU measures it faster (benchmarks/bench_group_norm.py).
 
-Paths to pretrained networks cdiff cannot download (see cdiff.perceptual); unset by default:
+Paths to the metric networks' weights (cdiff.perceptual); unset by default, then the caches `cdiff fetch` fills:
 CDIFF_LPIPS_VGG       torchvision's ImageNet VGG16, vgg16-397923af.pth (the LPIPS trunk).
-CDIFF_FID_INCEPTION   pytorch-fid's Inception, pt_inception-2015-12-05-6726825d.pth (FID).
+CDIFF_FID_INCEPTION   pytorch-fid's Inception, pt_inception-2015-12-05-6726825d.pth (FID and KID).
+CDIFF_DISTS           DISTS's alpha/beta, the authors' DISTS_pytorch/weights.pt (cdiff.networks).
+CDIFF_DINO            the DINOv3-SAT ViT-L/16 folder in the transformers layout (the DINO metric).
 CDIFF_CACHE_DIR       one folder for everything `cdiff fetch` downloads and converts (its --cache-dir):
                       hub/ (Hugging Face layout), checkpoints/ (web files), models/ (native files).
                       Unset: the Hugging Face cache, torch's hub cache and ~/.cache/cdiff (see cdiff.hub).
@@ -29,7 +31,7 @@ _CHOICES = {
     "CDIFF_LOSS": ("auto", "triton", "torch"),
     "CDIFF_GROUP_NORM": ("torch", "triton"),
 }
-_PATHS = ("CDIFF_LPIPS_VGG", "CDIFF_FID_INCEPTION", "CDIFF_CACHE_DIR")
+_PATHS = ("CDIFF_LPIPS_VGG", "CDIFF_FID_INCEPTION", "CDIFF_DISTS", "CDIFF_DINO", "CDIFF_CACHE_DIR")
 
 
 def get(name: str) -> str:

@@ -12,20 +12,26 @@ StructuralSimilarityIndexMeasure and SpatialCorrelationCoefficient with their de
 Images in [-1, 1] are mapped to [0, 1] by ``to_unit``: ``(x + 1) / 2`` by default, or, with
 ``paper_scaling=True``, the release's ``(x + 0.5).clamp(0, 1)`` that its published numbers were
 computed with (it clips the darkest quarter of the range and shifts the rest).
-LPIPS and FID need pretrained networks and live in ``cdiff.perceptual`` (optional extra); the
-Fréchet distance between two Gaussians that FID reports is here, in plain PyTorch.
+LPIPS, DISTS and the Inception features of FID and KID need pretrained networks and live in
+``cdiff.perceptual`` and ``cdiff.networks`` (optional extra). The set-level formulas on their
+features are here, in plain PyTorch: the Fréchet distance that FID reports, KID's unbiased MMD²
+over random subsets, and the identity-collapse ratio of ReFlowSET.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 SSIM_SIGMA = 1.5  # Gaussian window of SSIM (Wang et al. 2004), 11 x 11 taps
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 SCC_WINDOW = 8  # local window of the spatial correlation coefficient (Zhou et al. 1998)
+# KID as GeoSET's scripts/evaluate.py computes it: 50 random subsets of min(500, n) features
+# each side, drawn without replacement by numpy's default_rng(0), the predictions' subset first.
+KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 50, 500, 0
 METRICS = ("psnr", "ssim", "scc")
 
 
@@ -180,3 +186,82 @@ def frechet_distance(mean_a: torch.Tensor, cov_a: torch.Tensor, mean_b: torch.Te
     middle = root_a @ cov_b @ root_a
     cross = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
     return float((mean_a - mean_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+
+
+def fid_from_features(pred: torch.Tensor, reference: torch.Tensor) -> float:
+    """FID of prediction features (N, D) against reference features (M, D), N, M >= 2: the
+    Fréchet distance of their Gaussian statistics (``feature_statistics``, ``frechet_distance``).
+
+    With fewer samples than dimensions (a few hundred 2048-d Inception features) the covariances
+    are low-rank, and the trace term is computed from the samples instead: with centred samples
+    A (N, D) and B (M, D) scaled so that cov_a = A^T A and cov_b = B^T B, the non-zero
+    eigenvalues of cov_a cov_b are those of (A B^T)(A B^T)^T, so tr((cov_a cov_b)^(1/2)) is the
+    sum of the singular values of the N x M matrix A B^T. Same value, no D x D factorisation.
+    """
+    if pred.ndim != 2 or reference.ndim != 2 or pred.shape[1] != reference.shape[1]:
+        raise ValueError(f"fid: need (N, D) and (M, D) features, got {tuple(pred.shape)} and {tuple(reference.shape)}")
+    if max(pred.shape[0], reference.shape[0]) >= pred.shape[1]:
+        return frechet_distance(*feature_statistics(reference), *feature_statistics(pred))
+    mean_p, mean_r = feature_statistics(pred)[0], feature_statistics(reference)[0]
+    a = (pred.double() - mean_p) / math.sqrt(pred.shape[0] - 1)  # (N, D), cov_p = a^T a
+    b = (reference.double() - mean_r) / math.sqrt(reference.shape[0] - 1)  # (M, D)
+    cross = torch.linalg.svdvals(a @ b.T).sum()
+    return float((mean_p - mean_r).square().sum() + a.square().sum() + b.square().sum() - 2 * cross)
+
+
+def polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """KID's kernel (x·y / d + 1)^3 between rows of (N, D) and (M, D): (N, M)."""
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The unbiased estimate of MMD² between two samples of equal size m >= 2, (m, D) each,
+    under ``polynomial_kernel``: the within-sample kernel means leave out the diagonal."""
+    m = x.shape[0]
+    if y.shape[0] != m or m < 2:
+        raise ValueError(f"mmd2_unbiased: need two samples of one size >= 2, got {x.shape[0]} and {y.shape[0]}")
+    k_xx, k_yy, k_xy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
+    within = (k_xx.sum() - k_xx.trace() + k_yy.sum() - k_yy.trace()) / (m * (m - 1))
+    return float(within - 2 * k_xy.mean())
+
+
+def kid(pred: torch.Tensor, reference: torch.Tensor, subsets: int = KID_SUBSETS,
+        subset_size: int = KID_SUBSET_SIZE, seed: int = KID_SEED) -> float:
+    """Kernel Inception Distance: the mean of ``mmd2_unbiased`` over ``subsets`` random subsets
+    of m = min(subset_size, N, M) rows of each feature set (N, D) and (M, D), in float64.
+
+    The subsets are drawn as GeoSET's evaluator draws them (numpy ``default_rng(seed)``, without
+    replacement, predictions then reference in each round), so the value is the same. When m
+    is both set sizes, every subset is the whole set: the MMD² is computed once.
+    """
+    if pred.ndim != 2 or reference.ndim != 2 or pred.shape[1] != reference.shape[1]:
+        raise ValueError(f"kid: need (N, D) and (M, D) features, got {tuple(pred.shape)} and {tuple(reference.shape)}")
+    n, n_ref = pred.shape[0], reference.shape[0]
+    m = min(subset_size, n, n_ref)
+    if m < 2:
+        raise ValueError(f"kid: needs at least 2 features on each side, got {n} and {n_ref}")
+    pred, reference = pred.double(), reference.double()
+    if m == n == n_ref:
+        return mmd2_unbiased(pred, reference)  # the MMD² does not depend on the order of the rows
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(subsets):
+        pick = torch.from_numpy(rng.choice(n, m, replace=False))
+        pick_ref = torch.from_numpy(rng.choice(n_ref, m, replace=False))
+        values.append(mmd2_unbiased(pred[pick], reference[pick_ref]))
+    return float(np.mean(values))
+
+
+def mean_absolute_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """mean |a - b| over pixels and channels, per image: (B,), for (B, C, H, W) in [0, 1]."""
+    _check(a, b, "mean_absolute_difference")
+    dtype = _compute_dtype(a)
+    return (a.to(dtype) - b.to(dtype)).abs().flatten(1).mean(1)
+
+
+def identity_ratio(to_sar: torch.Tensor, to_target: torch.Tensor) -> float:
+    """ReFlowSET's identity-collapse ratio, mean|gen - SAR| / mean|gen - GT|, from the per-image
+    means (N,) of ``mean_absolute_difference`` (images of one size, so the mean of the per-image
+    means is the mean over every pixel). Below 1 the outputs are closer to their SAR inputs than
+    to the ground truth: the model copies its input."""
+    return float(to_sar.double().mean() / to_target.double().mean())

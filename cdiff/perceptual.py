@@ -1,4 +1,5 @@
-"""LPIPS and FID: the two metrics of the paper that need pretrained networks.
+"""LPIPS and FID: the two metrics of the paper that need pretrained networks; where every metric
+network's weights are found (``Weights``, ``find_weights``; DISTS and DINO are in cdiff.networks).
 
 They use the libraries the paper used, so that the numbers compare with its tables
 (``pip install cdiff[metrics]``; imported only inside these functions):
@@ -9,10 +10,11 @@ They use the libraries the paper used, so that the numbers compare with its tabl
 
 Neither library may download anything here: the network weights come from local files,
 found in this order (``find_weights``):
-1. the path given by the caller (``--lpips-vgg`` / ``--fid-weights``);
-2. the environment variable ``CDIFF_LPIPS_VGG`` / ``CDIFF_FID_INCEPTION`` (cdiff.flags);
-3. torch's hub cache, ``$TORCH_HOME/hub/checkpoints/<file>``, where torchvision and
-   pytorch-fid put them after a download on a connected machine.
+1. the path given by the caller (``--lpips-vgg`` / ``--fid-weights`` / ``--dists-weights``);
+2. the environment variable ``CDIFF_LPIPS_VGG`` / ``CDIFF_FID_INCEPTION`` / ``CDIFF_DISTS`` (cdiff.flags);
+3. torch's hub cache, ``$TORCH_HOME/hub/checkpoints/<file>``, where torchvision, pytorch-fid
+   and ``cdiff fetch NAME`` put them;
+4. for DISTS's alpha/beta only: the copy inside the DISTS_pytorch package, when it is installed.
 """
 
 from __future__ import annotations
@@ -42,21 +44,35 @@ class Weights:
     url: str
     env: str
     option: str
+    fetch: str  # the name `cdiff fetch NAME` gets it by
+    package_file: tuple[str, str] | None = None  # (package, file) that also ships it, if any
 
 
 LPIPS_VGG = Weights(
-    what="LPIPS (VGG)",
+    what="VGG16 (LPIPS, DISTS)",
     file_name="vgg16-397923af.pth",
     url="https://download.pytorch.org/models/vgg16-397923af.pth",
     env="CDIFF_LPIPS_VGG",
     option="--lpips-vgg",
+    fetch="lpips-vgg",
 )
 FID_INCEPTION = Weights(
-    what="FID",
+    what="Inception (FID, KID)",
     file_name="pt_inception-2015-12-05-6726825d.pth",
     url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
     env="CDIFF_FID_INCEPTION",
     option="--fid-weights",
+    fetch="fid-inception",
+)
+# DISTS's learnt alpha/beta (the authors' DISTS_pytorch/weights.pt); its trunk is LPIPS_VGG's file.
+DISTS_ALPHA_BETA = Weights(
+    what="DISTS alpha/beta",
+    file_name="dists-alpha-beta.pt",
+    url="https://raw.githubusercontent.com/dingkeyan93/DISTS/master/DISTS_pytorch/weights.pt",
+    env="CDIFF_DISTS",
+    option="--dists-weights",
+    fetch="dists",
+    package_file=("DISTS_pytorch", "weights.pt"),
 )
 
 
@@ -75,15 +91,31 @@ def find_weights(weights: Weights, path: str | os.PathLike | None = None) -> Pat
     cached = Path(torch.hub.get_dir()) / "checkpoints" / weights.file_name
     if cached.is_file():
         return cached
+    packaged = _package_file(weights)
+    if packaged is not None:
+        return packaged
     raise FileNotFoundError(
-        f"{weights.what} needs {weights.file_name}, not found in {cached.parent}: {_where(weights)}, "
-        f"then pass {weights.option} PATH or set {weights.env}=PATH (or leave {weights.what.split()[0].lower()} "
-        "out of --metrics)"
+        f"{weights.what} weights {weights.file_name} not found in {cached.parent}: {_where(weights)}; "
+        f"or pass {weights.option} FILE or set {weights.env}=FILE"
     )
 
 
 def _where(weights: Weights) -> str:
-    return f"it is normally downloaded from {weights.url}"
+    return f"get it with `cdiff fetch {weights.fetch}` (from {weights.url})"
+
+
+def _package_file(weights: Weights) -> Path | None:
+    """The copy of ``weights`` an installed package ships, found without importing the package."""
+    if weights.package_file is None:
+        return None
+    import importlib.util
+
+    package, name = weights.package_file
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / name
+    return path if path.is_file() else None
 
 
 def _import(module: str):

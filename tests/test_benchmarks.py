@@ -80,3 +80,19 @@ def test_bench_loss_and_bench_tiling(capsys):
                                           "--steps", "1", "--error-size", "128", "--error-tile", "64"]) == 0
     out = capsys.readouterr().out
     assert "(2, 4, 8, 8)" in out and "relative RMS error at 128 px" in out
+
+
+def test_bench_evaluate_times_every_metric_of_the_field_protocol(tmp_path):
+    pytest.importorskip("lpips")
+    pytest.importorskip("pytorch_fid")
+    table = tmp_path / "results.csv"
+    with one_thread():
+        report = load("bench_evaluate").main(["--device", "cpu", "--images", "3", "--size", "32", "--repeats", "1",
+                                              "--csv", str(table)])
+    assert set(report["means"]) == {"fid", "dists", "kid", "lpips", "ssim", "psnr"}
+    parts = report["parts"]
+    assert all(parts[name] > 0 for name in ("LPIPS (VGG)", "DISTS", "Inception (FID, KID features)", "SSIM",
+                                            "FID formula", "KID formula", "reading images"))
+    assert report["images_per_s"] > 0
+    [row] = rows(table)
+    assert row["figure"] == "evaluate" and float(row["ms"]) > 0 and "images=3" in row["settings"]

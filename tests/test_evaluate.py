@@ -1,5 +1,6 @@
-"""`cdiff evaluate`: pairing, the per-image protocol against torchmetrics, reports, bad input,
-and the LPIPS / FID plumbing.
+"""`cdiff evaluate --protocol release` (the C-DiffSET release's protocol): pairing, the per-image
+protocol against torchmetrics, reports, bad input, and the LPIPS / FID plumbing. The default,
+the field's protocol, is tested in tests/test_field_protocol.py.
 
 LPIPS and FID need pretrained networks that cannot be downloaded here. Their tests use
 randomly initialised networks saved to local files under the pretrained files' names: they
@@ -91,10 +92,12 @@ def test_the_command_prints_and_writes_atomic_reports(folders, tmp_path, capsys)
     assert "| PSNR (dB) ↑ |" in (report_dir / "evaluation.md").read_text()
 
 
-def test_default_scaling_is_named_in_the_report(folders):
+def test_the_default_protocol_is_named_in_the_report(folders):
     pred_dir, target_dir = folders
-    result = run_evaluate(pred_dir, target_dir, metrics="ssim")
-    assert json.loads((pred_dir / "evaluation.json").read_text())["scaling"] == "(x + 1) / 2"
+    result = run_evaluate(pred_dir, target_dir, metrics="ssim", show_progress=False)
+    report = json.loads((pred_dir / "evaluation.json").read_text())
+    assert report["protocol"] == "field" and report["scaling"].startswith("file / 255")
+    assert "x * 2 - 1" in report["lpips_convention"]
     assert result.count == 3
 
 
@@ -115,9 +118,11 @@ def test_names_that_do_not_match(tmp_path):
 def test_sizes_that_do_not_match(tmp_path, capsys):
     write_images(tmp_path / "target", ["a"], size=(32, 32))
     write_images(tmp_path / "pred", ["a"], size=(32, 24))
-    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--target", str(tmp_path / "target"), "--metrics", "psnr"]) == 2
+    argv = ["evaluate", "--pred", str(tmp_path / "pred"), "--target", str(tmp_path / "target"), "--metrics", "psnr"]
+    assert main(argv + ["--protocol", "release"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cdiff: error: prediction") and "pred/a.png is 32x24" in err and "target/a.png is 32x32" in err
+    assert main(argv) == 0  # the field's protocol centre-crops the larger ground truth (tests/test_field_protocol.py)
 
 
 def test_empty_and_missing_folders(tmp_path):
@@ -153,9 +158,10 @@ def test_missing_network_weights_give_one_message_naming_the_file(tmp_path, monk
     monkeypatch.delenv("CDIFF_LPIPS_VGG", raising=False)
     monkeypatch.delenv("CDIFF_FID_INCEPTION", raising=False)
     write_images(tmp_path / "pred", ["a"])
-    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--target", str(tmp_path / "pred"), "--metrics", "lpips"]) == 2
+    argv = ["evaluate", "--pred", str(tmp_path / "pred"), "--target", str(tmp_path / "pred"), "--metrics", "lpips"]
+    assert main(argv + ["--protocol", "release"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "vgg16-397923af.pth" in err
+    assert err.count("\n") == 0 and "vgg16-397923af.pth" in err and "cdiff fetch lpips-vgg" in err
     assert "https://download.pytorch.org/models/vgg16-397923af.pth" in err and "CDIFF_LPIPS_VGG" in err
     monkeypatch.setenv("CDIFF_FID_INCEPTION", str(tmp_path / "nothing.pth"))
     with pytest.raises(FileNotFoundError, match=r"nothing\.pth \(from CDIFF_FID_INCEPTION\).*pytorch-fid/releases"):
@@ -166,7 +172,7 @@ def test_weights_of_the_wrong_network_are_refused(tmp_path):
     pytest.importorskip("lpips")
     path = tmp_path / "vgg16-397923af.pth"
     torch.save({"features.0.weight": torch.zeros(3)}, path)
-    with pytest.raises(ValueError, match=r"LPIPS \(VGG\) weights .*vgg16-397923af.pth: not the expected network"):
+    with pytest.raises(ValueError, match=r"VGG16 \(LPIPS, DISTS\) weights .*vgg16-397923af.pth: not the expected network"):
         perceptual.load_lpips(path)
 
 
@@ -217,6 +223,9 @@ def test_fid_features_are_pytorch_fids_and_the_command_reports_all_five(torch_ho
     # FID's blocks have torchvision's parameter shapes, so a random torchvision Inception
     # (1008 classes, no auxiliary head) gives a state dict of the right form.
     random_net = models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    for module in random_net.modules():  # He init: features of order 1 (the default gives ~1e-8 whatever the image)
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     weights = _save(random_net.state_dict(), torch_home / "pt_inception-2015-12-05-6726825d.pth")
     del random_net
     ours = perceptual.load_fid_inception()  # found in the hub cache
@@ -225,6 +234,7 @@ def test_fid_features_are_pytorch_fids_and_the_command_reports_all_five(torch_ho
     with torch.no_grad():
         expected = reference(images)[0].flatten(1).double()
     torch.testing.assert_close(perceptual.inception_features(ours, images), expected, rtol=1e-4, atol=1e-5)
+    assert expected.abs().mean() > 1e-2
 
     # The whole command with all five metrics: random VGG for LPIPS, the random Inception for FID.
     vgg = pytest.importorskip("torchvision.models.vgg")
@@ -234,7 +244,7 @@ def test_fid_features_are_pytorch_fids_and_the_command_reports_all_five(torch_ho
     write_images(tmp_path / "pred", ["a", "b"], seed=1, noise=25.0, base=target)
     pred_dir, target_dir = tmp_path / "pred", tmp_path / "target"
     argv = ["evaluate", "--pred", str(pred_dir), "--target", str(target_dir), "--lpips-vgg", str(vgg_file),
-            "--fid-weights", str(weights), "--device", "cpu"]
+            "--fid-weights", str(weights), "--device", "cpu", "--protocol", "release"]
     assert main(argv) == 0
     report = json.loads((pred_dir / "evaluation.json").read_text())
     assert set(report["means"]) == {"psnr", "ssim", "scc", "lpips", "fid"}

@@ -24,6 +24,7 @@ def test_import_pulls_no_heavy_dependency(tmp_path):
     code = (
         "import sys, cdiff, cdiff.cli, cdiff.pipeline, cdiff.schedulers\n"
         "import cdiff.translate, cdiff.evaluate, cdiff.geo, cdiff.perceptual, cdiff.tiling\n"
+        "import cdiff.matching, cdiff.scoring, cdiff.report, cdiff.networks, cdiff.published, cdiff.protocol\n"
         f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     )
     assert run_python(code, tmp_path, str(ROOT)) == ""
