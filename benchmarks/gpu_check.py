@@ -45,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "benchmarks" / "gpu_parts.py"
-BUDGET_S = 450  # the default; the issue's ceiling is 8 minutes, and the device call also installs wheels
+BUDGET_S = 450  # the default: 8 minutes at most, with room for the wheel install before it
 # part -> (cap in seconds, seconds that must be left for it to start). Caps are ceilings: the
 # parts are expected to take (H100/H200) about 10, 5, 120, 80 and 60 s.
 PLAN = {
@@ -290,7 +290,7 @@ def fastest(impls: dict, key: str, prefix: str = "cdiff") -> tuple[str | None, d
 
 
 def evaluate_targets(document: dict) -> list[dict]:
-    """The issue's targets, each {name, what, target, value, met}; met is None where the figure is missing."""
+    """The targets (docs/gpu-check.md), each {name, what, target, value, met}; met is None where the figure is missing."""
     parts, targets = document["parts"], []
     hopper = any(key in document["device"].get("name", "") for key in ("H100", "H200"))
 

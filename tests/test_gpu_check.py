@@ -1,7 +1,7 @@
 """benchmarks/gpu_check.sh: the dry run end to end on the CPU (so that the GPU run cannot fail on a
 typo), and the driver's own logic: a part past its cap is stopped and the rest still run, a
 failed part hands over to a new worker, a failed preflight stops everything, the pytest log is
-read in both of its formats, and the targets are judged as the issue sets them."""
+read in both of its formats, and the targets are judged as docs/gpu-check.md sets them."""
 
 import importlib.util
 import json
@@ -196,7 +196,7 @@ def verdicts(doc) -> dict:
     return {t["name"]: t["met"] for t in gpu_check.evaluate_targets(doc)}
 
 
-def test_targets_as_the_issue_sets_them():
+def test_targets_are_judged_as_documented():
     assert verdicts(document()) == dict.fromkeys(
         ("translation_speedup", "translation_seconds", "unet_peak_fraction", "training_speedup", "cuda_tests"), True)
     unet = {t["name"]: t for t in gpu_check.evaluate_targets(document())}["unet_peak_fraction"]
