@@ -156,6 +156,11 @@ def run_parts(check: Check, parts: list[str], deadline: float, python: str) -> N
     status_path = Path(tempfile.mkdtemp(prefix="gpu_check.")) / "status.json"
     left = list(parts)
     while left:
+        if time.time() > deadline:  # no worker started only to skip
+            for name in left:
+                check.set_part(name, {"status": "skipped: budget (none left for the parts)"})
+                announce(name, check.document["parts"][name])
+            return
         status_path.unlink(missing_ok=True)
         command = [python, str(WORKER), str(status_path), *left, "--deadline", str(deadline), "--plan", json.dumps(PLAN)]
         if check.dry_run:
@@ -413,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     preflight = check.document["parts"].get("preflight", {})
     if preflight.get("status") != "ok":
         check.save()
-        print(f"gpu_check: preflight {preflight.get('status')}\n{preflight.get('traceback', '')}", file=sys.stderr)
+        print(f"gpu_check: stopped before any long part: preflight {preflight.get('status')} (traceback: worker.log, "
+              f"{check.path})", file=sys.stderr)
         return 2
     run_tests(check, sys.executable)
     check.document["targets"] = evaluate_targets(check.document)
