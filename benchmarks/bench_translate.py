@@ -68,8 +68,9 @@ def diffusers_translation(unet, vae, steps: int):
     return translate
 
 
-def implementations(theirs, ours, context, device, dtype, steps, wanted) -> dict:
-    """name -> translate(sar, noise) for the names in ``wanted`` (None: all that run here)."""
+def implementations(theirs, ours, context, device, dtype, steps, wanted, compile_options: dict | None = None) -> dict:
+    """(name -> translate(sar, noise) for the names in ``wanted`` (None: all that run here), the
+    NCHW pipeline). ``compile_options``: torch.compile's keyword arguments for the compiled one."""
     theirs_unet, theirs_vae = (m.to(device, dtype) for m in theirs)
     names = list(IMPLEMENTATIONS if device.type == "cuda" else IMPLEMENTATIONS[:3]) if wanted is None else wanted
     ours = [m.to(device, dtype) for m in ours]
@@ -79,7 +80,7 @@ def implementations(theirs, ours, context, device, dtype, steps, wanted) -> dict
     def channels_last(kind: str) -> Pipeline:  # a pipeline of its own per kind (compile marks it)
         if kind not in pipelines:
             pipe = Pipeline(*copy.deepcopy(ours), context.to(device, dtype)).to(memory_format=CL)
-            pipelines[kind] = pipe.compile() if kind == "compiled" else pipe
+            pipelines[kind] = pipe.compile(**(compile_options or {})) if kind == "compiled" else pipe
         return pipelines[kind]
 
     def fused():

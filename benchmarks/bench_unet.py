@@ -65,9 +65,10 @@ def environment(name: str, value: str):
             os.environ[name] = previous
 
 
-def forward_implementations(theirs, ours, device, dtype, wanted) -> dict:
+def forward_implementations(theirs, ours, device, dtype, wanted, compile_options: dict | None = None) -> dict:
     """name -> (callable module, input memory format, context manager factory), for the names in
-    ``wanted`` (None: every one that runs on this device)."""
+    ``wanted`` (None: every one that runs on this device). ``compile_options``: torch.compile's
+    keyword arguments for ``cdiff-cl-compiled``."""
     theirs, ours = theirs.to(device, dtype), ours.to(device, dtype)
     names = list(IMPLEMENTATIONS[:6] if device.type == "cuda" else IMPLEMENTATIONS[:4]) if wanted is None else wanted
     plain = contextlib.nullcontext
@@ -91,9 +92,30 @@ def forward_implementations(theirs, ours, device, dtype, wanted) -> dict:
         "cdiff": lambda: (ours, torch.contiguous_format, plain),
         "cdiff-cl": lambda: (cl(ours), CL, plain),
         "cdiff-cl-fused": lambda: (cl(ours), CL, fused),
-        "cdiff-cl-compiled": lambda: (torch.compile(cl(ours)), CL, plain),
+        "cdiff-cl-compiled": lambda: (torch.compile(cl(ours), **(compile_options or {})), CL, plain),
     }
     return {name: makers[name]() for name in names}
+
+
+def forward_calls(impls: dict, ours: UNet, batch: int, side: int, device, dtype, gen: torch.Generator):
+    """(name -> a no-argument call of one forward, FLOPs of one forward) for a ``batch`` of
+    ``side`` x ``side`` latents, a 6-token context and random timesteps drawn from ``gen``."""
+    sample = torch.randn(batch, 8, side, side, generator=gen).to(device, dtype)
+    context = torch.randn(batch, 6, ours.config.context_dim, generator=gen).to(device, dtype)
+    t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    inputs = {fmt: sample.contiguous(memory_format=fmt) for fmt in (torch.contiguous_format, CL)}
+
+    def call(impl):
+        module, fmt, scope = impl
+
+        def run():
+            with torch.no_grad(), scope():
+                return module(inputs[fmt], t, context)
+        return run
+
+    with torch.no_grad():
+        flops = common.count_flops(lambda: ours(sample, t, context))
+    return {name: call(impl) for name, impl in impls.items()}, flops
 
 
 def same_layout_baseline(name: str) -> str:
@@ -109,21 +131,7 @@ def part_forward(args, device, dtype, tiny: bool) -> list[dict]:
     print("| batch | impl | ms | ratio vs diffusers (same layout) | TFLOP/s | of peak |\n|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     for batch in args.batches:
-        sample = torch.randn(batch, 8, args.side, args.side, generator=gen).to(device, dtype)
-        context = torch.randn(batch, 6, ours[0].config.context_dim, generator=gen).to(device, dtype)
-        t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
-        inputs = {fmt: sample.contiguous(memory_format=fmt) for fmt in (torch.contiguous_format, CL)}
-
-        def call(impl):
-            module, fmt, scope = impl
-            def run():
-                with torch.no_grad(), scope():
-                    return module(inputs[fmt], t, context)
-            return run
-
-        calls = {name: call(impl) for name, impl in impls.items()}
-        with torch.no_grad():
-            flops = common.count_flops(lambda: ours[0](sample, t, context))
+        calls, flops = forward_calls(impls, ours[0], batch, args.side, device, dtype, gen)
         seconds = common.interleaved(calls, device, args.warmup, args.repeats)
         for name, sec in seconds.items():
             baseline = seconds.get(same_layout_baseline(name))

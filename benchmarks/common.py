@@ -245,10 +245,13 @@ def header(device: torch.device, what: str) -> str:
             f"triton {v['triton']}, diffusers {v['diffusers']}{load}")
 
 
-def load_diffusers_twins(tiny: bool, unet_kwargs: dict | None = None, vae: bool = False, seed: int = 0):
+def load_diffusers_twins(tiny: bool, unet_kwargs: dict | None = None, vae: bool = False, seed: int = 0,
+                         device: str | torch.device = "cpu"):
     """(diffusers modules, cdiff modules) with the same seeded random weights: the U-Net
     (8-in/5-out) and, with ``vae``, the VAE; SD 2.1 sizes (tools/random_sd21.py), or cdiff's tiny
-    presets. Built on the meta device, then given memory and values (no init of 865M parameters)."""
+    presets. Built on the meta device, then given memory and values on ``device`` (no init of 865M
+    parameters; on a GPU the values are drawn there, so they differ from the CPU's for a seed).
+    The cdiff modules share the diffusers modules' tensors until either is converted (``.to``)."""
     import diffusers
 
     import cdiff
@@ -264,7 +267,7 @@ def load_diffusers_twins(tiny: bool, unet_kwargs: dict | None = None, vae: bool 
             theirs.append(diffusers.AutoencoderKL(**(tiny_configs()[1] if tiny else SD21_VAE)))
             ours.append(cdiff.VAE(cdiff.VAEConfig.tiny() if tiny else cdiff.VAEConfig.sd21()))
     for i, (model, table) in enumerate(zip(theirs, (UNET_TABLE, VAE_TABLE))):
-        theirs[i] = randomize_(model.to_empty(device="cpu"), seed + i).eval()
+        theirs[i] = randomize_(model.to_empty(device=device), seed + i).eval()
         ours[i].load_state_dict(table.rename(theirs[i].state_dict(), to="cdiff"), assign=True)
         ours[i].eval()
     return theirs, ours

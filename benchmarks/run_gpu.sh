@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of issue 13 in one go: the CUDA tests and every benchmark, each one's output in
 # OUT_DIR/<part>.txt and every figure in OUT_DIR/results.csv (also appended to benchmarks/results.csv).
+# For a short GPU loan, benchmarks/gpu_check.sh is the 8-minute subset (tests and headline figures).
 #
 #   bash benchmarks/run_gpu.sh OUT_DIR [PART ...]
 #
@@ -9,7 +10,7 @@
 # PARTS (default: all of them, in this order; about 25-35 minutes on one H100). Where a command
 # may run for at most 10 minutes, call the script once per part:
 #   tests       the CUDA tests: sampling loops in CUDA graphs, cuda_graph=True, compile, the fp16
-#               channels-last path, both Triton kernels (about 2 min)
+#               channels-last path, both Triton kernels, training steps (about 3 min)
 #   kernels     bench_group_norm (fp16 forward; bf16 forward + backward) and bench_loss (about 2 min)
 #   unet        bench_unet: forward vs diffusers at 64x64, batch 1 and 16; attention; checkpointing (about 5 min)
 #   translate   bench_translate: 512 px, 50 DDIM steps, batch 1 and 8 (about 7 min)
@@ -58,7 +59,7 @@ for part in $parts; do
     case $part in
         tests)
             run tests $PY -m pytest -q -rs tests/test_samplers.py tests/test_compiled.py tests/test_channels_last.py \
-                tests/test_group_norm_kernel.py tests/test_loss_kernel.py ;;
+                tests/test_group_norm_kernel.py tests/test_loss_kernel.py tests/test_train_cuda.py ;;
         kernels)
             run group_norm_fp16 $PY benchmarks/bench_group_norm.py --dtype fp16 --csv "$csv"
             run group_norm_bf16_backward $PY benchmarks/bench_group_norm.py --dtype bf16 --backward --csv "$csv"

@@ -81,12 +81,26 @@ def assert_all_match(ours, ref, label):
 
 @pytest.mark.parametrize("shape_name, dtype_name", CASES)
 def test_kernel_matches_reference(shape_name, dtype_name):
-    shape, groups, block, layout = SHAPES[shape_name]
+    check_kernel(shape_name, dtype_name, SHAPES[shape_name][3])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (the interpreter runs the cases above, a subset, for time)")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_kernel_matches_reference_on_cuda_every_shape_layout_and_dtype(shape_name, dtype_name, layout):
+    check_kernel(shape_name, dtype_name, layout)
+
+
+def check_kernel(shape_name, dtype_name, layout):
+    """The kernel's output and gradients against the reference's, on one labelled shape, in one
+    dtype and layout (the shape's own block size)."""
+    shape, groups, block, _ = SHAPES[shape_name]
     dtype = DTYPES[dtype_name]
     case = make_input(shape, dtype, layout, seed=len(shape_name), offset=0.5)
     ours = run(group_norm_silu, *case, groups=groups, silu=True, block_p=block)
     ref = run(group_norm_reference, *case, groups=groups, silu=True)
-    assert_all_match(ours, ref, f"{shape_name}/{dtype_name}")
+    assert_all_match(ours, ref, f"{shape_name}/{dtype_name}/{layout}")
     if layout == "channels_last":  # the result and the input gradient stay where x lies
         assert ours[0].is_contiguous(memory_format=torch.channels_last)
         assert ours[1].is_contiguous(memory_format=torch.channels_last)

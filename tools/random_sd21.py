@@ -77,10 +77,16 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
     Weights ~ N(0, 1/fan_in) so activations keep their scale through deep stacks;
     norm scales ~ 1 + N(0, 0.1^2); biases ~ N(0, 0.1^2). Order follows ``named_parameters``,
     so two modules with the same parameter order get the same values.
+
+    The values are drawn where the parameters are: a module on a GPU (e.g. built on the meta
+    device, then ``to_empty(device="cuda")``) gets its 865M values in a fraction of a second,
+    without a CPU copy. The CPU and CUDA generators give different values for the same seed.
     """
-    gen = torch.Generator().manual_seed(seed)
+    first = next(module.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in module.named_parameters():
-        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32, device=device)
         if p.ndim == 1:
             value = (1.0 + 0.1 * noise) if ("norm" in name and name.endswith("weight")) else 0.1 * noise
         else:
