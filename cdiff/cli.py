@@ -8,6 +8,7 @@ import os
 import sys
 
 import cdiff
+from cdiff.signals import Interrupted
 
 
 def _add_demo(sub) -> None:
@@ -158,12 +159,16 @@ def _add_train(sub) -> None:
         "torchrun --nproc-per-node N -m cdiff train ... (the global batch is train.batch_size x N x "
         "train.accumulation). With model.kind = \"s2o_npde\" (configs/s2o_npde_sen12.toml) it trains the "
         "S2O-NPDE GAN from scratch instead, with the paper's Adam and schedule, in one process; "
-        "model.tcd / model.pmd / model.pde_loss switch its components off (the paper's Table 2).",
+        "model.tcd / model.pmd / model.pde_loss switch its components off (the paper's Table 2). "
+        "Ctrl-C or SIGTERM stops at the end of the step in flight with a checkpoint of it (a second one stops at "
+        "once); continue with --resume. One process trains in a run directory at a time (it holds RUN_DIR/.lock).",
     )
     p.add_argument("--config", metavar="TOML", help="the run config (e.g. configs/qxs.toml); with --resume, replaces the run's own")
     p.add_argument("--run-dir", metavar="DIR", help="a new folder for the run's outputs")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint, exactly")
-    p.add_argument("--force", action="store_true", help="with --resume: accept a config that differs from the run's")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: accept a config that differs from the run's; with either: take over the "
+                   "run directory's lock from a process that is no longer running (killed, or on another machine)")
     _add_set_option(p)
     p.add_argument("--prediction", choices=("epsilon", "sample"), help="what the U-Net predicts (sets model.prediction)")
     p.add_argument("--loss", choices=("cdiff", "mse"), help="the C-Diff loss, or plain L2 (sets model.loss)")
@@ -175,8 +180,6 @@ def _add_train(sub) -> None:
 
         if (a.run_dir is None) == (a.resume is None):
             raise ValueError("cdiff train: give either --run-dir DIR (a new run, with --config) or --resume RUN_DIR")
-        if a.force and a.resume is None:
-            raise ValueError("cdiff train: --force only applies to --resume")
         config = _train_config(a, a.resume)
         done = train(config, a.resume or a.run_dir, resume=a.resume is not None, force=a.force, stop_at=a.stop_at)
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the run
@@ -479,6 +482,12 @@ def main(argv: list[str] | None = None) -> int:
         # An optional dependency is missing (open_clip for convert, tifffile for GeoTIFFs).
         print(f"cdiff: error: {err}", file=sys.stderr)
         return 3
+    except Interrupted as stop:  # a signal, handled: the message says what was kept
+        print(f"cdiff: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        print("cdiff: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

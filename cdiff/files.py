@@ -1,19 +1,27 @@
 """Writing files that never surprise: outputs checked before the work starts, written
 atomically, with the permissions a plain ``open()`` would give.
 
-Every writer in cdiff (convert, export, demo, synth, split lists) goes through these two:
+Every writer in cdiff (convert, export, demo, synth, split lists, the training run directory)
+goes through these:
 
 - :func:`check_output` refuses, in one line naming the path, an output that cannot or should
   not be written: the source itself, an existing output without ``overwrite``, a folder where
   a file is wanted (or the reverse), a parent that is a file, a parent that is not writable.
   It is called before any slow work, so a bad path never costs a conversion.
 - :func:`atomic_path` writes under a temporary name beside the target and renames it only on
-  success: an exception or Ctrl-C leaves the target as it was and no temporary behind.
+  success: an exception or Ctrl-C leaves the target as it was and no temporary behind
+  (``sync=True`` also flushes it to disk first: a checkpoint that must survive a power cut).
+- :func:`replace_link` points a symbolic link elsewhere in one step.
+- :func:`leftovers` finds the temporaries a killed process left (cdiff's own names only),
+  for the next run to remove.
+- :func:`out_of_space` tells a full disk from other write errors, whoever raised it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -87,14 +95,17 @@ def _inside(inner: Path, outer: Path) -> bool:
 
 
 @contextmanager
-def atomic_path(target: str | os.PathLike, is_dir: bool = False, overwrite: bool = False) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, is_dir: bool = False, overwrite: bool = False,
+                sync: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it to ``target`` only on success.
 
     A crash, an exception or Ctrl-C leaves ``target`` untouched and removes the temporary.
     The temporary is made as ``open()`` / ``mkdir()`` would make it (mode 0o666 / 0o777
     less the umask, e.g. 0644 / 0755), so what lands under ``target`` is as readable as any
-    file the user writes. A file replaces an existing ``target``; a folder replaces only an
-    empty folder unless ``overwrite`` (callers check with :func:`check_output` first).
+    file the user writes; so are the files written into a temporary folder. A file replaces an
+    existing ``target``; a folder replaces only an empty folder unless ``overwrite`` (callers
+    check with :func:`check_output` first). ``sync``: every file is flushed to disk before the
+    rename and the rename after it, so that no crash leaves ``target`` named but empty.
     """
     target = Path(target)
     if is_dir and target.exists():
@@ -111,13 +122,86 @@ def atomic_path(target: str | os.PathLike, is_dir: bool = False, overwrite: bool
         # Some writers replace the file they are given by one of their own (safetensors'
         # save_file leaves 0600): give back the mode open() would have given.
         os.chmod(tmp, mode)
+        for path in sorted(tmp.rglob("*")) if is_dir else [tmp]:
+            if path.is_file() and not path.is_symlink():
+                os.chmod(path, mode & 0o666)
+                if sync:
+                    _fsync(path)
+        if sync and is_dir:
+            _fsync(tmp)
         if is_dir:
             _replace_folder(tmp, target)
         else:
             os.replace(tmp, target)
+        if sync:
+            _fsync(target.parent)
     except BaseException:
         _remove(tmp)
         raise
+
+
+def replace_link(link: str | os.PathLike, target: str) -> None:
+    """Point the symbolic link ``link`` at ``target`` (as written, e.g. relative), in one step:
+    a reader sees the old link or the new one, never none."""
+    link = Path(link)
+    while True:
+        tmp = _temporary_name(link, "tmp")
+        try:
+            os.symlink(target, tmp)
+            break
+        except FileExistsError:
+            continue
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[0-9a-f]{8}\.(tmp|old)$")
+
+
+def leftovers(folder: str | os.PathLike, targets) -> list[Path]:
+    """The temporaries that an interrupted :func:`atomic_path` (or :func:`replace_link`) left in
+    ``folder`` for a target whose name ``targets`` accepts (a callable, or a collection of names).
+
+    Only names of cdiff's own pattern (``.NAME.<8 hex digits>.tmp`` / ``.old``) are found, and
+    only for the targets named: a user's files in the same folder are never among them. Remove
+    them only while no other process writes there (e.g. under the run directory's lock).
+    """
+    folder = Path(folder)
+    accepts = targets if callable(targets) else set(targets).__contains__
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in folder.iterdir():
+        match = _TEMPORARY.match(entry.name)
+        if match and accepts(match.group("target")):
+            found.append(entry)
+    return sorted(found)
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Delete a file, link or folder (a leftover temporary); nothing if it is gone already."""
+    _remove(Path(path))
+
+
+def out_of_space(err: BaseException) -> bool:
+    """Whether ``err`` is a write that failed for want of space (a full disk or an exceeded
+    quota): an OSError, or the error of a library that reports the OS error in its text
+    (safetensors: "I/O error: No space left on device (os error 28)")."""
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(err, OSError):
+        return err.errno in codes
+    return any(f"(os error {code})" in str(err) for code in codes)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _temporary_name(target: Path, tag: str) -> Path:
@@ -155,7 +239,7 @@ def _replace_folder(tmp: Path, target: Path) -> None:
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)

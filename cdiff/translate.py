@@ -196,9 +196,18 @@ def model_file(model) -> Path:
         return path
     from cdiff.train.rundir import RunDir
 
-    checkpoint = path / "best" if (path / "best").is_dir() else RunDir(path).latest_checkpoint()
+    newest, best = RunDir(path).latest_checkpoint(), path / "best"
+    checkpoint = best if best.is_dir() else newest
     if checkpoint is None:
         raise ValueError(f"{path}: a training run without a checkpoint yet")
+    name = checkpoint.resolve().name  # best is a link to checkpoints/step-N
+    if best.is_dir():
+        which = "best (by validation), also its newest" if name == newest.name else \
+            f"best (by validation); its newest is {newest.name}"
+    else:
+        which = "newest (no validation chose a best)"
+    if os.environ.get("RANK", "0") == "0":
+        print(f"cdiff translate: run {path}: checkpoint {name}, the run's {which}")
     return checkpoint / "model.safetensors"
 
 

@@ -101,7 +101,9 @@ def test_killed_mid_save_leaves_a_loadable_checkpoint(tmp_path, reference, stage
     newest = RunDir(tmp_path / "run").latest_checkpoint()
     assert newest.name == ("step-000002" if stage == "state" else "step-000003")
     cdiff.load_pipeline(newest / "model.safetensors")  # loadable
-    assert train(None, tmp_path / "run", resume=True).step == 6
+    with pytest.raises(ValueError, match="no longer running"):  # the killed process's lock is left
+        train(None, tmp_path / "run", resume=True)
+    assert train(None, tmp_path / "run", resume=True, force=True).step == 6
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
     _assert_identical(tmp_path / "run", reference_dir)
 

@@ -62,6 +62,10 @@ class CDiffSETConfig:
     def __post_init__(self):
         if not self.init:
             raise ValueError("config: model.init is needed: a model file (e.g. from `cdiff convert`) or \"tiny\"")
+        if self.init == TINY and self.unet:
+            # The tiny stack brings its own small VAE and prompt embedding, which no release U-Net fits.
+            raise ValueError(f"config: model.unet ({self.unet}) needs model.init to be a model file, whose VAE and "
+                             "prompt embedding it is used with; model.init = \"tiny\" makes its own U-Net")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"config: model.prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         if self.loss not in LOSSES:

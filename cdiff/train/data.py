@@ -11,6 +11,7 @@ the position to restart from is just the number of samples read.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Callable
 
@@ -122,4 +123,11 @@ def loader(samples: StreamSamples, batches: MicroBatches, workers: int, pin: boo
     return DataLoader(
         samples, batch_sampler=batches, num_workers=workers, pin_memory=pin,
         generator=torch.Generator().manual_seed(derive_seed(seed, "loader")),
+        worker_init_fn=_leave_ctrl_c_to_the_trainer if workers else None,
     )
+
+
+def _leave_ctrl_c_to_the_trainer(worker_id: int) -> None:
+    """Ctrl-C reaches every process of the terminal: a worker ending on it would fail the batch in
+    flight, while the trainer wants to finish its step and save (cdiff.signals)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -32,7 +32,6 @@ from cdiff.files import atomic_path, check_output
 from cdiff.progress import progress
 from cdiff.train.config import RunConfig, to_dict
 from cdiff.train.data import DEFAULT_CROPS, image_pairs
-from cdiff.train.rundir import settle
 
 FORMAT, VERSION = "cdiff-latents", 1
 VIEWS = ("identity", "rot90", "rot180", "rot270", "hflip", "hflip+rot90", "hflip+rot180", "hflip+rot270")
@@ -88,7 +87,7 @@ def cache_latents(config: RunConfig, out_dir, dihedral_views: bool = False, batc
         "data": to_dict(config)["data"], "model": config.model.init, "vae_sha256": vae_fingerprint(vae),
         "shards": [],
     }
-    with atomic_path(out_dir, is_dir=True, overwrite=overwrite) as tmp:
+    with atomic_path(out_dir, is_dir=True, overwrite=overwrite, sync=True) as tmp:
         sar_rows, eo_rows, names = [], [], []
         batches = DataLoader(pairs, batch_size=batch_size, num_workers=min(data.workers, 4), collate_fn=list)
         for batch in progress(batches, desc="cache-latents", enabled=show_progress):
@@ -113,7 +112,6 @@ def cache_latents(config: RunConfig, out_dir, dihedral_views: bool = False, batc
             _write_shard(tmp, index, sar_rows, eo_rows, names)
         index["count"] = sum(s["count"] for s in index["shards"])
         (tmp / "index.json").write_text(json.dumps(index, indent=1))
-        settle(tmp)
     return out_dir
 
 

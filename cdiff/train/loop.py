@@ -13,6 +13,7 @@ A model plugs in as a *task* (cdiff.train.cdiffset.CDiffSETTask is one) with the
     after_step()                          after every optimiser step (the EMA)
     validate(step) -> (metrics, columns)  on rank 0: mean metrics, and image columns for the grid
     save(folder)                          write the model files of a checkpoint
+    single_process: bool (optional)       True: the model trains in one process; torchrun is refused
 
 One phase is one optimiser's update: C-DiffSET has one; S2O-NPDE, a GAN, has a generator phase
 and a discriminator phase (cdiff.train.s2o_npde). With several phases the log names each one's
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import signal
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -37,6 +39,7 @@ import torch
 
 import cdiff
 from cdiff.progress import Bar
+from cdiff.signals import Interrupted, StopRequests
 from cdiff.train import distributed
 from cdiff.train.config import RunConfig, to_dict
 from cdiff.train.data import MicroBatches, StreamSamples, loader
@@ -213,9 +216,28 @@ class Loop:
 
     # --- the loop --------------------------------------------------------------------------
 
-    def run(self, samples: tuple, stop_at: int | None = None) -> None:
+    def _stop_requested(self, stops: StopRequests) -> bool:
+        asked = stops.requested is not None
+        if self.world.size > 1:  # a signal may reach some processes only: all stop at the same step
+            flag = torch.tensor([float(asked)], device=self.world.device)
+            asked = distributed.all_reduce(flag, "max").item() > 0
+        return asked
+
+    def _interrupted(self, stops: StopRequests, saved: bool) -> Interrupted:
+        """Save the step just done (unless it was), and the exception that ends the run."""
+        if not saved:
+            self._save()
+        signum = stops.signum or signal.SIGTERM  # a process that saw no signal stops with the others
+        name = signal.Signals(signum).name
+        self.log.write("event", event="interrupted", step=self.step, signal=name)
+        checkpoint = self.rundir.checkpoints / step_name(self.step)
+        return Interrupted(f"stopped by {name} after step {self.step}, saved in {checkpoint}; continue with "
+                           f"'cdiff train --resume {self.rundir.path}'", signum)
+
+    def run(self, samples: tuple, stop_at: int | None = None, stops: StopRequests | None = None) -> None:
         """Train from the current step to train.steps (or ``stop_at``) on ``samples``: the task's
-        (items, augment), as ``task.training_samples()`` gives them."""
+        (items, augment), as ``task.training_samples()`` gives them. ``stops``: the signals that
+        end the run early, at a step's end with a checkpoint (raising Interrupted)."""
         train, val = self.config.train, self.config.val
         end = min(train.steps, stop_at) if stop_at is not None else train.steps
         items, augment = samples
@@ -228,25 +250,34 @@ class Loop:
         window, finite_steps, window_steps, clock = {}, 0, 0, time.perf_counter()
         postfix = ""
         shown = "loss" if len(self.task.phases) == 1 else f"loss_{self.task.phases[0].name}"  # in the progress bar
-        while self.step < end:
-            micro_batches = [next(batch_iter) for _ in range(train.accumulation)]
-            values = self._step(micro_batches)
-            self.step += 1
-            self.samples += self.samples_per_step
-            window_steps += 1
-            if values is not None:
-                finite_steps += 1
-                for key, value in values.items():
-                    window[key] = window.get(key, 0.0) + value.detach()
-            if self.step % train.log_every == 0 or self.step == end:
-                record = self._log(window, finite_steps, window_steps, time.perf_counter() - clock)
-                postfix = f"{shown} {record.get(shown, float('nan')):.4g} {record['images_per_s']:.1f} img/s"
-                window, finite_steps, window_steps, clock = {}, 0, 0, time.perf_counter()
-            bar.update(self.step, postfix)
-            pause = time.perf_counter()
-            validate = val.every > 0 and (self.step % val.every == 0 or self.step == train.steps)
-            improved = self._validate() if validate else False
-            if improved or self.step % train.save_every == 0 or self.step == end:
-                self._save()
-            clock += time.perf_counter() - pause  # the window times training alone
-        bar.close()
+        if stops is not None:
+            stops.defer()  # from here a signal waits for the end of the step in flight
+        try:
+            while self.step < end:
+                micro_batches = [next(batch_iter) for _ in range(train.accumulation)]
+                values = self._step(micro_batches)
+                self.step += 1
+                self.samples += self.samples_per_step
+                window_steps += 1
+                if values is not None:
+                    finite_steps += 1
+                    for key, value in values.items():
+                        window[key] = window.get(key, 0.0) + value.detach()
+                if self.step % train.log_every == 0 or self.step == end:
+                    record = self._log(window, finite_steps, window_steps, time.perf_counter() - clock)
+                    postfix = f"{shown} {record.get(shown, float('nan')):.4g} {record['images_per_s']:.1f} img/s"
+                    window, finite_steps, window_steps, clock = {}, 0, 0, time.perf_counter()
+                bar.update(self.step, postfix)
+                pause = time.perf_counter()
+                validate = val.every > 0 and (self.step % val.every == 0 or self.step == train.steps)
+                improved = self._validate() if validate else False
+                saved = improved or self.step % train.save_every == 0 or self.step == end
+                if saved:
+                    self._save()
+                clock += time.perf_counter() - pause  # the window times training alone
+                if stops is not None and self.step < end and self._stop_requested(stops):
+                    if window_steps:  # the steps since the last log line, as a run ending here logs them
+                        self._log(window, finite_steps, window_steps, time.perf_counter() - clock)
+                    raise self._interrupted(stops, saved)
+        finally:
+            bar.close()

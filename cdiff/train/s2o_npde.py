@@ -101,6 +101,7 @@ class S2ONPDETask:
     """S2O-NPDE in training (see cdiff.train.loop for what a task provides)."""
 
     best_metric = "psnr"
+    single_process = True  # the paper trains at batch 1 on one GPU: torchrun is refused before anything is written
 
     def __init__(self, config: RunConfig, device: torch.device, checkpoint: Path | None = None):
         if config.data.latents:

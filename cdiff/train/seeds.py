@@ -28,6 +28,15 @@ def generator(*parts, device="cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derive_seed(*parts))
 
 
+def seed_globals(seed: int) -> None:
+    """Seed numpy's and python's global RNGs from ``seed``, as torch's is already at start-up (with a
+    fixed default). Nothing in cdiff draws from them; seeded, two runs of one config save equal
+    RNG states, so that their checkpoints are equal tensor for tensor. torch's global state is left
+    as it is: reseeding it would change what runs made before drew."""
+    np.random.seed(derive_seed(seed, "numpy global") % 2**32)
+    random.seed(derive_seed(seed, "python global"))
+
+
 def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, JSON-able values) holding the global RNG states of torch, CUDA, numpy and python."""
     tensors = {"rng.torch": torch.get_rng_state()}
