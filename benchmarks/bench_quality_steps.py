@@ -34,7 +34,7 @@ REFERENCE = ("ddim", 50)
 
 def load(model: str, device):
     if model == "tiny":
-        from cdiff.demo import tiny_pipeline
+        from cdiff.testing import tiny_pipeline
 
         return tiny_pipeline(0).to(device)
     import cdiff

@@ -6,7 +6,7 @@ release's on the same weights.
     python benchmarks/bench_train.py --tiny --size 64        # CPU: cdiff's tiny U-Net (the default without a GPU)
 
 Every implementation trains the 8-in/5-out U-Net (SD 2.1 sizes with seeded random weights, as
-tools/random_sd21.py makes them; --tiny: cdiff's tiny preset) on latents of --size px images
+cdiff/testing.py makes them; --tiny: cdiff's tiny preset) on latents of --size px images
 (--size / 8 per side), with the fixed 6-token prompt embedding and the same autocast precision:
 
 - ``release``: diffusers' UNet2DConditionModel with the release's eager loss written out
@@ -51,8 +51,8 @@ from benchmarks import common  # noqa: E402
 from benchmarks.bench_unet import environment  # noqa: E402
 from cdiff.attention import attention_backend  # noqa: E402
 from cdiff.layouts.diffusers import UNET as UNET_TABLE  # noqa: E402
-from cdiff.train.config import load_config  # noqa: E402
-from tools.random_sd21 import SD21_UNET, randomize_, tiny_configs  # noqa: E402
+from cdiff.train.configfile import load_config  # noqa: E402
+from cdiff.testing import SD21_UNET, randomize_, tiny_configs  # noqa: E402
 
 TARGET_SPEEDUP = 1.3
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -5,7 +5,7 @@ same work on diffusers' modules.
     python benchmarks/bench_translate.py --batches 1 --impls diffusers cdiff-cl-graph
     python benchmarks/bench_translate.py --preset tiny --size 64 --steps 5   # what runs on a CPU (the default there)
 
-Both sides hold the same seeded random weights (tools/random_sd21.py's; the C-DiffSET 8-in/5-out
+Both sides hold the same seeded random weights (cdiff/testing.py's; the C-DiffSET 8-in/5-out
 U-Net and the SD 2.1 VAE), in ``--dtype``, start from the same noise and see the same 6-token
 prompt embedding; attention is SDPA on both. One translation of ``--batches`` images of
 ``--size`` px with ``--steps`` DDIM steps is timed, interleaved:
@@ -51,7 +51,7 @@ def diffusers_translation(unet, vae, steps: int):
     """The release's loop on diffusers' modules: (sar, context, noise) -> EO images."""
     import diffusers
 
-    from tools.random_sd21 import SD21_SCHEDULER
+    from cdiff.testing import SD21_SCHEDULER
 
     scheduler = diffusers.DDIMScheduler(**SD21_SCHEDULER)
     scale = vae.config.scaling_factor

@@ -5,7 +5,7 @@ gradient checkpointing.
     python benchmarks/bench_unet.py --part forward --batches 1 16
     python benchmarks/bench_unet.py --preset tiny --side 32      # what runs on a CPU (the default there)
 
-The C-DiffSET U-Net (8-in/5-out) with seeded random weights (tools/random_sd21.py's), the same
+The C-DiffSET U-Net (8-in/5-out) with seeded random weights (cdiff/testing.py's), the same
 weights in cdiff's U-Net and in diffusers' UNet2DConditionModel, a 6-token context (the
 release's unpadded prompt).
 
@@ -45,7 +45,7 @@ from benchmarks import common  # noqa: E402
 from cdiff.attention import attention_backend  # noqa: E402
 from cdiff.config import UNetConfig  # noqa: E402
 from cdiff.unet import UNet  # noqa: E402
-from tools.random_sd21 import randomize_  # noqa: E402
+from cdiff.testing import randomize_  # noqa: E402
 
 CL = torch.channels_last
 PARTS = ("forward", "attention", "checkpointing")

@@ -247,14 +247,14 @@ def header(device: torch.device, what: str) -> str:
 
 def load_diffusers_twins(tiny: bool, unet_kwargs: dict | None = None, vae: bool = False, seed: int = 0):
     """(diffusers modules, cdiff modules) with the same seeded random weights: the U-Net
-    (8-in/5-out) and, with ``vae``, the VAE; SD 2.1 sizes (tools/random_sd21.py), or cdiff's tiny
+    (8-in/5-out) and, with ``vae``, the VAE; SD 2.1 sizes (cdiff/testing.py), or cdiff's tiny
     presets. Built on the meta device, then given memory and values (no init of 865M parameters)."""
     import diffusers
 
     import cdiff
     from cdiff.layouts.diffusers import UNET as UNET_TABLE
     from cdiff.layouts.diffusers import VAE as VAE_TABLE
-    from tools.random_sd21 import SD21_UNET, SD21_VAE, randomize_, tiny_configs
+    from cdiff.testing import SD21_UNET, SD21_VAE, randomize_, tiny_configs
 
     unet_config = dict(tiny_configs()[0] if tiny else SD21_UNET, in_channels=8, out_channels=5, **(unet_kwargs or {}))
     with torch.device("meta"):

@@ -126,7 +126,7 @@ def _add_export(sub) -> None:
 def _train_config(a, resume_dir=None):
     """The run config of ``cdiff train`` / ``cache-latents`` arguments: --config (or the run's own
     config.toml) with the shorthand flags and every --set applied; None to resume unchanged."""
-    from cdiff.train.config import load_config
+    from cdiff.train.configfile import load_config
 
     sets = list(a.set or [])
     for flag, key in (("prediction", "model.prediction"), ("loss", "model.loss"), ("skip_nonfinite", "train.skip_nonfinite")):
@@ -147,6 +147,8 @@ def _add_set_option(p) -> None:
 
 
 def _add_train(sub) -> None:
+    from cdiff.train.kinds import DEFAULT_KIND, KINDS
+
     p = sub.add_parser(
         "train",
         help="fine-tune a C-DiffSET model, or train the S2O-NPDE baseline, on paired SAR-EO data (resumable)",
@@ -158,7 +160,8 @@ def _add_train(sub) -> None:
         "torchrun --nproc-per-node N -m cdiff train ... (the global batch is train.batch_size x N x "
         "train.accumulation). With model.kind = \"s2o_npde\" (configs/s2o_npde_sen12.toml) it trains the "
         "S2O-NPDE GAN from scratch instead, with the paper's Adam and schedule, in one process; "
-        "model.tcd / model.pmd / model.pde_loss switch its components off (the paper's Table 2).",
+        "model.tcd / model.pmd / model.pde_loss switch its components off (the paper's Table 2). "
+        f"model.kind is one of {', '.join(KINDS)} (default {DEFAULT_KIND}).",
     )
     p.add_argument("--config", metavar="TOML", help="the run config (e.g. configs/qxs.toml); with --resume, replaces the run's own")
     p.add_argument("--run-dir", metavar="DIR", help="a new folder for the run's outputs")

@@ -1,31 +1,40 @@
-"""Stable Diffusion 2.1 with seeded random weights, in the real layouts, for tests and benchmarks.
+"""Helpers that cdiff's tests, benchmarks and CPU trials share: small models with seeded random
+weights, Stable Diffusion 2.1 with seeded random weights in the real layouts, one-thread torch,
+and the parity tolerance.
 
 Nothing can be downloaded on cdiff's test machines, and a benchmark needs the full-size
-architecture, not trained values. This script writes a diffusers SD 2.1 model folder
-(``unet/``, ``vae/``, ``text_encoder/``, ``scheduler/``, ``model_index.json``) with seeded
+architecture, not trained values. ``write_diffusers_folder`` writes a diffusers SD 2.1 model
+folder (``unet/``, ``vae/``, ``text_encoder/``, ``scheduler/``, ``model_index.json``) with seeded
 random weights, saved by diffusers and transformers themselves:
 
-    python tools/random_sd21.py OUT_DIR [--tiny] [--seed 0]
+    python -m cdiff.testing OUT_DIR [--tiny] [--seed 0]
     cdiff convert OUT_DIR model.safetensors            # then use it like a real SD 2.1 folder
 
 The configs below are SD 2.1 base's ``config.json`` files written out by hand, not derived
 from cdiff's configs, so that a wrong number in cdiff cannot hide on both sides of a parity
-test. Needs the test extra (diffusers, transformers), imported only when writing.
+test. Writing them needs the test extra (diffusers, transformers), imported only when writing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+from cdiff.config import UNetConfig, VAEConfig
+from cdiff.pipeline import Pipeline
+from cdiff.unet import UNet
+from cdiff.vae import VAE
+
+PROMPT_TOKENS = 6  # the release's unpadded "electro-optical image" prompt is 6 tokens long
+# Parity tolerance of the stack: max abs error <= REL_TOL * max abs value of the reference.
+REL_TOL = 1e-4
 
 # SD 2.1 base's unet/config.json (diffusers' "attention_head_dim" holds head counts: head size 64).
 SD21_UNET = dict(
@@ -58,8 +67,6 @@ SD21_SCHEDULER = dict(
 
 def tiny_configs() -> tuple[dict, dict, dict]:
     """(unet, vae, text) diffusers configs of cdiff's tiny presets, in SD 2.1's structure."""
-    from cdiff.config import UNetConfig, VAEConfig
-
     unet, vae = UNetConfig.tiny(), VAEConfig.tiny()
     return (
         dict(SD21_UNET, block_out_channels=list(unet.level_channels), norm_num_groups=unet.norm_groups,
@@ -87,6 +94,43 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
             value = noise / math.sqrt(p[0].numel())
         p.copy_(value.to(p.dtype))
     return module
+
+
+def tiny_pipeline(seed: int) -> Pipeline:
+    """The tiny C-DiffSET stack (8-in/5-out U-Net, tiny VAE) with seeded random weights."""
+    torch.manual_seed(seed)
+    unet = UNet(UNetConfig.tiny(in_channels=8, out_channels=5)).eval()
+    vae = VAE(VAEConfig.tiny()).eval()
+    context = torch.randn(PROMPT_TOKENS, unet.config.context_dim, generator=torch.Generator().manual_seed(seed))
+    return Pipeline(unet, vae, context)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one CPU thread, for tiny networks (the demo's, the tests'): as fast as two on an
+    idle machine, and immune to OpenMP's spin-waiting threads, which make two threads many times
+    slower on a busy one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|."""
+    scale = expected.detach().abs().max().clamp_min(1e-30)
+    return ((actual.detach().double() - expected.detach().double()).abs().max() / scale).item()
+
+
+def assert_parity(actual: torch.Tensor, expected: torch.Tensor, what: str, rel_tol: float = REL_TOL) -> float:
+    """Assert that ``actual`` matches the reference ``expected`` within ``rel_tol`` x max|expected|."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = relative_error(actual, expected)
+    assert err <= rel_tol, f"{what}: max abs error {err:.2e} x max|ref| exceeds {rel_tol:.0e}"
+    print(f"{what}: max abs error = {err:.2e} x max|ref|")
+    return err
 
 
 def write_diffusers_folder(root: Path, unet_cfg: dict, vae_cfg: dict, text_cfg: dict, seed: int = 0) -> Path:
@@ -123,7 +167,9 @@ def write_diffusers_folder(root: Path, unet_cfg: dict, vae_cfg: dict, text_cfg: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cdiff.testing",
+                                     description="Write Stable Diffusion 2.1 with seeded random weights as a diffusers "
+                                     "model folder (needs the test extra: diffusers, transformers).")
     parser.add_argument("out_dir", help="the model folder to write (must not exist)")
     parser.add_argument("--tiny", action="store_true", help="cdiff's tiny presets instead of the full SD 2.1 sizes")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights (default: %(default)s)")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from cdiff.demo import one_thread  # noqa: F401  (tiny networks on one CPU thread)
-from tools.random_sd21 import randomize_  # noqa: F401  (the tests' seeded random weights)
+from cdiff.testing import one_thread  # noqa: F401  (tiny networks on one CPU thread)
+from cdiff.testing import randomize_  # noqa: F401  (the tests' seeded random weights)
 
 # Parity tolerance of the stack: max abs error <= REL_TOL * max abs value of the reference.
 REL_TOL = 1e-4

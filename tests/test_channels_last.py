@@ -7,7 +7,7 @@ import torch
 
 from cdiff.attention import attention_backend
 from cdiff.config import UNetConfig, VAEConfig
-from cdiff.demo import tiny_pipeline
+from cdiff.testing import tiny_pipeline
 from cdiff.layers import from_tokens, to_tokens
 from cdiff.unet import UNet
 from cdiff.vae import VAE

@@ -14,7 +14,7 @@ import torch
 
 from cdiff import graphs
 from cdiff.config import UNetConfig, VAEConfig
-from cdiff.demo import tiny_pipeline
+from cdiff.testing import tiny_pipeline
 from cdiff.pipeline import Pipeline
 from cdiff.unet import UNet
 from cdiff.vae import VAE

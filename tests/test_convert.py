@@ -1,6 +1,6 @@
 """Conversions at the tiny preset: every source layout in, native out, exports back, the
 C-DiffSET surgery, the CLI, and the error messages. The full-size SD 2.1 checks live in
-test_convert_sd21.py; both write their sources with tools/random_sd21.py.
+test_convert_sd21.py; both write their sources with cdiff/testing.py.
 
 Sources are written by the reference libraries themselves (diffusers' ``save_pretrained``,
 transformers' CLIPTextModel), from seeded random weights; the release's surgery is written
@@ -31,7 +31,7 @@ from cdiff.native import NATIVE_VERSION, load_native  # noqa: E402
 from cdiff.read import read_unet  # noqa: E402
 from cdiff.surgery import cdiffset_surgery  # noqa: E402
 from tests.helpers import assert_parity, randomize_  # noqa: E402
-from tools.random_sd21 import tiny_configs, write_diffusers_folder  # noqa: E402
+from cdiff.testing import tiny_configs, write_diffusers_folder  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -421,7 +421,7 @@ def test_error_folder_without_weights_and_cli_message(tmp_path, capsys):
 
 
 def test_random_sd21_tool_writes_a_convertible_folder(tmp_path, capsys):
-    from tools.random_sd21 import main as random_sd21
+    from cdiff.testing import main as random_sd21
 
     random_sd21([str(tmp_path / "sd"), "--tiny", "--seed", "4"])
     assert detect_layout(tmp_path / "sd") == "diffusers"

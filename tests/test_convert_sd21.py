@@ -33,7 +33,7 @@ from cdiff.prompt import prompt_embedding, tokenize  # noqa: E402
 from cdiff.read import read_unet  # noqa: E402
 from tests.helpers import assert_parity, randomize_  # noqa: E402
 from tests.test_convert import check_vae_parity, release_surgery, unet_inputs, write_release  # noqa: E402
-from tools.random_sd21 import SD21_TEXT, SD21_UNET, SD21_VAE, write_diffusers_folder  # noqa: E402
+from cdiff.testing import SD21_TEXT, SD21_UNET, SD21_VAE, write_diffusers_folder  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cdiff.demo import tiny_pipeline
+from cdiff.testing import tiny_pipeline
 from cdiff.metrics import ssim, ssim_map
 from cdiff.pipeline import SampleAsNoise
 from tools.synthetic_eval import (

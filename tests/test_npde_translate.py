@@ -67,7 +67,7 @@ def read(path) -> np.ndarray:
 
 def test_model_file_round_trip(tmp_path):
     config = NPDEConfig.tiny(pmd=False, perceptual_layers=("relu1_1",), perceptual_layer_weights=(1.0,))
-    assert config_from_json(config_to_json(config)) == config
+    assert config_from_json(config_to_json(config), (NPDEConfig,)) == config
     torch.manual_seed(0)
     model = NPDEModel(config)
     path = save_model(tmp_path / "npde.safetensors", model)

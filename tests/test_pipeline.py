@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from cdiff.config import UNetConfig
-from cdiff.demo import tiny_pipeline
+from cdiff.testing import tiny_pipeline
 from cdiff.loss import confidence_from_raw
 from cdiff.pipeline import Pipeline, confidence_step
 from cdiff.samplers import make_sampler

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cdiff.demo import tiny_pipeline
+from cdiff.testing import tiny_pipeline
 from cdiff.native import save_native
 from tools.synthetic_report import ReportProtocol, ceiling, describe_model, heldout, main, measure, write_report
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from cdiff import UNet, UNetConfig, VAE, VAEConfig, save_native
-from cdiff.train.config import differences, from_dict, load_config, to_toml
+from cdiff.train.config import differences
+from cdiff.train.configfile import from_dict, load_config, to_toml
 from cdiff.train.optim import WarmupCosine
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -70,7 +70,7 @@ def test_cache_holds_the_vae_latents_and_training_reads_them(tmp_path, model_fil
 
 
 def _toml(tmp_path, config) -> str:
-    from cdiff.train.config import to_toml
+    from cdiff.train.configfile import to_toml
 
     path = tmp_path / "config.toml"
     path.write_text(to_toml(config))

@@ -24,7 +24,8 @@ from cdiff.confidence_map import colour_table, colourize, release_grey
 from cdiff.data.imageio import to_uint8, write_png
 from cdiff.data.synth import make_pair
 from cdiff.tiling import Tiling, tile_starts
-from cdiff.translate import image_seed, list_inputs, plan_jobs, shard
+from cdiff.translate import list_inputs, plan_jobs, shard
+from cdiff.translators import image_seed
 
 from .helpers import one_thread
 

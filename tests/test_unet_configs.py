@@ -27,7 +27,7 @@ from cdiff.read import read_unet  # noqa: E402
 from cdiff.unet import UNet  # noqa: E402
 from cdiff.vae import VAE  # noqa: E402
 from tests.helpers import assert_parity, randomize_  # noqa: E402
-from tools.random_sd21 import SD21_UNET, SD21_VAE, tiny_configs  # noqa: E402
+from cdiff.testing import SD21_UNET, SD21_VAE, tiny_configs  # noqa: E402
 
 # A researcher's own U-Net, written as diffusers writes it: three levels, the middle one
 # without attention; widths 16/32/48; res blocks 1/2/1; head counts 2/4/3 (head sizes

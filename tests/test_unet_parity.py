@@ -21,7 +21,7 @@ from cdiff.config import UNetConfig
 from cdiff.layouts.diffusers import UNET
 from cdiff.unet import UNet
 from tests.helpers import assert_parity, randomize_
-from tools.random_sd21 import SD21_UNET
+from cdiff.testing import SD21_UNET
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -17,7 +17,7 @@ from cdiff.config import VAEConfig
 from cdiff.layouts.diffusers import VAE as VAE_TABLE
 from cdiff.vae import VAE
 from tests.helpers import assert_parity, randomize_
-from tools.random_sd21 import SD21_VAE
+from cdiff.testing import SD21_VAE
 
 
 @pytest.fixture(scope="module")

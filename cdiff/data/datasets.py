@@ -581,6 +581,7 @@ READERS = {
     "folders": folder_pairs,
     "csv": csv_pairs,
 }
+DATASET_KINDS = tuple(READERS)  # the names open_dataset takes, as cdiff.train's data.kind does
 
 
 def open_dataset(kind: str, root, **kwargs) -> PairedImages:

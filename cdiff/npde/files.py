@@ -49,9 +49,10 @@ def _open(path) -> tuple[WeightFile, NPDEConfig]:
     if f.metadata.get("format_version") != VERSION:
         raise CheckpointError(f"{path}: S2O-NPDE format version {f.metadata.get('format_version')!r}; "
                               f"this cdiff reads version {VERSION}")
-    config = config_from_json(f.metadata["npde_config"])
-    if not isinstance(config, NPDEConfig):
-        raise CheckpointError(f"{path}: its npde_config is a {type(config).__name__}, not an NPDEConfig")
+    try:
+        config = config_from_json(f.metadata["npde_config"], (NPDEConfig,))
+    except ValueError as err:
+        raise CheckpointError(f"{path}: its npde_config is not an NPDEConfig: {err}") from None
     return f, config
 
 

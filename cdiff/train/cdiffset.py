@@ -20,29 +20,30 @@ the regulariser that keeps the variance from growing; with w = stopgrad(var)^sqr
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-import cdiff
+from cdiff.load import load_unet
 from cdiff.loss import LOG_2PI, confidence_nll, variance_from_raw
+from cdiff.native import save_native
 from cdiff.pipeline import DEFAULT_PROMPT, Pipeline, SampleAsNoise
+from cdiff.schedulers import DDPM
 from cdiff.train.config import RunConfig
 from cdiff.train.data import image_augment, image_pairs
 from cdiff.train.ema import EMA
-from cdiff.train.loop import Phase
+from cdiff.train.latents import cached_samples
 from cdiff.train.optim import adamw, lr_schedule
 from cdiff.train.seeds import generator
+from cdiff.train.start import MODEL_FILE, start_pipeline
+from cdiff.train.task import Phase
 from cdiff.train.validation import score_pairs
 
 PREDICTIONS = ("epsilon", "sample")
 LOSSES = ("cdiff", "mse")
-MODEL_FILE, EMA_FILE = "model.safetensors", "model_ema.safetensors"
-TINY = "tiny"
+EMA_FILE = "model_ema.safetensors"
 
 
 @dataclass(frozen=True)
@@ -70,32 +71,8 @@ class CDiffSETConfig:
             raise ValueError(f"config: model.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
-def start_pipeline(model: CDiffSETConfig, checkpoint: Path | None = None) -> Pipeline:
-    """The model to train, in fp32 on the CPU: a checkpoint's, else ``model.init`` (+ ``model.unet``)."""
-    if checkpoint is not None:
-        return cdiff.load_pipeline(checkpoint / MODEL_FILE, dtype=torch.float32)
-    if model.init == TINY:
-        from cdiff.demo import tiny_pipeline
-
-        return tiny_pipeline(model.tiny_seed)
-    for path in (model.init, model.unet):
-        if path and not Path(path).exists():
-            raise FileNotFoundError(f"model file not found: {path}")
-    return cdiff.load_pipeline(model.init, unet=model.unet or None, pad_to_77=model.pad_to_77, surgery=True,
-                               dtype=torch.float32)
-
-
-def vae_fingerprint(vae: nn.Module) -> str:
-    """SHA-256 of the VAE's weights (names, shapes and bytes): a latent cache records whose VAE made it."""
-    digest = hashlib.sha256()
-    for name, tensor in vae.state_dict().items():
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 class CDiffSETTask:
-    """The C-DiffSET model in training (see cdiff.train.loop for what a task provides)."""
+    """The C-DiffSET model in training (a cdiff.train.task.Task)."""
 
     best_metric = "psnr"
 
@@ -104,7 +81,7 @@ class CDiffSETTask:
         """The model comes from ``checkpoint`` (a resume), else ``pipeline`` (in memory), else model.init."""
         self.config, self.device, self.model = config, device, config.model
         pipeline = pipeline if pipeline is not None and checkpoint is None else start_pipeline(self.model, checkpoint)
-        self.prompt, self.process = pipeline.prompt, cdiff.DDPM()
+        self.prompt, self.process = pipeline.prompt, DDPM()
         self.unet = pipeline.unet.to(device).train().requires_grad_(True)
         self.vae = pipeline.vae.to(device).eval().requires_grad_(False)
         self.context = pipeline.context.to(device, torch.float32)  # (L, context_dim)
@@ -114,7 +91,7 @@ class CDiffSETTask:
         self.unet.to(memory_format=self.memory_format)
         self.ema = EMA(self.unet, self.model.ema_decay) if self.model.ema_decay else None
         if checkpoint is not None and self.ema is not None:
-            self.ema.module.load_state_dict(cdiff.load_unet(checkpoint / EMA_FILE, dtype=torch.float32).state_dict())
+            self.ema.module.load_state_dict(load_unet(checkpoint / EMA_FILE, dtype=torch.float32).state_dict())
         self.modules = {"unet": self.unet}
         self.wrapped = dict(self.modules)
         self.optimizers = {"unet": adamw(self.unet.parameters(), config.optim)}
@@ -127,8 +104,6 @@ class CDiffSETTask:
 
     def training_samples(self):
         if self.config.data.latents:
-            from cdiff.train.latents import cached_samples
-
             return cached_samples(self.config.data, self.vae)
         return image_pairs(self.config.data, "train"), image_augment(self.config.data)
 
@@ -186,7 +161,7 @@ class CDiffSETTask:
         padding = "77" if self.context.shape[0] == 77 else "none"
         for name, unet in ((MODEL_FILE, self.unet), (EMA_FILE, self.ema.module if self.ema else None)):
             if unet is not None:
-                cdiff.save_native(folder / name, unet, self.vae, self.context, prompt=self.prompt, padding=padding,
+                save_native(folder / name, unet, self.vae, self.context, prompt=self.prompt, padding=padding,
                                   prediction=self.model.prediction)
 
     @torch.no_grad()

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cdiff.train import distributed
-from cdiff.train.config import RunConfig, differences, load_config, to_toml
+from cdiff.train.kinds import model_kind
+from cdiff.train.config import RunConfig, differences
+from cdiff.train.configfile import load_config, to_toml
 from cdiff.train.logs import Log
 from cdiff.train.loop import Loop
 from cdiff.train.rundir import RunDir
@@ -60,12 +62,8 @@ def _on_rank0(world: distributed.World, action) -> None:
 
 
 def build_task(config: RunConfig, world: distributed.World, checkpoint: Path | None):
-    """The task of ``model.kind``."""
-    from cdiff.train.cdiffset import CDiffSETTask
-    from cdiff.train.s2o_npde import S2ONPDETask
-
-    tasks = {"cdiffset": CDiffSETTask, "s2o_npde": S2ONPDETask}
-    return tasks[config.model.kind](config, world.device, checkpoint)
+    """The task of ``model.kind`` (cdiff.train.kinds)."""
+    return model_kind(config.model.kind).task(config, world.device, checkpoint)
 
 
 def train(config: RunConfig | None, run_dir, resume: bool = False, force: bool = False,

@@ -46,9 +46,9 @@ from cdiff.npde import (
 from cdiff.npde.training import frozen
 from cdiff.train.config import DataConfig, OptimConfig, RunConfig, TrainConfig
 from cdiff.train.data import DEFAULT_CROPS, image_augment, image_pairs
-from cdiff.train.loop import Phase
 from cdiff.train.optim import lr_schedule
 from cdiff.train.seeds import derive_seed
+from cdiff.train.task import Phase
 from cdiff.train.validation import score_pairs
 
 MODEL_FILE, POOLS_FILE = "model.safetensors", "pools.safetensors"
@@ -98,7 +98,7 @@ def fake_pools(network: NPDEConfig, seed: int) -> FakePools:
 
 
 class S2ONPDETask:
-    """S2O-NPDE in training (see cdiff.train.loop for what a task provides)."""
+    """S2O-NPDE in training (a cdiff.train.task.Task)."""
 
     best_metric = "psnr"
 
