@@ -8,6 +8,7 @@ import os
 import sys
 
 import cdiff
+from cdiff.config import DTYPES
 
 
 def _add_demo(sub) -> None:
@@ -90,7 +91,7 @@ def _add_convert(sub) -> None:
     p.add_argument("--plain", action="store_true", help="write the plain SD 2.1 model: no surgery")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the fixed prompt (default: %(default)r)")
     p.add_argument("--pad-to-77", action="store_true", help="pad the prompt to 77 tokens (SD's convention; the release does not)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="cast the weights (default: keep the stored dtype)")
+    p.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: keep the stored dtype)")
     _add_overwrite(p, "replace an existing OUT (never SRC itself)")
 
     def run(a):
@@ -147,6 +148,8 @@ def _add_set_option(p) -> None:
 
 
 def _add_train(sub) -> None:
+    from cdiff.schedulers import PREDICTION_TYPES
+    from cdiff.train.cdiffset import LOSSES
     from cdiff.train.kinds import DEFAULT_KIND, KINDS
 
     p = sub.add_parser(
@@ -168,8 +171,9 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint, exactly")
     p.add_argument("--force", action="store_true", help="with --resume: accept a config that differs from the run's")
     _add_set_option(p)
-    p.add_argument("--prediction", choices=("epsilon", "sample"), help="what the U-Net predicts (sets model.prediction)")
-    p.add_argument("--loss", choices=("cdiff", "mse"), help="the C-Diff loss, or plain L2 (sets model.loss)")
+    p.add_argument("--prediction", choices=PREDICTION_TYPES, help="what the U-Net predicts: the noise (the paper's), "
+                   "the clean EO latent, or v (sets model.prediction)")
+    p.add_argument("--loss", choices=LOSSES, help="the C-Diff loss, or plain L2 (sets model.loss)")
     p.add_argument("--skip-nonfinite", type=int, metavar="N", help="skip up to N steps with a NaN/Inf loss (sets train.skip_nonfinite)")
     p.add_argument("--stop-at", type=int, metavar="STEP", help="stop after STEP with a checkpoint (continue later with --resume)")
 
@@ -221,6 +225,8 @@ def _add_cache_latents(sub) -> None:
 
 
 def _add_translate(sub) -> None:
+    from cdiff.samplers import SAMPLERS
+
     p = sub.add_parser(
         "translate",
         help="translate SAR images, folders or GeoTIFF scenes to EO images (and confidence maps)",
@@ -242,13 +248,13 @@ def _add_translate(sub) -> None:
                    "release) and <name>_colour.png")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default: %(default)s, the release's)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta; 0 is deterministic (default: %(default)s)")
-    p.add_argument("--sampler", choices=("ddim", "dpmpp_2m"), default="ddim",
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
                    help="ddim (the release's) or dpmpp_2m (DPM-Solver++(2M), for 10-20 steps) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="base seed; each image's seed also depends on its name "
                    "(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, help="same-sized images per batch (default: %(default)s)")
     p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+    p.add_argument("--dtype", choices=DTYPES, default="fp32",
                    help="the U-Net's dtype, the VAE stays fp32 (S2O-NPDE: the generator's) (default: %(default)s)")
     p.add_argument("--prompt", help="the prompt to encode (default: the one stored in the model)")
     p.add_argument("--tile", type=int, default=1024, help="tile side in pixels, a multiple of 64; larger images "

@@ -12,6 +12,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields, replace
 
+import torch
+
+# Floating-point formats by the names the command line and the run configs use.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 def _check_groups(name: str, channels: tuple[int, ...], groups: int) -> None:
     for c in channels:

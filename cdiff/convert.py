@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from cdiff.build import build_model
+from cdiff.config import DTYPES
 from cdiff.checkpoint import detect_layout
 from cdiff.files import check_output
 from cdiff.native import NATIVE_VERSION, save_native
@@ -20,7 +21,6 @@ from cdiff.surgery import cdiffset_surgery
 from cdiff.unet import UNet
 from cdiff.vae import VAE
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _describe(state: dict) -> str:

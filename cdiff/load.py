@@ -11,9 +11,8 @@ from torch import nn
 from cdiff.build import build_model, load_partial, stored_dtype
 from cdiff.checkpoint import LoadReport, check_state_dict, detect_layout
 from cdiff.native import native_prediction
-from cdiff.pipeline import DEFAULT_PROMPT, Pipeline, SampleAsNoise
+from cdiff.pipeline import DEFAULT_PROMPT, Pipeline
 from cdiff.read import context_for, read_unet, read_vae, stored_prompt
-from cdiff.schedulers import DDPM
 from cdiff.surgery import cdiffset_surgery
 from cdiff.unet import UNet
 from cdiff.vae import VAE
@@ -101,6 +100,6 @@ def load_pipeline(
     # context_for has already checked that a stored embedding was made for this very prompt.
     context = context_for(source, prompt, pad_to_77).to(device=device, dtype=dtype or model.conv_in.weight.dtype)
     unet_source = unet if unet is not None else source
-    if detect_layout(unet_source) == "native" and native_prediction(unet_source) == "sample":
-        model = SampleAsNoise(model, DDPM())  # an x0-predicting U-Net, seen as a noise predictor by the samplers
-    return Pipeline(model, vae, context, prompt=prompt)
+    # What the U-Net predicts travels in the native file; the other layouts hold noise predictors.
+    prediction = native_prediction(unet_source) if detect_layout(unet_source) == "native" else "epsilon"
+    return Pipeline(model, vae, context, prompt=prompt, prediction_type=prediction)

@@ -7,9 +7,10 @@ Tensors: ``unet.*`` and ``vae.*`` in cdiff's parameter names, and the prompt emb
 - ``unet_config`` / ``vae_config``: the configs as JSON (cdiff.config.config_to_json), so
   any config, preset or not, comes back exactly;
 - ``prompt`` and ``padding`` ("none" or "77"): what the context encodes;
-- ``prediction``: what the U-Net's first channels predict, "epsilon" (the noise, the paper's
-  and the release's) or "sample" (the clean EO latent, ``cdiff train --set
-  model.prediction=sample``); files written before this field existed are "epsilon".
+- ``prediction``: what the U-Net's first channels predict, one of
+  cdiff.schedulers.PREDICTION_TYPES: "epsilon" (the noise, the paper's and the release's),
+  "sample" (the clean EO latent, ``cdiff train --prediction sample``) or "v_prediction"; files
+  written before this field existed are "epsilon".
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from cdiff.build import build_model
 from cdiff.checkpoint import NATIVE_FORMAT, CheckpointError, WeightFile, save_safetensors
 from cdiff.config import config_from_json, config_to_json
 from cdiff.pipeline import DEFAULT_PROMPT
+from cdiff.schedulers import PREDICTION_TYPES
 
 NATIVE_VERSION = "1"
 CONTEXT_KEY = "context"  # the prompt embedding's tensor name
-PREDICTIONS = ("epsilon", "sample")
 
 
 def open_native(path) -> WeightFile:
@@ -42,8 +43,8 @@ def open_native(path) -> WeightFile:
 def save_native(path, unet, vae, context: torch.Tensor, prompt: str = DEFAULT_PROMPT, padding: str = "none",
                 prediction: str = "epsilon") -> Path:
     """Write U-Net, VAE, prompt embedding and configs to one native ``.safetensors`` (atomically)."""
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {prediction!r}")
     if context.ndim != 2:
         raise ValueError(f"context: expected (L, {unet.config.context_dim}), got {tuple(context.shape)}")
     tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
@@ -75,8 +76,8 @@ def load_native(path, dtype=None, device=None):
 
 
 def native_prediction(path) -> str:
-    """What the U-Net of the native file ``path`` predicts: "epsilon" or "sample"."""
+    """What the U-Net of the native file ``path`` predicts: one of PREDICTION_TYPES."""
     prediction = open_native(path).metadata.get("prediction", "epsilon")
-    if prediction not in PREDICTIONS:
-        raise CheckpointError(f"{path}: unknown prediction {prediction!r} in its metadata; expected one of {PREDICTIONS}")
+    if prediction not in PREDICTION_TYPES:
+        raise CheckpointError(f"{path}: unknown prediction {prediction!r} in its metadata; expected one of {PREDICTION_TYPES}")
     return prediction

@@ -5,7 +5,7 @@ timesteps at which it calls the model in ``timesteps`` (one call per step, in or
 with the same signature: ``sample(model, noise, generator=None, show_progress=False)``, where
 ``model(latent, t)`` gets the latent in fp32 (the loop's state stays in fp32 whatever the
 noise's dtype) and t as a 0-d int64 tensor on the latent's device, and returns the prediction
-(noise or v). Per-step coefficients live on the device, indexed by the step number:
+(the noise, x_0 or v, as ``prediction_type`` says: cdiff.schedulers.PREDICTION_TYPES). Per-step coefficients live on the device, indexed by the step number:
 a step makes no host-device copy or sync, and the loop has no data-dependent control flow. The
 tables reach a device during the first run there, so capture a loop in a CUDA graph after one
 warm-up run (tests/test_samplers.py does).
@@ -30,7 +30,7 @@ from cdiff.schedulers import (
     split_prediction,
 )
 
-SAMPLERS = ("ddim", "dpmpp_2m")
+SAMPLERS = ("ddim", "dpmpp_2m")  # the names make_sampler takes
 
 
 class DPMSolverPP2M:
@@ -103,7 +103,7 @@ class DPMSolverPP2M:
 def make_sampler(
     name: str, process: DDPM, num_steps: int, eta: float = 0.0, prediction_type: str = "epsilon"
 ) -> DDIM | DPMSolverPP2M:
-    """The sampler called ``name`` ("ddim" or "dpmpp_2m"); eta applies to DDIM only."""
+    """The sampler called ``name`` (one of SAMPLERS); eta applies to DDIM only."""
     if name == "ddim":
         return DDIM(process, num_steps=num_steps, eta=eta, prediction_type=prediction_type)
     if name == "dpmpp_2m":

@@ -20,7 +20,10 @@ import torch
 
 from cdiff.progress import progress
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+# What a denoiser's output predicts: the noise (SD 2.1 base, C-DiffSET), the clean sample x_0 (the
+# release's x0 option), or v = sqrt(a_t) noise - sqrt(1 - a_t) x_0 (SD 2.1-768). Every sampler takes
+# each of them, through ``split_prediction``.
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
 class DeviceTable:
@@ -48,13 +51,16 @@ def broadcast(coefficient: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def split_prediction(output, sample, sqrt_alpha, sqrt_one_minus, prediction_type):
-    """(predicted x_0, predicted noise) from the model output at a_t; all in one dtype.
+    """(predicted x_0, predicted noise) from the model output at a_t; all in one dtype. The one
+    place where an x_0 or v prediction becomes a noise prediction (and the reverse).
 
-    epsilon: x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a). v (Salimans & Ho 2022):
-    x_0 = sqrt(a) x_t - sqrt(1 - a) v, eps = sqrt(a) v + sqrt(1 - a) x_t.
+    epsilon: x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a). sample: eps = (x_t - sqrt(a) x_0) / sqrt(1 - a).
+    v (Salimans & Ho 2022): x_0 = sqrt(a) x_t - sqrt(1 - a) v, eps = sqrt(a) v + sqrt(1 - a) x_t.
     """
     if prediction_type == "epsilon":
         return (sample - sqrt_one_minus * output) / sqrt_alpha, output
+    if prediction_type == "sample":
+        return output, (sample - sqrt_alpha * output) / sqrt_one_minus
     return sqrt_alpha * sample - sqrt_one_minus * output, sqrt_alpha * output + sqrt_one_minus * sample
 
 

@@ -39,7 +39,8 @@ from cdiff.evaluate import list_images, skip_or_raise
 from cdiff.files import check_output
 from cdiff.geo import TIFF_SUFFIXES, SarScene, read_sar, write_eo_geotiff
 from cdiff.progress import progress
-from cdiff.translators import DTYPES, Sampling, Translator
+from cdiff.config import DTYPES
+from cdiff.translators import Sampling, Translator
 
 COLOUR_SUFFIX = "_colour"
 

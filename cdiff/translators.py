@@ -30,13 +30,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from cdiff.config import DTYPES
 from cdiff.confidence_map import release_grey
 from cdiff.data.imageio import to_uint8
 from cdiff.geo import SarScene
 from cdiff.samplers import SAMPLERS
 from cdiff.tiling import Tiling, crop, pad_to_multiple
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # (scenes, names, sampling, show_progress) -> [(EO uint8 (H, W, 3), confidence grey uint8 (H, W) or None)]
 Translator = Callable[..., list[tuple[np.ndarray, np.ndarray | None]]]

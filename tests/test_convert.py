@@ -275,17 +275,16 @@ def test_load_pipeline(tiny_folder, tiny_native):
 
 
 def test_native_prediction_travels_with_the_model(tiny_native, tmp_path):
-    """A U-Net trained to predict x0 ("sample") is sampled as one: the pipeline converts its
-    output to noise; a file without the field (written before it existed) is "epsilon"."""
+    """A U-Net trained to predict x0 ("sample") is sampled as one: the pipeline's sampler reads
+    its output as x0; a file without the field (written before it existed) is "epsilon"."""
     from cdiff.native import native_prediction, save_native
-    from cdiff.pipeline import SampleAsNoise
 
     unet, vae, context, _ = load_native(tiny_native)
-    assert native_prediction(tiny_native) == "epsilon" and not isinstance(load_pipeline(tiny_native).unet, SampleAsNoise)
+    assert native_prediction(tiny_native) == "epsilon" and load_pipeline(tiny_native).prediction_type == "epsilon"
     x0_model = save_native(tmp_path / "x0.safetensors", unet, vae, context, prediction="sample")
     assert native_prediction(x0_model) == "sample"
     pipe = load_pipeline(x0_model)
-    assert isinstance(pipe.unet, SampleAsNoise) and pipe.unet.unet.state_dict().keys() == unet.state_dict().keys()
+    assert pipe.prediction_type == "sample" and pipe.unet.state_dict().keys() == unet.state_dict().keys()
     with pytest.raises(ValueError, match="prediction must be one of"):
         save_native(tmp_path / "bad.safetensors", unet, vae, context, prediction="v")
 

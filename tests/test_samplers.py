@@ -48,6 +48,23 @@ def dpmpp_2m_by_the_paper(model, x, timesteps, alphas_cumprod, prediction_type):
     return x
 
 
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m"])
+def test_an_x0_model_samples_as_the_noise_predictor_it_implies(name):
+    """prediction_type="sample" reads the output as x0; the same model turned into a noise predictor
+    by hand, eps = (x_t - sqrt(a) x0) / sqrt(1 - a), and sampled as one, gives the same result."""
+    process = DDPM()
+    noise = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def as_noise(x, t):
+        a = process.alphas_cumprod[t]
+        return (x - a.sqrt() * wavy_model(x, t)) / (1 - a).sqrt()
+
+    x0_run = make_sampler(name, process, 10, prediction_type="sample").sample(wavy_model, noise)
+    eps_run = make_sampler(name, process, 10, prediction_type="epsilon").sample(as_noise, noise)
+    torch.testing.assert_close(x0_run, eps_run, rtol=1e-10, atol=1e-10)
+    assert (x0_run - make_sampler(name, process, 10).sample(wavy_model, noise)).abs().max() > 0.1  # the type matters
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("steps", [1, 2, 5, 20])
 def test_dpmpp_2m_matches_its_formula(steps, prediction_type):

@@ -86,7 +86,7 @@ def test_eta_noise_from_generator_is_reproducible():
 
 @pytest.mark.parametrize(
     "kwargs, word",
-    [(dict(num_steps=0), "num_steps"), (dict(eta=-1.0), "eta"), (dict(prediction_type="sample"), "prediction_type")],
+    [(dict(num_steps=0), "num_steps"), (dict(eta=-1.0), "eta"), (dict(prediction_type="x0"), "prediction_type")],
 )
 def test_bad_arguments(kwargs, word):
     with pytest.raises(ValueError, match=word):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import cdiff
 from cdiff.cli import main
 from cdiff.train import train
-from cdiff.pipeline import SampleAsNoise
+from cdiff.schedulers import split_prediction
 from cdiff.train.cdiffset import CDiffSETTask
 from cdiff.train.latents import cache_latents
 from cdiff.train.loop import NonFiniteLoss
@@ -62,22 +62,19 @@ def test_step_loss_is_the_release_formula(model_file):
     torch.testing.assert_close(terms["mean_variance"], var.mean(), rtol=1e-6, atol=0)
 
 
-def test_sample_prediction_is_turned_into_noise_for_ddim():
-    """x0 -> eps: a U-Net that returns the true x0 is seen as returning the true noise."""
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+def test_each_prediction_type_reads_back_the_true_noise_and_clean_latent(prediction):
+    """The training target of each prediction type, read by the samplers' split_prediction, gives
+    back the true x0 and the true noise: x0 -> eps and v -> (x0, eps) are the inverse of the targets."""
     process = cdiff.DDPM()
     clean, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
-    t = 401
-    noisy = process.add_noise(clean, noise, torch.tensor([t, t]))
-
-    class Oracle(torch.nn.Module):  # predicts the true x0, and a raw variance of 0.25
-        config = cdiff.UNetConfig.tiny(in_channels=8, out_channels=5)
-
-        def forward(self, sample, t, context):
-            return torch.cat([clean, torch.full_like(clean[:, :1], 0.25)], 1)
-
-    out = SampleAsNoise(Oracle(), process)(torch.cat([torch.zeros_like(clean), noisy], 1), t, None)
-    torch.testing.assert_close(out[:, :4], noise, rtol=1e-4, atol=1e-5)
-    assert (out[:, 4:] == 0.25).all()
+    t = torch.tensor([401, 401])
+    noisy = process.add_noise(clean, noise, t)
+    target = {"epsilon": noise, "sample": clean, "v_prediction": process.velocity(clean, noise, t)}[prediction]
+    a = process.alphas_cumprod[401].float()
+    x0, eps = split_prediction(target, noisy, a.sqrt(), (1 - a).sqrt(), prediction)
+    torch.testing.assert_close(x0, clean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(eps, noise, rtol=1e-4, atol=1e-5)
 
 
 def test_200_steps_lower_the_loss(tmp_path, model_file):
@@ -95,10 +92,12 @@ def test_200_steps_lower_the_loss(tmp_path, model_file):
     assert last < 0.8 * first
 
 
-@pytest.mark.parametrize("option, absent", [("model.prediction=sample", None), ("model.loss=mse", "loss_logvar")])
+@pytest.mark.parametrize("option, absent", [("model.prediction=sample", None), ("model.prediction=v_prediction", None),
+                                            ("model.loss=mse", "loss_logvar")])
 # (also: a DataLoader worker process, and an EMA)
 def test_options_run_and_translate(tmp_path, model_file, option, absent):
-    """--prediction sample and --loss mse train, validate, and the checkpoint loads as a pipeline."""
+    """--prediction sample / v_prediction and --loss mse train, validate, and the checkpoint loads
+    as a pipeline that samples with the prediction type it was trained for."""
     done = train(small_config(model_file, option, "train.steps=3", "model.ema_decay=0.5", "data.workers=1"),
                  tmp_path / "run")
     record = _records(tmp_path / "run")[-1]
@@ -106,8 +105,9 @@ def test_options_run_and_translate(tmp_path, model_file, option, absent):
     assert math.isfinite(_records(tmp_path / "run", "val")[-1]["psnr"])
     for name in ("model.safetensors", "model_ema.safetensors"):
         pipeline = cdiff.load_pipeline(done.checkpoint / name)
-        # An x0-predicting U-Net reaches the sampler as a noise predictor; a noise predictor as it is.
-        assert isinstance(pipeline.unet, SampleAsNoise) == (option == "model.prediction=sample")
+        # The file records what the U-Net predicts; the pipeline's sampler reads its output as such.
+        expected = option.partition("=")[2] if option.startswith("model.prediction") else "epsilon"
+        assert pipeline.prediction_type == expected and type(pipeline.unet) is cdiff.UNet
         result = pipeline.translate(torch.rand(1, 3, 64, 64) * 2 - 1, steps=2, generator=torch.Generator().manual_seed(0))
         assert result.eo.shape == (1, 3, 64, 64) and torch.isfinite(result.eo).all()
     trained = done.task.unet.state_dict()

@@ -38,7 +38,6 @@ from cdiff.data.imageio import to_uint8, write_png, write_text  # noqa: E402
 from cdiff.data.synth import _SHIP_COLOUR, _VEHICLE_COLOURS, ROAD, WATER, make_pair, redraw_eo  # noqa: E402
 from cdiff.demo import DEMO_MODEL, HELDOUT_SEED, Protocol, eo_batch, heldout_pairs, mean_eo_image, sar_batch, translate  # noqa: E402
 from cdiff.load import load_pipeline  # noqa: E402
-from cdiff.pipeline import SampleAsNoise  # noqa: E402
 from cdiff.metrics import image_metrics, to_unit  # noqa: E402
 from tools.reliability_plot import draw_reliability  # noqa: E402
 from tools.synthetic_eval import (  # noqa: E402
@@ -250,7 +249,7 @@ def measure(pipelines: dict, data: dict, protocol: ReportProtocol, npde: dict | 
                   "parameters_unet": sum(p.numel() for p in pipelines["C-Diff"].unet.parameters()),
                   "parameters": sum(p.numel() for m in (pipelines["C-Diff"].unet, pipelines["C-Diff"].vae) for p in m.parameters())},
     }
-    results["predicts"] = {arm: "clean latent (x0)" if isinstance(pipe.unet, SampleAsNoise) else "noise"
+    results["predicts"] = {arm: "clean latent (x0)" if pipe.prediction_type == "sample" else "noise"
                            for arm, pipe in pipelines.items()}
     vaes = [pipe.vae.state_dict() for pipe in pipelines.values()]
     results["same_vae"] = all(torch.equal(vaes[0][k], other[k]) for other in vaes[1:] for k in vaes[0])

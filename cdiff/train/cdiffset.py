@@ -9,8 +9,10 @@ Per sample at stream position g (cdiff.train.data):
 3. the U-Net sees [SAR latent | x_t] (8 channels), t and the model's fixed prompt embedding, and
    returns 4 prediction channels and 1 raw-variance channel;
 4. the loss: ``confidence_nll(target, prediction, raw variance, a_t)`` (the C-Diff beta-NLL) with
-   target = noise (``prediction = "epsilon"``) or the clean EO latent (``"sample"``, the
-   release's x0 option); ``loss = "mse"`` is plain L2 on the 4 channels (the paper's Table 3).
+   target = noise (``prediction = "epsilon"``), the clean EO latent (``"sample"``, the release's
+   x0 option) or v (``"v_prediction"``, cdiff.DDPM.velocity); ``loss = "mse"`` is plain L2 on the
+   4 channels (the paper's Table 3). The checkpoint's native file records the prediction, and
+   sampling reads the output as such (cdiff.schedulers.split_prediction).
 
 Logged terms (means over elements, their sum is the loss): ``loss_residual`` = w (target -
 prediction)^2 / (2 var), the confidence-weighted fit; ``loss_logvar`` = w (log var + log 2 pi) / 2,
@@ -29,8 +31,8 @@ import torch.nn.functional as F
 from cdiff.load import load_unet
 from cdiff.loss import LOG_2PI, confidence_nll, variance_from_raw
 from cdiff.native import save_native
-from cdiff.pipeline import DEFAULT_PROMPT, Pipeline, SampleAsNoise
-from cdiff.schedulers import DDPM
+from cdiff.pipeline import DEFAULT_PROMPT, Pipeline
+from cdiff.schedulers import DDPM, PREDICTION_TYPES
 from cdiff.train.config import RunConfig
 from cdiff.train.data import image_augment, image_pairs
 from cdiff.train.ema import EMA
@@ -41,7 +43,6 @@ from cdiff.train.start import MODEL_FILE, start_pipeline
 from cdiff.train.task import Phase
 from cdiff.train.validation import score_pairs
 
-PREDICTIONS = ("epsilon", "sample")
 LOSSES = ("cdiff", "mse")
 EMA_FILE = "model_ema.safetensors"
 
@@ -53,7 +54,8 @@ class CDiffSETConfig:
     #                 or "tiny": cdiff's tiny stack with seeded random weights (for CPU trials)
     unet: str = ""  # optional: a release U-Net file (8-in/4-out or 8-in/5-out) to start from; VAE and prompt from init
     pad_to_77: bool = False  # init's prompt embedding is SD's 77-token padded one (the release's is unpadded)
-    prediction: str = "epsilon"  # the U-Net predicts the noise (the paper), or "sample": the clean EO latent
+    prediction: str = "epsilon"  # the U-Net predicts the noise (the paper), "sample": the clean EO latent (the
+    #                              release's x0 option), or "v_prediction": sqrt(a_t) noise - sqrt(1 - a_t) x_0
     loss: str = "cdiff"  # "cdiff": the confidence-guided beta-NLL; "mse": L2 on the noise channels (Table 3)
     ema_decay: float = 0.0  # > 0: keep an EMA of the U-Net with this decay, validate and save it too
     gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
@@ -63,8 +65,8 @@ class CDiffSETConfig:
     def __post_init__(self):
         if not self.init:
             raise ValueError("config: model.init is needed: a model file (e.g. from `cdiff convert`) or \"tiny\"")
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"config: model.prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.prediction not in PREDICTION_TYPES:
+            raise ValueError(f"config: model.prediction must be one of {PREDICTION_TYPES}, got {self.prediction!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"config: model.loss must be one of {LOSSES}, got {self.loss!r}")
         if not 0 <= self.ema_decay < 1:
@@ -134,13 +136,21 @@ class CDiffSETTask:
         out = self.wrapped["unet"](unet_input, t, context)  # (B, 5, h, w)
         channels = eo_latent.shape[1]
         prediction, raw = out[:, :channels], out[:, channels:]
-        target = noise if self.model.prediction == "epsilon" else eo_latent
+        target = self._target(eo_latent, noise, t)
         alpha_bar = self.process.alpha_bar(t)
         if self.model.loss == "mse":
             loss = F.mse_loss(prediction.float(), target)
             return loss, {"mean_variance": variance_from_raw(raw.detach()).mean()}
         loss = confidence_nll(target, prediction, raw, alpha_bar)
         return loss, self._terms(target, prediction.detach(), raw.detach(), alpha_bar)
+
+    def _target(self, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the U-Net learns to predict (model.prediction): the noise, the clean latent, or v."""
+        if self.model.prediction == "epsilon":
+            return noise
+        if self.model.prediction == "sample":
+            return clean
+        return self.process.velocity(clean, noise, t)
 
     @staticmethod
     def _terms(target, prediction, raw, alpha_bar) -> dict[str, torch.Tensor]:
@@ -170,8 +180,8 @@ class CDiffSETTask:
         val = self.config.val
         unet = self.ema.module if self.ema is not None else self.unet
         unet.eval()
-        sampler = SampleAsNoise(unet, self.process) if self.model.prediction == "sample" else unet
-        pipeline = Pipeline(sampler, self.vae, self.context, prompt=self.prompt or DEFAULT_PROMPT, process=self.process)
+        pipeline = Pipeline(unet, self.vae, self.context, prompt=self.prompt or DEFAULT_PROMPT, process=self.process,
+                            prediction_type=self.model.prediction)
 
         def predict(index, sar):
             result = pipeline.translate(sar, steps=val.steps, generator=generator(self.config.train.seed, "val", index))

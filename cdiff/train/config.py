@@ -16,10 +16,11 @@ import dataclasses
 import typing
 from dataclasses import dataclass, fields
 
+from cdiff.config import DTYPES
 from cdiff.data.datasets import DATASET_KINDS
 
 SCHEDULES = ("cosine", "constant", "linear_decay")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = tuple(DTYPES)  # fp32, or autocast to fp16 (with a gradient scaler) or bf16
 DEVICES = ("auto", "cpu", "cuda")
 DATA_KINDS = DATASET_KINDS + ("synthetic",)  # synthetic: generated in memory (cdiff.data.synth)
 

@@ -19,6 +19,7 @@ import time
 import torch
 
 from cdiff import __version__
+from cdiff.config import DTYPES
 from cdiff.progress import Bar
 from cdiff.train import distributed
 from cdiff.train.config import RunConfig, to_dict
@@ -36,7 +37,7 @@ class NonFiniteLoss(ValueError):
 def autocast(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+    return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
 def _peak_memory_mb(device: torch.device) -> float:
