@@ -9,10 +9,10 @@ Public API (see README):
     confidence_nll                  the C-Diff loss (cdiff.loss), with variance_from_raw, confidence_from_raw
     SyntheticPairs, make_pair,      synthetic SAR-EO pairs and the real datasets' readers (cdiff.data)
     open_dataset
-    load_unet, load_vae, load_pipeline      read any checkpoint layout (cdiff.load)
+    load_unet, load_vae, load_pipeline      read any checkpoint layout, cdiff's native file too (cdiff.load)
     load_weights                            ... into a model one has built or changed, strict or not
     cdiffset_surgery                        SD 2.1 U-Net -> C-DiffSET U-Net (cdiff.surgery)
-    save_native, load_native                cdiff's one-file format (cdiff.native); exporters: cdiff.export
+    save_native                             cdiff's one-file format (cdiff.native); exporters: cdiff.export
     attention_backend               the process-wide attention backend: "sdpa", "math" or a function (cdiff.attention)
     set_attention_backend           ... for one model or module
     capture_attention               record attention probabilities, per layer
@@ -52,7 +52,7 @@ from cdiff.config import UNetConfig, VAEConfig  # noqa: E402
 from cdiff.data import SyntheticPairs, make_pair, open_dataset  # noqa: E402
 from cdiff.load import load_pipeline, load_unet, load_vae, load_weights  # noqa: E402
 from cdiff.loss import confidence_from_raw, confidence_nll, variance_from_raw  # noqa: E402
-from cdiff.native import load_native, save_native  # noqa: E402
+from cdiff.native import save_native  # noqa: E402
 from cdiff.pipeline import Pipeline, Translation  # noqa: E402
 from cdiff.samplers import DPMSolverPP2M  # noqa: E402
 from cdiff.schedulers import DDIM, DDPM  # noqa: E402
@@ -63,7 +63,7 @@ from cdiff.vae import VAE  # noqa: E402
 __all__ = [
     "DDIM", "DDPM", "Pipeline", "SyntheticPairs", "Translation", "UNet", "UNetConfig", "VAE", "VAEConfig",
     "attention_backend", "capture_attention", "cdiffset_surgery", "confidence_from_raw", "confidence_nll",
-    "load_native", "load_pipeline", "load_unet", "load_vae", "load_weights", "make_pair", "open_dataset",
+    "load_pipeline", "load_unet", "load_vae", "load_weights", "make_pair", "open_dataset",
     "save_native", "set_attention_backend", "variance_from_raw",
 ]
 __all__ += ["DPMSolverPP2M"]  # cdiff.samplers

@@ -1,7 +1,7 @@
 """Writing files that never surprise: outputs checked before the work starts, written
 atomically, with the permissions a plain ``open()`` would give.
 
-Every writer in cdiff (convert, export, demo, synth, split lists) goes through these two:
+Every writer in cdiff (convert, export, demo, synth, split lists, weights) goes through these two:
 
 - :func:`check_output` refuses, in one line naming the path, an output that cannot or should
   not be written: the source itself, an existing output without ``overwrite``, a folder where
@@ -9,6 +9,8 @@ Every writer in cdiff (convert, export, demo, synth, split lists) goes through t
   It is called before any slow work, so a bad path never costs a conversion.
 - :func:`atomic_path` writes under a temporary name beside the target and renames it only on
   success: an exception or Ctrl-C leaves the target as it was and no temporary behind.
+
+:func:`save_safetensors` writes tensors through it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import shutil
 import stat
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+if TYPE_CHECKING:
+    import torch
 
 KINDS = ("file", "folder")
 
@@ -159,3 +164,20 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists():
         path.unlink()
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` as one ``.safetensors`` file, atomically (contiguous CPU copies; shared
+    storage is split). ``metadata``: the header's string map."""
+    from safetensors.torch import save_file
+
+    plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    # safetensors refuses tensors that share storage (e.g. tied views); clone those.
+    seen: set[int] = set()
+    for k, v in plain.items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen and v.numel():
+            plain[k] = v.clone()
+        seen.add(ptr)
+    with atomic_path(path) as tmp:
+        save_file(plain, str(tmp), metadata=metadata)

@@ -1,4 +1,5 @@
-"""cdiff's native file format: one ``.safetensors`` holding a whole C-DiffSET model.
+"""cdiff's native file format: one ``.safetensors`` holding a whole C-DiffSET model
+(``save_native`` writes it; cdiff.load_pipeline reads it, as every other layout).
 
 Tensors: ``unet.*`` and ``vae.*`` in cdiff's parameter names, and the prompt embedding
 ``context`` (L, context_dim). Metadata (all strings):
@@ -19,12 +20,13 @@ from pathlib import Path
 
 import torch
 
-from cdiff.build import build_model
-from cdiff.checkpoint import NATIVE_FORMAT, CheckpointError, WeightFile, save_safetensors
-from cdiff.config import config_from_json, config_to_json
+from cdiff.config import config_to_json
+from cdiff.files import save_safetensors
 from cdiff.pipeline import DEFAULT_PROMPT
 from cdiff.schedulers import PREDICTION_TYPES
+from cdiff.weightfile import CheckpointError, WeightFile
 
+NATIVE_FORMAT = "cdiff"  # metadata "format" of a native file
 NATIVE_VERSION = "1"
 CONTEXT_KEY = "context"  # the prompt embedding's tensor name
 
@@ -61,18 +63,6 @@ def save_native(path, unet, vae, context: torch.Tensor, prompt: str = DEFAULT_PR
     }
     save_safetensors(tensors, path, metadata)
     return Path(path)
-
-
-def load_native(path, dtype=None, device=None):
-    """(unet, vae, context, prompt) of a native file."""
-    from cdiff.unet import UNet
-    from cdiff.vae import VAE
-
-    f = open_native(path)
-    unet = build_model(UNet, config_from_json(f.metadata["unet_config"]), f.load("unet."), path, dtype, device)
-    vae = build_model(VAE, config_from_json(f.metadata["vae_config"]), f.load("vae."), path, dtype, device)
-    context = f.load(CONTEXT_KEY)[""]
-    return unet, vae, context, f.metadata.get("prompt", "")
 
 
 def native_prediction(path) -> str:

@@ -34,12 +34,12 @@ import numpy as np
 import torch
 
 from cdiff.confidence_map import colourize
+from cdiff.config import DTYPES
 from cdiff.data.imageio import write_png
 from cdiff.evaluate import list_images, skip_or_raise
 from cdiff.files import check_output
 from cdiff.geo import TIFF_SUFFIXES, SarScene, read_sar, write_eo_geotiff
 from cdiff.progress import progress
-from cdiff.config import DTYPES
 from cdiff.translators import Sampling, Translator
 
 COLOUR_SUFFIX = "_colour"

@@ -30,8 +30,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cdiff.config import DTYPES
 from cdiff.confidence_map import release_grey
+from cdiff.config import DTYPES
 from cdiff.data.imageio import to_uint8
 from cdiff.geo import SarScene
 from cdiff.samplers import SAMPLERS

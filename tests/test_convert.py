@@ -20,16 +20,16 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded; config= is a local folder
 
 import cdiff.export as ex  # noqa: E402
-from cdiff.build import build_model  # noqa: E402
-from cdiff.checkpoint import CheckpointError, WeightFile, detect_layout  # noqa: E402
 from cdiff.cli import main as cli_main  # noqa: E402
 from cdiff.config import UNetConfig, VAEConfig  # noqa: E402
 from cdiff.convert import convert  # noqa: E402
-from cdiff.load import load_pipeline, load_unet, load_vae  # noqa: E402
+from cdiff.layouts.detect import detect_layout  # noqa: E402
+from cdiff.load import load_pipeline, load_unet, load_vae, read_unet  # noqa: E402
 from cdiff.loss import VAR_MAX, VAR_MIN, VAR_OFFSET, variance_from_raw  # noqa: E402
-from cdiff.native import NATIVE_VERSION, load_native  # noqa: E402
-from cdiff.read import read_unet  # noqa: E402
+from cdiff.native import NATIVE_VERSION  # noqa: E402
+from cdiff.statedict import build_model  # noqa: E402
 from cdiff.surgery import cdiffset_surgery  # noqa: E402
+from cdiff.weightfile import CheckpointError, WeightFile  # noqa: E402
 from tests.helpers import assert_parity, randomize_  # noqa: E402
 from cdiff.testing import tiny_configs, write_diffusers_folder  # noqa: E402
 
@@ -146,7 +146,8 @@ def test_convert_writes_native_cdiffset_model(tiny_folder, tiny_native, referenc
     assert detect_layout(tiny_native) == "native"
     assert f.metadata["format"] == "cdiff" and f.metadata["format_version"] == NATIVE_VERSION
     assert f.metadata["prompt"] == "electro-optical image" and f.metadata["padding"] == "none"
-    unet, vae, context, prompt = load_native(tiny_native)
+    pipe = load_pipeline(tiny_native)
+    unet, vae, context = pipe.unet, pipe.vae, pipe.context
     assert unet.config == UNetConfig.tiny(in_channels=8, out_channels=5) and vae.config == VAEConfig.tiny()
     assert context.shape == (6, 1024)
     # The surgery against the release's, written independently on diffusers' model.
@@ -279,7 +280,8 @@ def test_native_prediction_travels_with_the_model(tiny_native, tmp_path):
     its output as x0; a file without the field (written before it existed) is "epsilon"."""
     from cdiff.native import native_prediction, save_native
 
-    unet, vae, context, _ = load_native(tiny_native)
+    pipe = load_pipeline(tiny_native)
+    unet, vae, context = pipe.unet, pipe.vae, pipe.context
     assert native_prediction(tiny_native) == "epsilon" and load_pipeline(tiny_native).prediction_type == "epsilon"
     x0_model = save_native(tmp_path / "x0.safetensors", unet, vae, context, prediction="sample")
     assert native_prediction(x0_model) == "sample"

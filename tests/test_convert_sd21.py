@@ -24,13 +24,12 @@ from safetensors import safe_open
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import cdiff.export as ex  # noqa: E402
-from cdiff.checkpoint import WeightFile  # noqa: E402
 from cdiff.config import UNetConfig, VAEConfig  # noqa: E402
 from cdiff.convert import convert  # noqa: E402
 from cdiff.layouts.original import TEXT_PREFIX  # noqa: E402
-from cdiff.load import load_unet, load_vae  # noqa: E402
+from cdiff.load import load_unet, load_vae, read_unet  # noqa: E402
 from cdiff.prompt import prompt_embedding, tokenize  # noqa: E402
-from cdiff.read import read_unet  # noqa: E402
+from cdiff.weightfile import WeightFile  # noqa: E402
 from tests.helpers import assert_parity, randomize_  # noqa: E402
 from tests.test_convert import check_vae_parity, release_surgery, unet_inputs, write_release  # noqa: E402
 from cdiff.testing import SD21_TEXT, SD21_UNET, SD21_VAE, write_diffusers_folder  # noqa: E402

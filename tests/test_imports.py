@@ -20,9 +20,9 @@ LAYERS = {
         "cdiff.samplers", "cdiff.tiling", "cdiff.pipeline",
     },
     "weights": {
-        "cdiff.checkpoint", "cdiff.layouts", "cdiff.layouts.diffusers", "cdiff.layouts.diffusers_config",
-        "cdiff.layouts.original", "cdiff.infer_config", "cdiff.native", "cdiff.build", "cdiff.read", "cdiff.load",
-        "cdiff.surgery", "cdiff.prompt", "cdiff.perceptual", "cdiff.testing",
+        "cdiff.weightfile", "cdiff.statedict", "cdiff.layouts", "cdiff.layouts.diffusers",
+        "cdiff.layouts.diffusers_config", "cdiff.layouts.original", "cdiff.layouts.detect", "cdiff.infer_config",
+        "cdiff.native", "cdiff.load", "cdiff.surgery", "cdiff.prompt", "cdiff.perceptual", "cdiff.testing",
     },
     "data": {
         "cdiff.data", "cdiff.data.imageio", "cdiff.data.split", "cdiff.data.transforms", "cdiff.data.datasets",

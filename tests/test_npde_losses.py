@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cdiff.checkpoint import CheckpointError
 from cdiff.npde import GeneratorOutput, NPDEConfig, NPDELoss, NPDEModel, PMDHead, VGGFeatures, load_vgg, lsgan
+from cdiff.weightfile import CheckpointError
 from tests.test_npde_pde import one_thread  # noqa: F401  (autouse)
 
 LAYERS = NPDEConfig().perceptual_layers

@@ -8,18 +8,19 @@ import pytest
 import torch
 from PIL import Image
 
-from cdiff import UNet, UNetConfig, VAE, VAEConfig, save_native
-from cdiff.checkpoint import CheckpointError, save_safetensors
+from cdiff import VAE, UNet, UNetConfig, VAEConfig, save_native
 from cdiff.cli import main
 from cdiff.config import config_from_json, config_to_json
 from cdiff.data import write_synthetic
 from cdiff.data.imageio import to_uint8, write_png
+from cdiff.files import save_safetensors
 from cdiff.geo import read_sar
 from cdiff.npde import (
     GeneratorOutput, NPDEConfig, NPDEModel, is_model_file, load_generator, load_model, save_model, translate_image,
 )
 from cdiff.tiling import Tiling
 from cdiff.train import load_config, train
+from cdiff.weightfile import CheckpointError
 
 from .helpers import one_thread
 

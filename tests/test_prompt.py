@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdiff.checkpoint import CheckpointError
 from cdiff.layouts.original import TEXT_PREFIX
 from cdiff.prompt import (
     build_text_tower,
@@ -21,6 +20,7 @@ from cdiff.prompt import (
     text_state_from_transformers,
     tokenize,
 )
+from cdiff.weightfile import CheckpointError
 from tests.helpers import assert_parity, randomize_
 
 open_clip = pytest.importorskip("open_clip")

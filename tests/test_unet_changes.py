@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from cdiff.checkpoint import CheckpointError
 from cdiff.config import UNetConfig, VAEConfig
 from cdiff.load import load_unet, load_vae, load_weights
 from cdiff.native import save_native
 from cdiff.unet import DownBlock, UNet
 from cdiff.vae import VAE
+from cdiff.weightfile import CheckpointError
 from tests.helpers import randomize_
 
 CONFIG = UNetConfig.tiny(in_channels=8, out_channels=5)

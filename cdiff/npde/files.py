@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
-from cdiff.checkpoint import CheckpointError, WeightFile, check_state_dict, save_safetensors, sniff
 from cdiff.config import config_from_json, config_to_json
+from cdiff.files import save_safetensors
 from cdiff.npde.config import NPDEConfig
 from cdiff.npde.model import NPDEGenerator, NPDEModel
+from cdiff.statedict import check_state_dict
+from cdiff.weightfile import CheckpointError, WeightFile, sniff
 
 FORMAT = "cdiff-s2o-npde"
 VERSION = "1"

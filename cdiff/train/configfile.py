@@ -16,8 +16,8 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
-from cdiff.train.kinds import DEFAULT_KIND, KINDS, model_kind
 from cdiff.train.config import DataConfig, OptimConfig, RunConfig, TrainConfig, ValConfig, to_dict
+from cdiff.train.kinds import DEFAULT_KIND, KINDS, model_kind
 
 
 def _section_classes(kind: str) -> dict[str, type]:

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cdiff.train import distributed
-from cdiff.train.kinds import model_kind
 from cdiff.train.config import RunConfig, differences
 from cdiff.train.configfile import load_config, to_toml
+from cdiff.train.kinds import model_kind
 from cdiff.train.logs import Log
 from cdiff.train.loop import Loop
 from cdiff.train.rundir import RunDir

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from cdiff.checkpoint import read_state_dict, save_safetensors
+from cdiff.files import save_safetensors
 from cdiff.npde import (
     PAPER_BATCH_SIZE, PAPER_BETAS, PAPER_EPOCHS, PAPER_LR, FakePools, NPDEConfig, NPDELoss, NPDEModel, load_model,
     make_optimizers, save_model,
@@ -50,6 +50,7 @@ from cdiff.train.optim import lr_schedule
 from cdiff.train.seeds import derive_seed
 from cdiff.train.task import Phase
 from cdiff.train.validation import score_pairs
+from cdiff.weightfile import read_state_dict
 
 MODEL_FILE, POOLS_FILE = "model.safetensors", "pools.safetensors"
 PAPER_PAIRS = 1_600  # the paper's SEN1-2 training pairs (section 4.1, after Guo et al. 2021)
