@@ -4,7 +4,6 @@ only turns arguments into one call, so ``cdiff X --help`` and the Python API sta
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import cdiff
@@ -178,6 +177,7 @@ def _add_train(sub) -> None:
     p.add_argument("--stop-at", type=int, metavar="STEP", help="stop after STEP with a checkpoint (continue later with --resume)")
 
     def run(a):
+        from cdiff.torchrun import launch
         from cdiff.train import train
 
         if (a.run_dir is None) == (a.resume is None):
@@ -186,7 +186,7 @@ def _add_train(sub) -> None:
             raise ValueError("cdiff train: --force only applies to --resume")
         config = _train_config(a, a.resume)
         done = train(config, a.resume or a.run_dir, resume=a.resume is not None, force=a.force, stop_at=a.stop_at)
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the run
+        if launch().is_main:  # under torchrun, one line for the run
             print(f"cdiff train: step {done.step}; newest checkpoint {done.checkpoint}")
 
     p.set_defaults(run=run)
@@ -273,22 +273,25 @@ def _add_translate(sub) -> None:
     _add_metric_options(p)
 
     def run(a):
-        from cdiff.evaluate import parse_metrics
         from cdiff.tiling import Tiling
-        from cdiff.translate import Sampling, run_translate
+        from cdiff.translate import run_translate
+        from cdiff.translators import Sampling
 
         tiling = Tiling(a.tile, a.tile_overlap, a.tile_batch) if a.tile else None
         sampling = Sampling(a.steps, a.eta, a.seed, a.batch_size, tiling, a.sampler)
-        evaluation = None
-        if a.target:
-            evaluation = dict(target=a.target, report_dir=a.report_dir, metrics=parse_metrics(a.metrics),
-                              paper_scaling=a.paper_scaling, lpips_vgg=a.lpips_vgg, fid_weights=a.fid_weights,
-                              skip_bad=a.skip_bad)
         run_translate(a.model, a.input, a.output, conf_dir=a.conf_dir, sampling=sampling, device=a.device,
-                      dtype=a.dtype, prompt=a.prompt, skip_bad=a.skip_bad, overwrite=a.overwrite, evaluation=evaluation,
-                      channels_last=a.channels_last, compile_unet=a.compile)
+                      dtype=a.dtype, prompt=a.prompt, skip_bad=a.skip_bad, overwrite=a.overwrite, target=a.target,
+                      evaluation=_evaluation_options(a), channels_last=a.channels_last, compile_unet=a.compile)
 
     p.set_defaults(run=run)
+
+
+def _evaluation_options(a):
+    """The EvaluationOptions of the metric options (``_add_metric_options``) and --skip-bad."""
+    from cdiff.evaluate import EvaluationOptions, parse_metrics
+
+    return EvaluationOptions(parse_metrics(a.metrics), a.paper_scaling, a.lpips_vgg, a.fid_weights, a.skip_bad,
+                             a.report_dir)
 
 
 def _add_metric_options(p) -> None:
@@ -326,8 +329,7 @@ def _add_evaluate(sub) -> None:
     def run(a):
         from cdiff.evaluate import run_evaluate
 
-        run_evaluate(a.pred, a.target, metrics=a.metrics, paper_scaling=a.paper_scaling, report_dir=a.report_dir,
-                     device=_device(a.device), lpips_vgg=a.lpips_vgg, fid_weights=a.fid_weights, skip_bad=a.skip_bad)
+        run_evaluate(a.pred, a.target, _evaluation_options(a), device=_device(a.device))
 
     p.set_defaults(run=run)
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cdiff.data.imageio import to_uint8, write_png, write_text
+from cdiff.data.imageio import to_uint8, write_png
 from cdiff.data.synth import SynthPair, make_pair, pair_name
-from cdiff.files import check_output
+from cdiff.files import check_output, write_text
 from cdiff.load import load_pipeline
 from cdiff.metrics import image_metrics, to_unit
 from cdiff.pipeline import Pipeline, Translation

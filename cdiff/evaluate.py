@@ -13,13 +13,14 @@ The protocol is the release's (its utils.py and test.py):
   computes it from image folders, so the scaling option does not change it.
 
 Pairs are matched by their path relative to each folder, without the suffix
-(``pred/a/b.png`` with ``target/a/b.jpg``); both folders must hold the same names.
+(``pred/a/b.png`` with ``target/a/b.jpg``; cdiff.imagefiles); both folders must hold the same names.
+What to score and how: ``EvaluationOptions``, the same for ``cdiff evaluate`` and ``cdiff
+translate --target``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,26 +29,17 @@ import numpy as np
 import torch
 
 from cdiff import metrics as image_metrics
-from cdiff.data.imageio import read_image, to_unit_range, write_text
+from cdiff.data.imageio import read_image, to_unit_range
+from cdiff.files import write_text
+from cdiff.imagefiles import list_images, skip_or_raise
 from cdiff.progress import progress
 
-log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 METRICS = ("psnr", "ssim", "scc", "lpips", "fid")
 PER_IMAGE = ("psnr", "ssim", "scc", "lpips")
 LABELS = {"psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "scc": "SCC ↑", "lpips": "LPIPS ↓", "fid": "FID ↓"}
 SCALINGS = {False: "(x + 1) / 2", True: "(x + 0.5).clamp(0, 1), the release's (--paper-scaling)"}
 REPORT_NAMES = ("evaluation.json", "evaluation.md")
 SCORES = {"psnr": image_metrics.psnr, "ssim": image_metrics.ssim, "scc": image_metrics.scc}
-
-
-def skip_or_raise(err: Exception, what: str, skip_bad: bool, skipped: list[str]) -> None:
-    """Raise ``err``; with ``skip_bad``, log it and append "what: err" to ``skipped`` instead."""
-    if not skip_bad:
-        raise err
-    log.warning("skipped %s: %s", what, err)
-    skipped.append(f"{what}: {err}")
 
 
 @dataclass(frozen=True)
@@ -57,26 +49,26 @@ class ImagePair:
     target: Path
 
 
-def list_images(folder: str | os.PathLike, what: str) -> dict[str, Path]:
-    """The image files under ``folder`` (recursive, hidden files skipped) by relative path
-    without suffix. An empty or missing folder, or two files of one name, is an error."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{what} folder {root}: no such file or folder")
-    found: dict[str, Path] = {}
-    for path in sorted(root.rglob("*")):
-        relative = path.relative_to(root)
-        if path.suffix.lower() not in IMAGE_SUFFIXES or any(part.startswith(".") for part in relative.parts):
-            continue
-        if not path.is_file():
-            continue
-        key = relative.with_suffix("").as_posix()
-        if key in found:
-            raise ValueError(f"{what} folder {root}: {found[key].name} and {path.name} have the same name")
-        found[key] = path
-    if not found:
-        raise ValueError(f"{what} folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return found
+@dataclass(frozen=True)
+class EvaluationOptions:
+    """What ``cdiff evaluate`` (and ``cdiff translate --target``) computes, and how (module docstring)."""
+
+    metrics: tuple[str, ...] = METRICS  # in METRICS' order (parse_metrics)
+    paper_scaling: bool = False  # score on the release's (x + 0.5).clamp(0, 1) instead of (x + 1) / 2
+    lpips_vgg: str | None = None  # torchvision's VGG16 file for LPIPS (cdiff.perceptual.find_weights)
+    fid_weights: str | None = None  # pytorch-fid's Inception file for FID
+    skip_bad: bool = False  # log and count pairs that cannot be read or whose sizes differ, instead of stopping
+    report_dir: str | None = None  # where evaluation.json / .md go; None: the prediction folder
+
+    def __post_init__(self):
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown or not self.metrics:
+            raise ValueError(f"--metrics: unknown metric {unknown[0] if unknown else self.metrics!r}; "
+                             f"choose from {','.join(METRICS)}")
+
+    def check_networks(self) -> None:
+        """Fail now, not after hours of translation, when a network's weights are missing."""
+        Networks.check(self.metrics, self.lpips_vgg, self.fid_weights)
 
 
 def match_pairs(pred_dir, target_dir, names: list[str] | None = None) -> list[ImagePair]:
@@ -229,19 +221,16 @@ def evaluate(
     pairs: list[ImagePair],
     pred_dir: str | os.PathLike,
     target_dir: str | os.PathLike,
-    metrics: tuple[str, ...] = METRICS,
-    paper_scaling: bool = False,
+    options: EvaluationOptions = EvaluationOptions(),
     device=None,
-    lpips_vgg=None,
-    fid_weights=None,
-    skip_bad: bool = False,
     show_progress: bool = True,
 ) -> Evaluation:
     """Score every pair (module docstring for the protocol). A pair that cannot be read or
-    whose sizes differ raises, naming the file; with ``skip_bad`` it is logged, counted in
+    whose sizes differ raises, naming the file; with ``options.skip_bad`` it is logged, counted in
     ``Evaluation.skipped`` and left out."""
-    result = Evaluation(str(pred_dir), str(target_dir), tuple(metrics), paper_scaling)
-    networks = Networks(result.metrics, device, lpips_vgg, fid_weights)
+    paper_scaling, skip_bad = options.paper_scaling, options.skip_bad
+    result = Evaluation(str(pred_dir), str(target_dir), options.metrics, paper_scaling)
+    networks = Networks(result.metrics, device, options.lpips_vgg, options.fid_weights)
     fid_pred, fid_target = [], []
     for pair in progress(pairs, desc="evaluate", enabled=show_progress):
         try:
@@ -283,23 +272,14 @@ def _fid(inception, preds: list[torch.Tensor], targets: list[torch.Tensor]) -> f
     return image_metrics.frechet_distance(mean_t, cov_t, mean_p, cov_p)
 
 
-def run_evaluate(
-    pred_dir,
-    target_dir,
-    metrics: str = ",".join(METRICS),
-    paper_scaling: bool = False,
-    report_dir=None,
-    device=None,
-    lpips_vgg=None,
-    fid_weights=None,
-    skip_bad: bool = False,
-) -> Evaluation:
-    """The ``cdiff evaluate`` command: match, score, print the table, write the reports."""
-    chosen = parse_metrics(metrics)
-    Networks.check(chosen, lpips_vgg, fid_weights)
-    pairs = match_pairs(pred_dir, target_dir)
-    result = evaluate(pairs, pred_dir, target_dir, chosen, paper_scaling, device, lpips_vgg, fid_weights, skip_bad)
+def run_evaluate(pred_dir, target_dir, options: EvaluationOptions = EvaluationOptions(), device=None,
+                 names: list[str] | None = None) -> Evaluation:
+    """The ``cdiff evaluate`` command: match, score, print the table, write the reports.
+    ``names``: only these predictions (``cdiff translate --target``: the ones it wrote)."""
+    options.check_networks()
+    pairs = match_pairs(pred_dir, target_dir, names=names)
+    result = evaluate(pairs, pred_dir, target_dir, options, device)
     print(result.table())
-    for path in result.write(report_dir or pred_dir):
+    for path in result.write(options.report_dir or pred_dir):
         print(f"  {path}")
     return result

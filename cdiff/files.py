@@ -10,7 +10,7 @@ Every writer in cdiff (convert, export, demo, synth, split lists, weights) goes 
 - :func:`atomic_path` writes under a temporary name beside the target and renames it only on
   success: an exception or Ctrl-C leaves the target as it was and no temporary behind.
 
-:func:`save_safetensors` writes tensors through it.
+:func:`write_text` and :func:`save_safetensors` write text and tensors through it.
 """
 
 from __future__ import annotations
@@ -164,6 +164,12 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists():
         path.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

@@ -31,8 +31,7 @@ import numpy as np
 
 from cdiff.data import imageio
 from cdiff.files import atomic_path
-
-TIFF_SUFFIXES = (".tif", ".tiff")
+from cdiff.imagefiles import TIFF_SUFFIXES
 
 
 @dataclass

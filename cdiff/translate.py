@@ -1,8 +1,9 @@
 """``cdiff translate``: SAR files, folders and whole GeoTIFF scenes to EO images and confidence maps.
 
 Inputs and outputs:
-- INPUT is one file or a folder; a folder is searched recursively for .png, .jpg, .jpeg,
-  .bmp, .tif and .tiff files (hidden ones skipped), taken in sorted order.
+- INPUT is one file or a folder; a folder is searched recursively for images
+  (cdiff.imagefiles: .png, .jpg, .jpeg, .bmp, .tif and .tiff, hidden ones skipped), taken in
+  sorted order.
 - Each output keeps the input's relative path: OUT/<name>.png, or OUT/<name>.tif for TIFF
   input, an RGB GeoTIFF with the source's CRS, transform and nodata (cdiff.geo).
 - With a confidence folder: CONF/<name>.png, the release's grey map, and CONF/<name>_colour.png.
@@ -13,8 +14,8 @@ Inputs and outputs:
 Reproducibility: each image's starting noise is seeded by ``seed`` and its name, whatever the
 order, shard or batch (cdiff.translators.image_seed).
 
-Many GPUs: launched by torchrun (RANK, WORLD_SIZE, LOCAL_RANK), rank r takes images r, r + W,
-r + 2W, ... of the sorted list and uses cuda:LOCAL_RANK. With a target folder, the ranks meet
+Many GPUs: launched by torchrun (cdiff.torchrun), rank r takes images r, r + W, r + 2W, ... of
+the sorted list and uses cuda:LOCAL_RANK. With a target folder, the ranks meet
 at a barrier (gloo) and rank 0 evaluates every output.
 
 Models (``open_model``): any model file of a kind in cdiff.train.kinds (a C-DiffSET model: anything
@@ -36,10 +37,12 @@ import torch
 from cdiff.confidence_map import colourize
 from cdiff.config import DTYPES
 from cdiff.data.imageio import write_png
-from cdiff.evaluate import list_images, skip_or_raise
+from cdiff.evaluate import EvaluationOptions, run_evaluate
 from cdiff.files import check_output
-from cdiff.geo import TIFF_SUFFIXES, SarScene, read_sar, write_eo_geotiff
+from cdiff.geo import SarScene, read_sar, write_eo_geotiff
+from cdiff.imagefiles import TIFF_SUFFIXES, list_images, skip_or_raise
 from cdiff.progress import progress
+from cdiff.torchrun import Launch, launch
 from cdiff.translators import Sampling, Translator
 
 COLOUR_SUFFIX = "_colour"
@@ -103,16 +106,6 @@ def shard(jobs: list[Job], rank: int, world: int) -> list[Job]:
     return jobs[rank::world]
 
 
-def distributed_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
-    try:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        local = int(os.environ.get("LOCAL_RANK", rank))
-    except ValueError as err:
-        raise ValueError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers: {err}") from err
-    return rank, world, local
-
-
 def model_file(model) -> Path:
     """``--model`` as a path: a run directory (config.toml and checkpoints/) gives its best
     checkpoint's model.safetensors, else its newest; anything else is returned as it is."""
@@ -168,26 +161,25 @@ def run_translate(
     prompt: str | None = None,
     skip_bad: bool = False,
     overwrite: bool = False,
-    evaluation: dict | None = None,
+    target=None,
+    evaluation: EvaluationOptions = EvaluationOptions(),
     channels_last: bool = False,
     compile_unet: bool = False,
 ) -> Tally:
-    """The ``cdiff translate`` command (module docstring). ``evaluation``: the keyword
-    arguments of cdiff.evaluate.evaluate plus ``target`` and ``report_dir``, or None."""
-    from cdiff.evaluate import Networks
-
-    rank, world, local_rank = distributed_env()
+    """The ``cdiff translate`` command (module docstring). With a ``target`` folder, the outputs
+    are then scored against it as ``evaluation`` says (cdiff.evaluate)."""
+    here = launch()
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if evaluation is not None:
-        Networks.check(evaluation["metrics"], evaluation.get("lpips_vgg"), evaluation.get("fid_weights"))
-        if world > 1:
-            _join_ranks()  # now, so a launch without torchrun's rendezvous fails before the work
+    if target is not None:
+        evaluation.check_networks()
+        if here.world_size > 1:
+            _join_ranks(here)  # now, so a launch without torchrun's rendezvous fails before the work
     all_jobs = plan_jobs(input_path, output_dir, conf_dir)
-    jobs = shard(all_jobs, rank, world)
-    device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    jobs = shard(all_jobs, here.rank, here.world_size)
+    device = torch.device(device or (f"cuda:{here.local_rank}" if torch.cuda.is_available() else "cpu"))
     translate, path = open_model(model, sampling, conf_dir, device, dtype, prompt, channels_last, compile_unet)
-    if path != Path(model) and rank == 0:
+    if path != Path(model) and here.is_main:
         print(f"cdiff translate: model {path}")
 
     tally = Tally()
@@ -199,7 +191,7 @@ def run_translate(
             todo.append(job)
     start = time.perf_counter()
     batch: list[tuple[Job, SarScene]] = []
-    show = rank == 0
+    show = here.is_main
 
     def flush():
         results = translate([s for _, s in batch], [j.name for j, _ in batch], sampling, show)
@@ -221,47 +213,39 @@ def run_translate(
             flush()  # inside the loop, so the step bar nests in the image bar
     if batch:  # the last input was bad
         flush()
-    where = f"rank {rank}/{world}: " if world > 1 else ""
+    where = f"rank {here.rank}/{here.world_size}: " if here.world_size > 1 else ""
     print(f"cdiff translate: {where}{tally.translated} translated, {tally.already_done} already done, "
           f"{len(tally.bad)} bad, {time.perf_counter() - start:.1f} s -> {output_dir}")
     for line in tally.bad:
         print(f"  skipped {line}")
-    if evaluation is not None:
-        _evaluate_outputs(all_jobs, output_dir, evaluation, rank, world, device)
+    if target is not None:
+        _evaluate_outputs(all_jobs, output_dir, target, evaluation, here, device)
     return tally
 
 
-def _join_ranks() -> None:
+def _join_ranks(here: Launch) -> None:
     """A gloo process group over torchrun's ranks, only to wait for each other before evaluating."""
     import datetime
 
     import torch.distributed as dist
 
-    for name in ("MASTER_ADDR", "MASTER_PORT"):
-        if name not in os.environ:
-            raise ValueError(f"WORLD_SIZE > 1 but {name} is not set: launch with torchrun to evaluate a sharded run")
+    here.require_rendezvous("to evaluate a sharded run")
     # Ranks finish their shares at different times; torchrun stops every rank if one fails, so
     # a long timeout cannot leave a rank waiting for a dead one.
     dist.init_process_group(backend="gloo", timeout=datetime.timedelta(hours=24))
 
 
-def _evaluate_outputs(jobs: list[Job], output_dir, evaluation: dict, rank: int, world: int, device) -> None:
+def _evaluate_outputs(jobs: list[Job], output_dir, target, evaluation: EvaluationOptions, here: Launch,
+                      device) -> None:
     """After every rank has finished, rank 0 scores every output against the target folder."""
-    from cdiff.evaluate import evaluate, match_pairs
-
-    if world > 1:
+    if here.world_size > 1:
         import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
-        if rank != 0:
+        if not here.is_main:
             return
-    options = dict(evaluation)
-    target, report_dir = options.pop("target"), options.pop("report_dir", None)
     names = [job.name for job in jobs if job.eo.is_file()]
     if not names:
         raise ValueError(f"no translated image in {output_dir} to evaluate")
-    result = evaluate(match_pairs(output_dir, target, names=names), output_dir, target, device=device, **options)
-    print(result.table())
-    for path in result.write(report_dir or output_dir):
-        print(f"  {path}")
+    run_evaluate(output_dir, target, evaluation, device, names=names)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from cdiff import metrics, perceptual
 from cdiff.cli import main
-from cdiff.evaluate import evaluate, match_pairs, parse_metrics, run_evaluate
+from cdiff.evaluate import EvaluationOptions, evaluate, match_pairs, parse_metrics, run_evaluate
 
 from .helpers import one_thread
 
@@ -56,8 +56,8 @@ def folders(tmp_path):
 @pytest.mark.parametrize("paper_scaling", [False, True])
 def test_per_image_scores_equal_torchmetrics_on_the_files(folders, paper_scaling):
     pred_dir, target_dir = folders
-    result = evaluate(match_pairs(pred_dir, target_dir), pred_dir, target_dir, ("psnr", "ssim", "scc"),
-                      paper_scaling=paper_scaling, show_progress=False)
+    options = EvaluationOptions(("psnr", "ssim", "scc"), paper_scaling=paper_scaling)
+    result = evaluate(match_pairs(pred_dir, target_dir), pred_dir, target_dir, options, show_progress=False)
     assert [row["name"] for row in result.per_image] == ["a", "b", "sub/c"]
     reference = {
         "psnr": lambda p, t: torchmetrics_image.peak_signal_noise_ratio(p, t, data_range=1.0),
@@ -93,7 +93,7 @@ def test_the_command_prints_and_writes_atomic_reports(folders, tmp_path, capsys)
 
 def test_default_scaling_is_named_in_the_report(folders):
     pred_dir, target_dir = folders
-    result = run_evaluate(pred_dir, target_dir, metrics="ssim")
+    result = run_evaluate(pred_dir, target_dir, EvaluationOptions(metrics=("ssim",)))
     assert json.loads((pred_dir / "evaluation.json").read_text())["scaling"] == "(x + 1) / 2"
     assert result.count == 3
 
@@ -136,8 +136,8 @@ def test_truncated_image_is_named_or_skipped(folders):
     (pred_dir / "b.png").write_bytes(data[: len(data) // 2])
     pairs = match_pairs(pred_dir, target_dir)
     with pytest.raises(ValueError, match=r"cannot read image .*pred/b\.png"):
-        evaluate(pairs, pred_dir, target_dir, ("psnr",), show_progress=False)
-    result = evaluate(pairs, pred_dir, target_dir, ("psnr",), skip_bad=True, show_progress=False)
+        evaluate(pairs, pred_dir, target_dir, EvaluationOptions(("psnr",)), show_progress=False)
+    result = evaluate(pairs, pred_dir, target_dir, EvaluationOptions(("psnr",), skip_bad=True), show_progress=False)
     assert result.count == 2 and len(result.skipped) == 1 and "pred/b.png" in result.skipped[0]
     assert "1 pairs skipped" in result.table()
 
@@ -145,6 +145,8 @@ def test_truncated_image_is_named_or_skipped(folders):
 def test_unknown_metric():
     with pytest.raises(ValueError, match="unknown metric 'iou'"):
         parse_metrics("psnr,iou")
+    with pytest.raises(ValueError, match="unknown metric 'iou'"):
+        EvaluationOptions(metrics=("psnr", "iou"))
     assert parse_metrics("fid, PSNR") == ("psnr", "fid")
 
 

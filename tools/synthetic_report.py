@@ -34,9 +34,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
-from cdiff.data.imageio import to_uint8, write_png, write_text  # noqa: E402
+from cdiff.data.imageio import to_uint8, write_png  # noqa: E402
 from cdiff.data.synth import _SHIP_COLOUR, _VEHICLE_COLOURS, ROAD, WATER, make_pair, redraw_eo  # noqa: E402
 from cdiff.demo import DEMO_MODEL, HELDOUT_SEED, Protocol, eo_batch, heldout_pairs, mean_eo_image, sar_batch, translate  # noqa: E402
+from cdiff.files import write_text  # noqa: E402
 from cdiff.load import load_pipeline  # noqa: E402
 from cdiff.metrics import image_metrics, to_unit  # noqa: E402
 from tools.reliability_plot import draw_reliability  # noqa: E402

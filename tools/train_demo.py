@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
 import cdiff  # noqa: E402
-from cdiff.demo import DEMO_MODEL, PROMPT_TOKENS, SCORE_PROTOCOLS, baseline_scores, measure  # noqa: E402
-from cdiff.data.imageio import write_text  # noqa: E402
-from cdiff.files import check_output  # noqa: E402
+from cdiff.demo import DEMO_MODEL, SCORE_PROTOCOLS, baseline_scores, measure  # noqa: E402
+from cdiff.testing import PROMPT_TOKENS  # noqa: E402
+from cdiff.files import check_output, write_text  # noqa: E402
 from cdiff.train import load_config, train  # noqa: E402
 from cdiff.train.config import to_dict  # noqa: E402
 from cdiff.train.latents import cache_latents  # noqa: E402

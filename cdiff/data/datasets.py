@@ -81,10 +81,10 @@ from cdiff.data.split import (
     split_list_name,
 )
 from cdiff.data.transforms import CenterCrop, PairAugment
+from cdiff.imagefiles import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 ON_ERROR = ("raise", "skip")
 DEFAULT = "default"
 

@@ -23,11 +23,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cdiff.files import atomic_path
+from cdiff.imagefiles import TIFF_SUFFIXES
 
 # The release's guard on the stretch denominator (in data units).
 STRETCH_EPS = 1.0 / 1024
 
-_TIFF_SUFFIXES = (".tif", ".tiff")
 # Pillow modes folded to a plain grey or RGB layout; any other mode is read as it is.
 _TO_GREY = {"1": "L", "LA": "L", "La": "L"}
 _TO_RGB = {"P": "RGB", "PA": "RGB", "RGBA": "RGB", "RGBa": "RGB", "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
@@ -52,7 +52,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
                 img = img.convert(_TO_RGB[mode])
             array = np.asarray(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        if path.suffix.lower() in _TIFF_SUFFIXES:
+        if path.suffix.lower() in TIFF_SUFFIXES:
             return read_geotiff(path)
         raise ValueError(f"cannot read image {path}: {err}") from err
     if array.ndim == 2:
@@ -74,7 +74,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
             width, height = img.size
             return height, width
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        if path.suffix.lower() not in _TIFF_SUFFIXES:
+        if path.suffix.lower() not in TIFF_SUFFIXES:
             raise ValueError(f"cannot read image {path}: {err}") from err
     tifffile = _import_tifffile(path)
     try:
@@ -198,9 +198,3 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
         array = array[:, :, 0]
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cdiff.data.imageio import write_text
+from cdiff.files import write_text
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cdiff.data.imageio import to_uint8, write_png, write_text
-from cdiff.files import atomic_path, check_output
+from cdiff.data.imageio import to_uint8, write_png
+from cdiff.files import atomic_path, check_output, write_text
 from cdiff.progress import progress
 
 CLASSES = ("water", "vegetation", "fields", "bare_soil", "road", "building")
