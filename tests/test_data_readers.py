@@ -24,7 +24,8 @@ from cdiff.data import (
     spacenet6,
     write_split,
 )
-from cdiff.data.datasets import qxs_group, sen12_sar_path
+from cdiff.data.datasets import sen12_sar_path
+from cdiff.data.split import qxs_group
 
 SN6 = "train/AOI_11_Rotterdam"
 

@@ -18,24 +18,7 @@ Layouts (``root`` is the dataset's top folder; split lists hold EO paths relativ
 
 Splits: ``list_file`` takes a release list (``train_eo_list_080.txt``...), read as it is.
 Without one, a ``split`` of "train"/"test" reads cdiff's own deterministic 80/20 split by
-scene from ``split_dir`` (default ``root/cdiff_split_<reader>``, one folder per reader),
-writing it there first if absent, and refusing it if it is stale (see cdiff.data.split).
-The scene (group) key of each reader:
-
-- sen12:        the ``ROIs<season>/s2_N`` folder: all patches ``p<k>`` of one scene.
-- spacenet6:    the SAR strip: the two collect timestamps in the tile's name
-                (``..._PS-RGB_20190804111224_20190804111453_tile_8679.tif``). Strips overlap
-                on the ground, so tiles of one place can still fall on both sides; for a
-                geographic split, give a list_file.
-- qxs_saropt:   blocks of 100 consecutive numbers (``1234.png`` -> block 12). The names carry
-                no scene id; assuming the numbers follow the order the scenes were cut in,
-                neighbours share a block. If the numbering were random, blocks cost nothing
-                but granularity. A name that is not a number is its own group.
-- folder_pairs: ``group=`` a regex searched in the EO file name (its first capture group,
-                else the whole match, is the key); default one group per pair.
-- csv_pairs:    a ``group`` column if the CSV has one, else ``group=`` as for folder_pairs,
-                else one group per pair.
-- sar2opt:      its own train/test folders; no cdiff split.
+scene (cdiff.data.split, which also holds each reader's scene rule).
 
 ``split=None`` (the default) takes every pair, or with a ``list_file`` the split its name
 says (an explicit ``split`` must agree with the name).
@@ -73,12 +56,15 @@ from torch.utils.data import Dataset
 
 from cdiff.data import imageio
 from cdiff.data.split import (
+    QXS_GROUPING,
+    SEN12_GROUPING,
+    SPACENET6_GROUPING,
     SPLIT_SEED,
     Grouping,
-    load_or_make_split,
     read_split,
-    split_from_list_name,
-    split_list_name,
+    regex_grouping,
+    select_split,
+    split_of_list,
 )
 from cdiff.data.transforms import CenterCrop, PairAugment
 from cdiff.imagefiles import IMAGE_SUFFIXES
@@ -279,53 +265,6 @@ def _names(eo_rel: Sequence[str]) -> list[str]:
     return [str(PurePosixPath(p).with_suffix("")).replace("/", "__") for p in eo_rel]
 
 
-def _select(
-    root: Path, split: str | None, list_file, split_dir, ratio: int, seed: int, discover: Callable[[], list[str]],
-    grouping: Grouping,
-) -> tuple[str | None, list[str]]:
-    """(split, EO paths relative to root) from a list file, cdiff's own split, or everything."""
-    if list_file is not None:
-        return _split_of_list(split, list_file), read_split(list_file)
-    if split is not None:
-        split_list_name(split, ratio)  # a bad split or ratio fails before anything is read
-    found = discover()
-    if split is None:
-        return None, found
-    split_dir = Path(split_dir) if split_dir is not None else root / f"cdiff_split_{grouping.reader}"
-    return split, load_or_make_split(split_dir, found, split, ratio, seed, grouping)
-
-
-def _regex_grouping(reader: str, pattern: str | None) -> Grouping:
-    """Group by ``pattern`` searched in the EO file name (first capture group, else the match)."""
-    if pattern is None:
-        return Grouping(reader)
-    try:
-        regex = re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"group={pattern!r} is not a valid regular expression: {err}") from None
-
-    def key(eo_rel: str) -> str:
-        found = regex.search(PurePosixPath(eo_rel).name)
-        if found is None:
-            raise ValueError(f"group={pattern!r} does not match the EO file name {eo_rel}")
-        return found.group(1) if regex.groups else found.group(0)
-
-    return Grouping(reader, f"regex {pattern!r} on the EO file name", key)
-
-
-def _split_of_list(split: str | None, list_file) -> str:
-    """The split a list file serves: its name says it, and an explicit ``split`` must agree."""
-    if split is None:
-        return split_from_list_name(list_file)
-    name = Path(list_file).name
-    other = {"train": "test", "test": "train"}.get(split)
-    if other is None:
-        raise ValueError(f"split must be 'train', 'test' or None, got {split!r}")
-    if other in name and split not in name:
-        raise ValueError(f"split={split!r} but the list file {list_file} is named as a {other} list")
-    return split
-
-
 def _build(
     root: Path,
     eo_rel: Sequence[str],
@@ -382,15 +321,6 @@ def _swap_part(rel: str, table: dict[str, str], path_for_error: str) -> str:
 # --- the readers -----------------------------------------------------------------------------
 
 
-QXS_BLOCK = 100  # consecutive patch numbers per split group (see the module docstring)
-
-
-def qxs_group(eo_rel: str) -> str:
-    """``opt_256_oc_0.2/1234.png`` -> ``"block12"``: numbers in blocks of QXS_BLOCK."""
-    stem = PurePosixPath(eo_rel).stem
-    return f"block{int(stem) // QXS_BLOCK}" if stem.isdigit() else eo_rel
-
-
 def qxs_saropt(root, split: str | None = None, *, list_file=None, split_dir=None, ratio: int = 80,
                seed: int = SPLIT_SEED, transform=DEFAULT, on_error: str = "raise") -> PairedImages:
     """QXS-SAROPT: 256x256 grey Gaofen-3 SAR and Google Earth RGB PNGs; no crop.
@@ -403,8 +333,7 @@ def qxs_saropt(root, split: str | None = None, *, list_file=None, split_dir=None
     def discover():
         return _nonempty(_images_under(eo_dir, root), eo_dir, "QXS-SAROPT's opt_256_oc_0.2/ and sar_256_oc_0.2/")
 
-    grouping = Grouping("qxs", f"blocks of {QXS_BLOCK} consecutive patch numbers", qxs_group)
-    split, eo_rel = _select(root, split, list_file, split_dir, ratio, seed, discover, grouping)
+    split, eo_rel = select_split(root, split, list_file, split_dir, ratio, seed, discover, QXS_GROUPING)
     table = {"opt_256_oc_0.2": "sar_256_oc_0.2"}
     return _build(root, eo_rel, lambda e: _swap_part(e, table, e), split, None, transform, on_error, f"QXS-SAROPT {root}")
 
@@ -413,7 +342,7 @@ def sar2opt(root, split: str | None = None, *, list_file=None, transform=DEFAULT
     """SAR2Opt: 600x600 TerraSAR-X SAR (trainA/testA) and RGB (trainB/testB); 512 crops."""
     root = _root(root)
     if list_file is not None:
-        split = _split_of_list(split, list_file)
+        split = split_of_list(split, list_file)
         eo_rel = read_split(list_file)
     else:
         folders = {"train": ["trainB"], "test": ["testB"], None: ["trainB", "testB"]}
@@ -423,17 +352,6 @@ def sar2opt(root, split: str | None = None, *, list_file=None, transform=DEFAULT
         _nonempty(eo_rel, root, "SAR2Opt's trainA/, trainB/, testA/, testB/")
     table = {"trainB": "trainA", "testB": "testA"}
     return _build(root, eo_rel, lambda e: _swap_part(e, table, e), split, 512, transform, on_error, f"SAR2Opt {root}")
-
-
-# The SAR strip of a SpaceNet6 tile: its collect's start and end time, before the tile number.
-_SN6_STRIP = re.compile(r"_(\d{14}_\d{14})_tile_\d+\.\w+$")
-
-
-def spacenet6_group(eo_rel: str) -> str:
-    """``..._PS-RGB_20190804111224_20190804111453_tile_8679.tif`` -> ``"20190804111224_20190804111453"``;
-    a name without the strip's timestamps is its own group."""
-    found = _SN6_STRIP.search(eo_rel)
-    return found.group(1) if found else eo_rel
 
 
 def spacenet6(root, split: str | None = None, *, list_file=None, split_dir=None, ratio: int = 80,
@@ -447,8 +365,7 @@ def spacenet6(root, split: str | None = None, *, list_file=None, split_dir=None,
         found = [e for e in _images_under(root, root, "**/PS-RGB/*") if e.lower().endswith((".tif", ".tiff"))]
         return _nonempty(found, root, "SpaceNet6's .../PS-RGB/*.tif and .../SAR-Intensity/*.tif")
 
-    grouping = Grouping("spacenet6", "the SAR strip (collect timestamps in the tile name)", spacenet6_group)
-    split, eo_rel = _select(root, split, list_file, split_dir, ratio, seed, discover, grouping)
+    split, eo_rel = select_split(root, split, list_file, split_dir, ratio, seed, discover, SPACENET6_GROUPING)
     for e in eo_rel:
         if "PS-RGB" not in e:
             raise ValueError(f"SpaceNet6 EO path {e} does not contain 'PS-RGB': cannot derive its SAR path")
@@ -475,11 +392,6 @@ def sen12_sar_path(eo_rel: str) -> str:
     return str(path.parent.parent / new_folder / new_file)
 
 
-def sen12_group(eo_rel: str) -> str:
-    """``ROIs1158_spring/s2_1/ROIs1158_spring_s2_1_p30.png`` -> ``"ROIs1158_spring/s2_1"``: the scene."""
-    return str(PurePosixPath(eo_rel).parent)
-
-
 def sen12(root, split: str | None = None, *, list_file=None, split_dir=None, ratio: int = 80,
           seed: int = SPLIT_SEED, transform=DEFAULT, on_error: str = "raise") -> PairedImages:
     """SEN1-2: 256x256 Sentinel-1 VV and Sentinel-2 RGB PNG patches; no crop.
@@ -491,8 +403,7 @@ def sen12(root, split: str | None = None, *, list_file=None, split_dir=None, rat
         found = [e for e in _images_under(root, root, "ROIs*/s2_*/*") if _SEN12_FILE.search(e)]
         return _nonempty(found, root, "SEN1-2's ROIs<season>/s1_N/ and s2_N/ folders")
 
-    grouping = Grouping("sen12", "the ROIs<season>/s2_N scene folder", sen12_group)
-    split, eo_rel = _select(root, split, list_file, split_dir, ratio, seed, discover, grouping)
+    split, eo_rel = select_split(root, split, list_file, split_dir, ratio, seed, discover, SEN12_GROUPING)
     return _build(root, eo_rel, sen12_sar_path, split, None, transform, on_error, f"SEN1-2 {root}")
 
 
@@ -520,7 +431,7 @@ def folder_pairs(root, split: str | None = None, *, sar_dir: str = "sar", eo_dir
 
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    split, eo_rel = _select(root, split, list_file, split_dir, ratio, seed, discover, _regex_grouping("folders", group))
+    split, eo_rel = select_split(root, split, list_file, split_dir, ratio, seed, discover, regex_grouping("folders", group))
     return _build(root, eo_rel, lambda e: _swap_part(e, {eo_dir: sar_dir}, e), split, crop, transform, on_error,
                   f"folder pairs {root}", skipped=skipped)
 
@@ -568,8 +479,8 @@ def csv_pairs(csv_file, split: str | None = None, *, list_file=None, split_dir=N
             raise ValueError(f"pairs CSV {csv_file} has a 'group' column; group= would be a second rule, drop one")
         grouping = Grouping(reader, "the CSV's group column", group_of.__getitem__)
     else:
-        grouping = _regex_grouping(reader, group)
-    split, eo_rel = _select(root, split, list_file, split_dir, ratio, seed, lambda: sorted(sar_of), grouping)
+        grouping = regex_grouping(reader, group)
+    split, eo_rel = select_split(root, split, list_file, split_dir, ratio, seed, lambda: sorted(sar_of), grouping)
     return _build(root, eo_rel, sar_from_eo, split, crop, transform, on_error, f"pairs CSV {csv_file}")
 
 
