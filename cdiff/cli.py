@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cdiff: error: {err}", file=sys.stderr)
         return 2
     except ImportError as err:
-        # An optional dependency is missing (open_clip for convert, tifffile for GeoTIFFs).
+        # An optional dependency is missing (open_clip for convert, rasterio for GeoTIFFs).
         print(f"cdiff: error: {err}", file=sys.stderr)
         return 3
     return 0

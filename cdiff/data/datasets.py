@@ -32,7 +32,7 @@ With ``on_error="skip"``, bad pairs are dropped from the index when the dataset 
 logged (logger ``cdiff.data.datasets``), recorded in ``dataset.skipped`` (path -> reason)
 and counted by ``dataset.num_skipped``: missing partners, and every file whose header
 cannot be read or whose size differs from its partner's. Only headers are read then
-(Pillow's ``Image.open`` without decoding; tifffile's header for TIFFs Pillow cannot open):
+(Pillow's ``Image.open`` without decoding; rasterio's header for TIFFs Pillow cannot open):
 for 20,000 pairs of 256x256 PNGs (QXS-SAROPT's size) that is 15 s, where decoding them all
 takes 12 min (0.4 ms against 18 ms a file, measured on a busy 2-core machine). A file
 damaged beyond its header (truncated pixel data) fails only when decoded: reading that pair
