@@ -1,6 +1,6 @@
 """Helpers that cdiff's tests, benchmarks and CPU trials share: small models with seeded random
 weights, Stable Diffusion 2.1 with seeded random weights in the real layouts, one-thread torch,
-and the parity tolerance.
+the parity tolerance and the checks against diffusers, and tiny image files for the dataset tests.
 
 Nothing can be downloaded on cdiff's test machines, and a benchmark needs the full-size
 architecture, not trained values. ``write_diffusers_folder`` writes a diffusers SD 2.1 model
@@ -24,15 +24,22 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from cdiff.config import UNetConfig, VAEConfig
+from cdiff.native import save_native
 from cdiff.pipeline import Pipeline
 from cdiff.unet import UNet
 from cdiff.vae import VAE
 
 PROMPT_TOKENS = 6  # the release's unpadded "electro-optical image" prompt is 6 tokens long
+# The micro C-DiffSET stack of the training tests: a 370k-parameter U-Net and a small VAE.
+MICRO_UNET = dict(model_channels=16, channel_mult=(1, 2), attention_levels=(False, True), num_res_blocks=1,
+                  head_dim=16, norm_groups=8, context_dim=32)
+MICRO_VAE = dict(block_channels=(16, 16, 16, 16), norm_groups=8)
 # Parity tolerance of the stack: max abs error <= REL_TOL * max abs value of the reference.
 REL_TOL = 1e-4
 
@@ -105,6 +112,17 @@ def tiny_pipeline(seed: int) -> Pipeline:
     return Pipeline(unet, vae, context)
 
 
+def micro_model(path, out_channels: int = 4, seed: int = 0, config: dict | None = None) -> Path:
+    """A native C-DiffSET file with seeded random weights: an 8-in U-Net (MICRO_UNET, or ``config``
+    over the tiny preset; 4-out: the surgery adds the variance channel) and a small VAE."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet(UNetConfig.tiny(in_channels=8, out_channels=out_channels, **(MICRO_UNET if config is None else config)))
+        vae = VAE(VAEConfig.tiny(**MICRO_VAE))
+        context = torch.randn(6, unet.config.context_dim)
+    return save_native(path, unet, vae, context)
+
+
 @contextlib.contextmanager
 def one_thread():
     """torch on one CPU thread, for tiny networks (the demo's, the tests'): as fast as two on an
@@ -131,6 +149,65 @@ def assert_parity(actual: torch.Tensor, expected: torch.Tensor, what: str, rel_t
     assert err <= rel_tol, f"{what}: max abs error {err:.2e} x max|ref| exceeds {rel_tol:.0e}"
     print(f"{what}: max abs error = {err:.2e} x max|ref|")
     return err
+
+
+# --- against diffusers ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def release_surgery(unet, variance: bool = True):
+    """The official release's channel surgery, on a diffusers UNet2DConditionModel, written
+    here independently of cdiff: conv_in gets [SAR | EO] halves of weight x 0.5 (bias kept),
+    conv_out one more output channel with zero weight and bias."""
+    import diffusers
+
+    cfg = dict(unet.config)
+    conv_in, conv_out = unet.conv_in, unet.conv_out
+    cfg["in_channels"] = 2 * conv_in.in_channels if conv_in.in_channels == 4 else conv_in.in_channels
+    cfg["out_channels"] = conv_out.out_channels + (1 if variance else 0)
+    new = diffusers.UNet2DConditionModel.from_config(cfg)
+    state = unet.state_dict()
+    if conv_in.in_channels == 4:
+        state["conv_in.weight"] = torch.cat([conv_in.weight * 0.5, conv_in.weight * 0.5], dim=1)
+    if variance:
+        state["conv_out.weight"] = torch.cat([conv_out.weight, torch.zeros(1, *conv_out.weight.shape[1:])])
+        state["conv_out.bias"] = torch.cat([conv_out.bias, torch.zeros(1)])
+    new.load_state_dict(state)
+    return new.eval()
+
+
+def write_release(path: Path, unet, prefix: str = "module.") -> Path:
+    """A release ``model.safetensors``: the diffusers U-Net state dict, keys prefixed."""
+    from safetensors.torch import save_file
+
+    save_file({prefix + k: v.contiguous() for k, v in unet.state_dict().items()}, str(path))
+    return path
+
+
+def unet_inputs(in_channels: int, side: int = 16, context_len: int = 6, seed: int = 0):
+    """(sample (2, in_channels, side, side), timesteps (2,), context (2, context_len, 1024)), seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    sample = torch.randn(2, in_channels, side, side, generator=gen)
+    context = torch.randn(2, context_len, 1024, generator=gen)
+    return sample, torch.tensor([37, 781]), context
+
+
+def check_unet_parity(ours, theirs, what: str, side: int = 16) -> float:
+    """cdiff's U-Net ``ours`` against diffusers' ``theirs`` on the same inputs (assert_parity)."""
+    sample, t, context = unet_inputs(ours.config.in_channels, side)
+    with torch.no_grad():
+        expected = theirs(sample, t, encoder_hidden_states=context).sample
+        actual = ours(sample, t, context)
+    return assert_parity(actual, expected, what)
+
+
+def check_vae_parity(ours, theirs, what: str, side: int = 32) -> None:
+    """cdiff's VAE ``ours`` against diffusers' ``theirs``: the encoder's mean and the decoder."""
+    images = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
+    with torch.no_grad():
+        posterior = theirs.encode(images).latent_dist
+        assert_parity(ours.encode(images).mean, posterior.mean, f"{what} encoder mean")
+        assert_parity(ours.decode(posterior.mean), theirs.decode(posterior.mean).sample, f"{what} decoder")
 
 
 def write_diffusers_folder(root: Path, unet_cfg: dict, vae_cfg: dict, text_cfg: dict, seed: int = 0) -> Path:
@@ -164,6 +241,52 @@ def write_diffusers_folder(root: Path, unet_cfg: dict, vae_cfg: dict, text_cfg: 
         "scheduler": ["diffusers", "DDIMScheduler"],
     }))
     return root
+
+
+# --- tiny image files for the dataset tests ------------------------------------------------------
+
+SN6 = "train/AOI_11_Rotterdam"  # a SpaceNet6 area folder
+
+
+def png(path: Path, array) -> Path:
+    """Write ``array`` (H, W) or (H, W, 3) as an 8-bit PNG, making its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+    return path
+
+
+def grey(value, h=16, w=16):
+    """(h, w) uint8 around ``value``, alternating by one level across columns (so not constant)."""
+    return np.full((h, w), value, dtype=np.uint8) + (np.arange(w) % 2).astype(np.uint8)[None, :]
+
+
+def rgb(r, g, b, h=16, w=16):
+    """(h, w, 3) uint8 of one colour."""
+    return np.stack([np.full((h, w), c, np.uint8) for c in (r, g, b)], axis=-1)
+
+
+def sn6_paths(root: Path, tile: str):
+    """(SAR-Intensity, PS-RGB) paths of SpaceNet6 tile ``tile`` under ``root``, their folders made."""
+    eo = root / SN6 / "PS-RGB" / f"SN6_Train_AOI_11_Rotterdam_PS-RGB_{tile}.tif"
+    sar = root / SN6 / "SAR-Intensity" / f"SN6_Train_AOI_11_Rotterdam_SAR-Intensity_{tile}.tif"
+    eo.parent.mkdir(parents=True, exist_ok=True)
+    sar.parent.mkdir(parents=True, exist_ok=True)
+    return sar, eo
+
+
+def quadrant_bands(h=20, w=20):
+    """(H, W, 4) float32: each band two-valued (so its 1st/99th percentiles are those values),
+    at different scales: HH high on the left half, HV high on the top half, VH high on the
+    left half, VV high on the top-left quadrant."""
+    yy, xx = np.indices((h, w))
+    left, top = xx < w // 2, yy < h // 2
+    bands = [
+        np.where(left, 0.5, 0.1),  # HH
+        np.where(top, 0.03, 0.01),  # HV
+        np.where(left, 300.0, 100.0),  # VH
+        np.where(top & left, 9.0, 2.0),  # VV
+    ]
+    return np.stack(bands, axis=-1).astype(np.float32), left, top
 
 
 def main(argv: list[str] | None = None) -> None:

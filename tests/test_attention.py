@@ -18,7 +18,7 @@ from cdiff.config import UNetConfig, VAEConfig
 from cdiff.layouts.diffusers_config import unet_config_from_diffusers
 from cdiff.unet import UNet
 from cdiff.vae import VAE
-from tests.helpers import assert_parity, randomize_
+from cdiff.testing import assert_parity, randomize_
 from cdiff.testing import SD21_UNET, tiny_configs
 
 BACKENDS = {"sdpa": sdpa_attention, "math": math_attention}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import one_thread
+from cdiff.testing import one_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("diffusers")

@@ -11,7 +11,7 @@ from cdiff.testing import tiny_pipeline
 from cdiff.layers import from_tokens, to_tokens
 from cdiff.unet import UNet
 from cdiff.vae import VAE
-from tests.helpers import assert_parity, one_thread, randomize_
+from cdiff.testing import assert_parity, one_thread, randomize_
 
 CL = torch.channels_last
 CUDA = torch.cuda.is_available()
@@ -188,9 +188,9 @@ def test_half_precision_channels_last_path_on_cuda(dtype, monkeypatch):
 # --- training: the trainer's switch, and a resume that keeps the moments' layout -----------------
 
 
-def test_trainer_switch_gives_the_same_loss_and_gradients(tmp_path):
+def test_trainer_switch_gives_the_same_loss_and_gradients(tmp_path, small_config):
+    from cdiff.testing import micro_model
     from cdiff.train.cdiffset import CDiffSETTask
-    from tests.test_train import micro_model, small_config
 
     model = micro_model(tmp_path / "micro.safetensors")
     batch = {"sar": torch.rand(2, 3, 64, 64) * 2 - 1, "eo": torch.rand(2, 3, 64, 64) * 2 - 1, "position": torch.tensor([0, 1])}

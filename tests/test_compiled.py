@@ -18,7 +18,7 @@ from cdiff.testing import tiny_pipeline
 from cdiff.pipeline import Pipeline
 from cdiff.unet import UNet
 from cdiff.vae import VAE
-from tests.helpers import assert_parity, one_thread, randomize_
+from cdiff.testing import assert_parity, one_thread, randomize_
 
 CUDA = torch.cuda.is_available()
 NO_CUDA = "needs a CUDA device (the CPU tests run the same loop through graphs.eager_capture)"

@@ -30,65 +30,16 @@ from cdiff.native import NATIVE_VERSION  # noqa: E402
 from cdiff.statedict import build_model  # noqa: E402
 from cdiff.surgery import cdiffset_surgery  # noqa: E402
 from cdiff.weightfile import CheckpointError, WeightFile  # noqa: E402
-from tests.helpers import assert_parity, randomize_  # noqa: E402
-from cdiff.testing import tiny_configs, write_diffusers_folder  # noqa: E402
+from cdiff.testing import (  # noqa: E402
+    assert_parity, check_unet_parity, check_vae_parity, randomize_, release_surgery, tiny_configs, unet_inputs,
+    write_diffusers_folder, write_release,
+)
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("open_clip")
 
 TINY_UNET, TINY_VAE, TINY_TEXT = tiny_configs()
-
-
-@torch.no_grad()
-def release_surgery(unet, variance: bool = True):
-    """The official release's channel surgery, on a diffusers UNet2DConditionModel, written
-    here independently of cdiff: conv_in gets [SAR | EO] halves of weight x 0.5 (bias kept),
-    conv_out one more output channel with zero weight and bias."""
-    cfg = dict(unet.config)
-    conv_in, conv_out = unet.conv_in, unet.conv_out
-    cfg["in_channels"] = 2 * conv_in.in_channels if conv_in.in_channels == 4 else conv_in.in_channels
-    cfg["out_channels"] = conv_out.out_channels + (1 if variance else 0)
-    new = diffusers.UNet2DConditionModel.from_config(cfg)
-    state = unet.state_dict()
-    if conv_in.in_channels == 4:
-        state["conv_in.weight"] = torch.cat([conv_in.weight * 0.5, conv_in.weight * 0.5], dim=1)
-    if variance:
-        state["conv_out.weight"] = torch.cat([conv_out.weight, torch.zeros(1, *conv_out.weight.shape[1:])])
-        state["conv_out.bias"] = torch.cat([conv_out.bias, torch.zeros(1)])
-    new.load_state_dict(state)
-    return new.eval()
-
-
-def write_release(path: Path, unet, prefix: str = "module.") -> Path:
-    """A release ``model.safetensors``: the diffusers U-Net state dict, keys prefixed."""
-    from safetensors.torch import save_file
-
-    save_file({prefix + k: v.contiguous() for k, v in unet.state_dict().items()}, str(path))
-    return path
-
-
-def unet_inputs(in_channels: int, side: int = 16, context_len: int = 6, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    sample = torch.randn(2, in_channels, side, side, generator=gen)
-    context = torch.randn(2, context_len, 1024, generator=gen)
-    return sample, torch.tensor([37, 781]), context
-
-
-def check_unet_parity(ours, theirs, what: str, side: int = 16) -> float:
-    sample, t, context = unet_inputs(ours.config.in_channels, side)
-    with torch.no_grad():
-        expected = theirs(sample, t, encoder_hidden_states=context).sample
-        actual = ours(sample, t, context)
-    return assert_parity(actual, expected, what)
-
-
-def check_vae_parity(ours, theirs, what: str, side: int = 32) -> None:
-    images = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
-    with torch.no_grad():
-        posterior = theirs.encode(images).latent_dist
-        assert_parity(ours.encode(images).mean, posterior.mean, f"{what} encoder mean")
-        assert_parity(ours.decode(posterior.mean), theirs.decode(posterior.mean).sample, f"{what} decoder")
 
 
 def assert_same_tensors(a: dict, b: dict, what: str) -> None:

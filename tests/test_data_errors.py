@@ -11,7 +11,7 @@ import tifffile
 from cdiff.data import csv_pairs, folder_pairs, qxs_saropt, read_split, spacenet6
 from cdiff.data.imageio import read_geotiff
 
-from tests.test_data_readers import grey, png, quadrant_bands, rgb, sn6_paths
+from cdiff.testing import grey, png, quadrant_bands, rgb, sn6_paths
 
 
 def folders(root, n=3, h=16, w=16):

@@ -12,7 +12,7 @@ from cdiff.cli import main
 from cdiff.demo import DEMO_MODEL, DEMO_RECORD, SYNTHETIC_ONLY, Protocol, load_demo_model, measure
 from cdiff.data.synth import make_pair
 
-from .helpers import one_thread
+from cdiff.testing import one_thread
 
 ROW = re.compile(r"^\| (.+?) +\| +([-\d.]+) \| ([-\d.]+) \| +([-\d.]+) \|$")
 

@@ -8,7 +8,9 @@ import torch.nn as nn
 
 from cdiff.npde import GeneratorOutput, NPDEConfig, NPDELoss, NPDEModel, PMDHead, VGGFeatures, load_vgg, lsgan
 from cdiff.weightfile import CheckpointError
-from tests.test_npde_pde import one_thread  # noqa: F401  (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
+
 
 LAYERS = NPDEConfig().perceptual_layers
 

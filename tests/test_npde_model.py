@@ -6,7 +6,8 @@ import torch.nn as nn
 
 from cdiff.npde import TABLE2_ROWS, NPDEConfig, NPDEGenerator, NPDEModel, translate
 from cdiff.npde.model import ResidualBlock, TCDBlock
-from tests.test_npde_pde import one_thread  # noqa: F401  (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
 
 
 class Square(nn.Module):

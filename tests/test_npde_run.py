@@ -18,7 +18,7 @@ from cdiff.train.data import StreamSamples, image_augment, image_pairs
 from cdiff.train.optim import WarmupLinearDecay
 from cdiff.train.s2o_npde import fake_pools, initial_model
 
-from .helpers import one_thread
+from cdiff.testing import one_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "s2o_npde-synthetic-tiny.toml"

@@ -22,7 +22,7 @@ from cdiff.tiling import Tiling
 from cdiff.train import load_config, train
 from cdiff.weightfile import CheckpointError
 
-from .helpers import one_thread
+from cdiff.testing import one_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 

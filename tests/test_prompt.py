@@ -21,7 +21,7 @@ from cdiff.prompt import (
     tokenize,
 )
 from cdiff.weightfile import CheckpointError
-from tests.helpers import assert_parity, randomize_
+from cdiff.testing import assert_parity, randomize_
 
 open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")

@@ -8,9 +8,9 @@ import torch
 
 from cdiff import UNet, UNetConfig, VAE, VAEConfig, save_native
 from cdiff.export import export_original
-from tests.helpers import randomize_
+from cdiff.testing import randomize_
 
-from .helpers import one_thread
+from cdiff.testing import one_thread
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -8,7 +8,7 @@ import torch
 
 from cdiff.samplers import DPMSolverPP2M, make_sampler
 from cdiff.schedulers import DDIM, DDPM
-from tests.helpers import assert_parity
+from cdiff.testing import assert_parity
 
 CUDA = torch.cuda.is_available()
 NO_CUDA = "needs a CUDA device (the CPU tests above check the same loops for Python-visible sync points)"

@@ -5,7 +5,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from cdiff.schedulers import DDIM, DDPM
-from tests.helpers import assert_parity
+from cdiff.testing import assert_parity
 
 SD21 = dict(
     num_train_timesteps=1000,

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import one_thread  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,7 +27,7 @@ from cdiff.tiling import Tiling, tile_starts
 from cdiff.translate import list_inputs, plan_jobs, shard
 from cdiff.translators import image_seed
 
-from .helpers import one_thread
+from cdiff.testing import one_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a custom prompt"  # not the default: the stored prompt must be used without --prompt

@@ -13,7 +13,7 @@ from cdiff.attention import attention_backend
 from cdiff.config import UNetConfig
 from cdiff.layouts.diffusers import UNET
 from cdiff.unet import UNet
-from tests.helpers import assert_parity, randomize_, relative_error
+from cdiff.testing import assert_parity, randomize_, relative_error
 
 # diffusers settings equal to UNetConfig.tiny(), written out (not derived from the config).
 TINY_DIFFUSERS = dict(

@@ -15,7 +15,7 @@ from cdiff.native import save_native
 from cdiff.unet import DownBlock, UNet
 from cdiff.vae import VAE
 from cdiff.weightfile import CheckpointError
-from tests.helpers import randomize_
+from cdiff.testing import randomize_
 
 CONFIG = UNetConfig.tiny(in_channels=8, out_channels=5)
 

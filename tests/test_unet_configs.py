@@ -25,7 +25,7 @@ from cdiff.native import save_native  # noqa: E402
 from cdiff.unet import UNet  # noqa: E402
 from cdiff.vae import VAE  # noqa: E402
 from cdiff.weightfile import CheckpointError, WeightFile  # noqa: E402
-from tests.helpers import assert_parity, randomize_  # noqa: E402
+from cdiff.testing import assert_parity, randomize_  # noqa: E402
 from cdiff.testing import SD21_UNET, SD21_VAE, tiny_configs  # noqa: E402
 
 # A researcher's own U-Net, written as diffusers writes it: three levels, the middle one

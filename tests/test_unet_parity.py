@@ -20,7 +20,7 @@ from cdiff.attention import attention_backend
 from cdiff.config import UNetConfig
 from cdiff.layouts.diffusers import UNET
 from cdiff.unet import UNet
-from tests.helpers import assert_parity, randomize_
+from cdiff.testing import assert_parity, randomize_
 from cdiff.testing import SD21_UNET
 
 diffusers = pytest.importorskip("diffusers")

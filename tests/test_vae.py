@@ -16,7 +16,7 @@ from cdiff.attention import attention_backend
 from cdiff.config import VAEConfig
 from cdiff.layouts.diffusers import VAE as VAE_TABLE
 from cdiff.vae import VAE
-from tests.helpers import assert_parity, randomize_
+from cdiff.testing import assert_parity, randomize_
 
 TINY = VAEConfig.tiny()
 
