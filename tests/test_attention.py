@@ -16,10 +16,9 @@ from cdiff.attention import (
 )
 from cdiff.config import UNetConfig, VAEConfig
 from cdiff.layouts.diffusers_config import unet_config_from_diffusers
+from cdiff.testing import SD21_UNET, assert_parity, randomize_, tiny_configs
 from cdiff.unet import UNet
 from cdiff.vae import VAE
-from cdiff.testing import assert_parity, randomize_
-from cdiff.testing import SD21_UNET, tiny_configs
 
 BACKENDS = {"sdpa": sdpa_attention, "math": math_attention}
 

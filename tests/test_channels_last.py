@@ -7,11 +7,10 @@ import torch
 
 from cdiff.attention import attention_backend
 from cdiff.config import UNetConfig, VAEConfig
-from cdiff.testing import tiny_pipeline
 from cdiff.layers import from_tokens, to_tokens
+from cdiff.testing import assert_parity, one_thread, randomize_, tiny_pipeline
 from cdiff.unet import UNet
 from cdiff.vae import VAE
-from cdiff.testing import assert_parity, one_thread, randomize_
 
 CL = torch.channels_last
 CUDA = torch.cuda.is_available()

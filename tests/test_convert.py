@@ -29,11 +29,11 @@ from cdiff.loss import VAR_MAX, VAR_MIN, VAR_OFFSET, variance_from_raw  # noqa: 
 from cdiff.native import NATIVE_VERSION  # noqa: E402
 from cdiff.statedict import build_model  # noqa: E402
 from cdiff.surgery import cdiffset_surgery  # noqa: E402
-from cdiff.weightfile import CheckpointError, WeightFile  # noqa: E402
 from cdiff.testing import (  # noqa: E402
     assert_parity, check_unet_parity, check_vae_parity, randomize_, release_surgery, tiny_configs, unet_inputs,
     write_diffusers_folder, write_release,
 )
+from cdiff.weightfile import CheckpointError, WeightFile  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

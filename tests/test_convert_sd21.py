@@ -29,11 +29,11 @@ from cdiff.convert import convert  # noqa: E402
 from cdiff.layouts.original import TEXT_PREFIX  # noqa: E402
 from cdiff.load import load_unet, load_vae, read_unet  # noqa: E402
 from cdiff.prompt import prompt_embedding, tokenize  # noqa: E402
-from cdiff.weightfile import WeightFile  # noqa: E402
 from cdiff.testing import (  # noqa: E402
     SD21_TEXT, SD21_UNET, SD21_VAE, assert_parity, check_vae_parity, randomize_, release_surgery, unet_inputs,
     write_diffusers_folder, write_release,
 )
+from cdiff.weightfile import WeightFile  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

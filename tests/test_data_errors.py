@@ -10,7 +10,6 @@ import tifffile
 
 from cdiff.data import csv_pairs, folder_pairs, qxs_saropt, read_split, spacenet6
 from cdiff.data.imageio import read_geotiff
-
 from cdiff.testing import grey, png, quadrant_bands, rgb, sn6_paths
 
 

@@ -16,7 +16,6 @@ from PIL import Image
 
 from cdiff.data import PairAugment, csv_pairs, folder_pairs, make_split, qxs_saropt, sen12, spacenet6
 from cdiff.data.split import files_hash
-
 from cdiff.testing import grey, png, rgb
 
 

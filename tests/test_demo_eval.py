@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cdiff.testing import tiny_pipeline
 from cdiff.metrics import ssim, ssim_map
+from cdiff.testing import tiny_pipeline
 from tools.synthetic_eval import (
     auroc, best_constant_variance, bootstrap_auroc, gaussian_nll, hallucinated_objects, label_objects, latent_mask,
     masked_scores, one_step, reliability_bins, spurious_object_pixels,

@@ -17,7 +17,6 @@ from PIL import Image
 from cdiff import metrics, perceptual
 from cdiff.cli import main
 from cdiff.evaluate import EvaluationOptions, evaluate, match_pairs, parse_metrics, run_evaluate
-
 from cdiff.testing import one_thread
 
 torchmetrics_image = pytest.importorskip("torchmetrics.functional.image")

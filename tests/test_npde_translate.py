@@ -18,11 +18,10 @@ from cdiff.geo import read_sar
 from cdiff.npde import (
     GeneratorOutput, NPDEConfig, NPDEModel, is_model_file, load_generator, load_model, save_model, translate_image,
 )
+from cdiff.testing import one_thread
 from cdiff.tiling import Tiling
 from cdiff.train import load_config, train
 from cdiff.weightfile import CheckpointError
-
-from cdiff.testing import one_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 

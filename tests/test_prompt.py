@@ -20,8 +20,8 @@ from cdiff.prompt import (
     text_state_from_transformers,
     tokenize,
 )
-from cdiff.weightfile import CheckpointError
 from cdiff.testing import assert_parity, randomize_
+from cdiff.weightfile import CheckpointError
 
 open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")

@@ -6,8 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cdiff.testing import tiny_pipeline
 from cdiff.native import save_native
+from cdiff.testing import tiny_pipeline
 from tools.synthetic_report import ReportProtocol, ceiling, describe_model, heldout, main, measure, write_report
 
 TINY = ReportProtocol(scenes=2, steps=2, calibration_t=(300, 700), mean_scenes=2, bins=4, resamples=5, speed_scenes=1,

@@ -5,9 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from cdiff import DDIM, VAE, VAEConfig, tiling
-from cdiff.tiling import Grid, Tiling, tile_starts, tiled_apply
-
 from cdiff.testing import one_thread
+from cdiff.tiling import Grid, Tiling, tile_starts, tiled_apply
 
 
 @pytest.fixture(autouse=True)

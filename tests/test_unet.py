@@ -12,8 +12,8 @@ from torch import nn
 from cdiff.attention import attention_backend
 from cdiff.config import UNetConfig
 from cdiff.layouts.diffusers import UNET
-from cdiff.unet import UNet
 from cdiff.testing import assert_parity, randomize_, relative_error
+from cdiff.unet import UNet
 
 # diffusers settings equal to UNetConfig.tiny(), written out (not derived from the config).
 TINY_DIFFUSERS = dict(

@@ -12,10 +12,10 @@ from torch import nn
 from cdiff.config import UNetConfig, VAEConfig
 from cdiff.load import load_unet, load_vae, load_weights
 from cdiff.native import save_native
+from cdiff.testing import randomize_
 from cdiff.unet import DownBlock, UNet
 from cdiff.vae import VAE
 from cdiff.weightfile import CheckpointError
-from cdiff.testing import randomize_
 
 CONFIG = UNetConfig.tiny(in_channels=8, out_channels=5)
 

@@ -22,11 +22,10 @@ from cdiff.layouts.diffusers_config import (  # noqa: E402
 )
 from cdiff.load import load_unet, read_unet  # noqa: E402
 from cdiff.native import save_native  # noqa: E402
+from cdiff.testing import SD21_UNET, SD21_VAE, assert_parity, randomize_, tiny_configs  # noqa: E402
 from cdiff.unet import UNet  # noqa: E402
 from cdiff.vae import VAE  # noqa: E402
 from cdiff.weightfile import CheckpointError, WeightFile  # noqa: E402
-from cdiff.testing import assert_parity, randomize_  # noqa: E402
-from cdiff.testing import SD21_UNET, SD21_VAE, tiny_configs  # noqa: E402
 
 # A researcher's own U-Net, written as diffusers writes it: three levels, the middle one
 # without attention; widths 16/32/48; res blocks 1/2/1; head counts 2/4/3 (head sizes

@@ -19,9 +19,8 @@ import torch
 from cdiff.attention import attention_backend
 from cdiff.config import UNetConfig
 from cdiff.layouts.diffusers import UNET
+from cdiff.testing import SD21_UNET, assert_parity, randomize_
 from cdiff.unet import UNet
-from cdiff.testing import assert_parity, randomize_
-from cdiff.testing import SD21_UNET
 
 diffusers = pytest.importorskip("diffusers")
 

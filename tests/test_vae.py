@@ -15,8 +15,8 @@ import torch
 from cdiff.attention import attention_backend
 from cdiff.config import VAEConfig
 from cdiff.layouts.diffusers import VAE as VAE_TABLE
-from cdiff.vae import VAE
 from cdiff.testing import assert_parity, randomize_
+from cdiff.vae import VAE
 
 TINY = VAEConfig.tiny()
 

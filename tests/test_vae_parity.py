@@ -15,9 +15,8 @@ import torch
 from cdiff.attention import attention_backend
 from cdiff.config import VAEConfig
 from cdiff.layouts.diffusers import VAE as VAE_TABLE
+from cdiff.testing import SD21_VAE, assert_parity, randomize_
 from cdiff.vae import VAE
-from cdiff.testing import assert_parity, randomize_
-from cdiff.testing import SD21_VAE
 
 
 @pytest.fixture(scope="module")
