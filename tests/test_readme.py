@@ -106,5 +106,7 @@ def test_a_failing_docs_example_fails_the_test(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run_page(page, tmp_path)["y"] == 6
     page.write_text("```python\nraise RuntimeError('example 1 is broken')\n```\n")
+    (tmp_path / "again").mkdir()
+    monkeypatch.chdir(tmp_path / "again")
     with pytest.raises(RuntimeError, match="example 1 is broken"):
-        run_page(page, tmp_path)
+        run_page(page, tmp_path / "again")
