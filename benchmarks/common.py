@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from cdiff.config import DTYPES  # noqa: F401  (the benchmarks' --dtype names are cdiff's)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_CSV = ROOT / "benchmarks" / "results.csv"
 
@@ -64,7 +66,6 @@ PEAK_GBPS = [
     ("T4", 320),
 ]
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CSV_FIELDS = ["date", "script", "figure", "impl", "device", "dtype", "settings", "clock", "ms", "ratio", "tflops",
               "peak_fraction", "peak_memory_mb", "cpu_load", "python", "torch", "cuda", "triton", "diffusers"]
 

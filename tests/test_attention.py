@@ -212,7 +212,7 @@ def test_captured_map_equals_the_layer_attention():
             pass
 
 
-# --- half precision: SDPA, no upcast flag (issue 8, item 5) ------------------------------------
+# --- half precision: SDPA, no upcast flag ------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 2e-2)], ids=["fp16", "bf16"])

@@ -1,4 +1,4 @@
-"""The measures behind benchmarks/synthetic_report.md, on cases whose answer is known by hand."""
+"""The measures behind studies/synthetic/synthetic_report.md, on cases whose answer is known by hand."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch
 
 from cdiff.metrics import ssim, ssim_map
 from cdiff.testing import tiny_pipeline
-from tools.synthetic_eval import (
+from studies.synthetic.measures import (
     auroc, best_constant_variance, bootstrap_auroc, gaussian_nll, hallucinated_objects, label_objects, latent_mask,
     masked_scores, one_step, reliability_bins, spurious_object_pixels,
 )

@@ -76,7 +76,7 @@ def test_translate_reads_confidence_at_the_step_nearest_t_half(sampler, steps, i
     torch.testing.assert_close(result.confidence, expected, rtol=0, atol=0)
 
 
-# --- Issue 10: the starting noise as an argument ----------------------------------------------
+# --- the starting noise as an argument ----------------------------------------------
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
@@ -97,7 +97,7 @@ def test_latents_of_the_wrong_shape_are_refused():
         tiny_pipeline(0).translate(sar_batch(), steps=1, latents=torch.full((1, 4, 8, 8), float("nan")))
 
 
-# --- Issue 8: each module keeps its own dtype --------------------------------------------------
+# --- each module keeps its own dtype --------------------------------------------------
 
 
 @pytest.mark.parametrize("unet_dtype, vae_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
@@ -122,7 +122,7 @@ def test_each_module_keeps_its_own_dtype(unet_dtype, vae_dtype):
     assert (result.eo.float() - reference.eo).abs().max() < 0.1  # bf16 rounding, not a different image
 
 
-# --- Issue 8: input that is wrong without being malformed -------------------------------------
+# --- input that is wrong without being malformed -------------------------------------
 
 
 @pytest.mark.parametrize(

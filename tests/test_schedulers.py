@@ -93,7 +93,7 @@ def test_bad_arguments(kwargs, word):
         DDIM(**kwargs)
 
 
-# --- Issue 8: half-precision latents, no syncs, DDIM's edge cases --------------------------------
+# --- half-precision latents, no syncs, DDIM's edge cases --------------------------------
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -80,7 +80,7 @@ def test_each_prediction_type_reads_back_the_true_noise_and_clean_latent(predict
 
 
 def test_200_steps_lower_the_loss(tmp_path, model_file, small_config):
-    """Issue 9: on the tiny preset, the mean loss of the last 20 of 200 steps is below 80% of the
+    """On the tiny preset, the mean loss of the last 20 of 200 steps is below 80% of the
     first 20's. The run reads a latent cache with all 8 views (random flips and rotations)."""
     base = small_config(model_file, "data.count=32")
     cache = cache_latents(base, tmp_path / "latents", dihedral_views=True, show_progress=False)

@@ -1,6 +1,6 @@
 """Any SD 2.x-style U-Net a diffusers config.json describes: read, refused by name when cdiff
 cannot build it, carried by the native file, exported back; and the same weights give the same
-config from every layout (issue 8, item 5)."""
+config from every layout."""
 
 from __future__ import annotations
 

@@ -291,7 +291,7 @@ def redraw_eo(seed: int, size: int | tuple[int, int], rng: np.random.Generator) 
     cannot show drawn afresh from ``rng``: the colour of each roof and field parcel, the tone,
     the vegetation texture and the sensor noise; no injected objects. A draw from the EO's
     distribution given the scene's layout: what a perfect translator could sample at best
-    (tools/synthetic_report.py measures that ceiling).
+    (studies/synthetic/report.py measures that ceiling).
     """
     h, w, streams = _shape_and_streams(seed, size)
     landcover, colour, height, stripe, group = _scene(streams[0], h, w)

@@ -1,6 +1,6 @@
 """Measures of the paper's claims on synthetic pairs, where the truth is known.
 
-Used by tools/synthetic_report.py; each function states its protocol. The measures are pure
+Used by studies/synthetic/report.py; each function states its protocol. The measures are pure
 functions of tensors (tested by hand in tests/test_demo_eval.py); ``one_step`` is the one that
 runs a model.
 """
