@@ -47,7 +47,7 @@ import torch.nn.functional as F
 import cdiff
 from benchmarks import common
 from benchmarks.bench_unet import environment
-from cdiff.attention import attention_backend
+from cdiff.attention import use_attention_backend
 from cdiff.layouts.diffusers import UNET as UNET_TABLE
 from cdiff.testing import SD21_UNET, randomize_, tiny_configs
 from cdiff.train.configfile import load_config
@@ -156,7 +156,7 @@ def fused_scope():
     import contextlib
 
     stack = contextlib.ExitStack()
-    stack.enter_context(attention_backend("fused"))
+    stack.enter_context(use_attention_backend("fused"))
     stack.enter_context(environment("CDIFF_GROUP_NORM", "triton"))
     return stack
 

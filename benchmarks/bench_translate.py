@@ -37,7 +37,7 @@ import torch
 
 from benchmarks import common
 from benchmarks.bench_unet import environment
-from cdiff.attention import attention_backend
+from cdiff.attention import use_attention_backend
 from cdiff.pipeline import Pipeline
 
 CL = torch.channels_last
@@ -82,7 +82,7 @@ def implementations(theirs, ours, context, device, dtype, steps, wanted) -> dict
 
     def fused():
         stack = contextlib.ExitStack()
-        stack.enter_context(attention_backend("fused"))
+        stack.enter_context(use_attention_backend("fused"))
         stack.enter_context(environment("CDIFF_GROUP_NORM", "triton"))
         return stack
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import common
-from cdiff.attention import attention_backend
+from cdiff.attention import use_attention_backend
 from cdiff.config import UNetConfig
 from cdiff.testing import randomize_
 from cdiff.unet import UNet
@@ -77,7 +77,7 @@ def forward_implementations(theirs, ours, device, dtype, wanted) -> dict:
 
     def fused():
         stack = contextlib.ExitStack()
-        stack.enter_context(attention_backend("fused"))
+        stack.enter_context(use_attention_backend("fused"))
         stack.enter_context(environment("CDIFF_GROUP_NORM", "triton"))
         return stack
 
@@ -154,7 +154,7 @@ def part_attention(args, device, dtype, tiny: bool) -> list[dict]:
         half = unet.to(dtype)
         for backend in ("sdpa", "math"):
             def run():
-                with attention_backend(backend):
+                with use_attention_backend(backend):
                     return half(sample.to(dtype), t, context.to(dtype))
             common.reset_peak_memory(device)
             sec = common.interleaved({backend: run}, device, args.warmup, args.repeats)[backend]

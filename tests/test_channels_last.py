@@ -5,7 +5,7 @@ translation (tiny presets, fp32, CPU)."""
 import pytest
 import torch
 
-from cdiff.attention import attention_backend
+from cdiff.attention import use_attention_backend
 from cdiff.config import UNetConfig, VAEConfig
 from cdiff.layers import from_tokens, to_tokens
 from cdiff.testing import assert_parity, one_thread, randomize_, tiny_pipeline
@@ -155,7 +155,7 @@ def test_fused_attention_backend_matches_sdpa():
     outputs = {}
     with one_thread(), torch.no_grad():
         for backend in ("sdpa", "fused"):
-            with attention_backend(backend):
+            with use_attention_backend(backend):
                 outputs[backend] = (unet(sample, t, context, mask), vae(images))
     assert_parity(outputs["fused"][0], outputs["sdpa"][0], "U-Net fused vs sdpa attention", REL_TOL)
     assert_parity(outputs["fused"][1], outputs["sdpa"][1], "VAE fused vs sdpa attention", REL_TOL)
@@ -176,7 +176,7 @@ def test_half_precision_channels_last_path_on_cuda(dtype, monkeypatch):
         unet.to(dtype=dtype, memory_format=CL)
         vae.to(dtype=dtype, memory_format=CL)
         monkeypatch.setenv("CDIFF_GROUP_NORM", "triton")
-        with attention_backend("fused"):
+        with use_attention_backend("fused"):
             out = unet(sample.to(dtype), t, context.to(dtype)), vae(images.to(dtype))
     assert out[0].is_contiguous(memory_format=CL) and out[1].is_contiguous(memory_format=CL)
     tol = 2e-2 if dtype == torch.float16 else 5e-2

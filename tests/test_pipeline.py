@@ -10,7 +10,8 @@ from cdiff.config import UNetConfig
 from cdiff.loss import confidence_from_raw
 from cdiff.pipeline import Pipeline, confidence_step
 from cdiff.samplers import make_sampler
-from cdiff.schedulers import DDIM, DDPM, leading_timesteps
+from cdiff.samplers import DDIM
+from cdiff.schedulers import DDPM, leading_timesteps
 from cdiff.testing import tiny_pipeline
 
 SIDE = 64  # the smallest image the SD 2.1 layout takes: latent 8x8, U-Net bottom 1x1

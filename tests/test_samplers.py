@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from cdiff.samplers import DPMSolverPP2M, make_sampler
-from cdiff.schedulers import DDIM, DDPM
+from cdiff.samplers import DDIM, DPMSolverPP2M, make_sampler
+from cdiff.schedulers import DDPM
 from cdiff.testing import assert_parity
 
 CUDA = torch.cuda.is_available()

@@ -4,7 +4,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from cdiff.schedulers import DDIM, DDPM
+from cdiff.samplers import DDIM
+from cdiff.schedulers import DDPM
 from cdiff.testing import assert_parity
 
 SD21 = dict(

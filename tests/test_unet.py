@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from cdiff.attention import attention_backend
+from cdiff.attention import use_attention_backend
 from cdiff.config import UNetConfig
 from cdiff.layouts.diffusers import UNET
 from cdiff.testing import assert_parity, randomize_, relative_error
@@ -69,7 +69,7 @@ def test_tiny_matches_diffusers(layout):
         sample, t, context = inputs(ours, batch=2, context_len=context_len)
         expected = theirs(sample, t, encoder_hidden_states=context).sample
         for backend in ("sdpa", "math"):
-            with attention_backend(backend):
+            with use_attention_backend(backend):
                 out = ours(sample, t, context)
             assert_parity(out, expected, f"tiny {layout} {context_len}-token {backend}")
 
@@ -167,7 +167,7 @@ def test_half_precision_close_to_fp32(unet, dtype, tol, backend):
     sample = 100 * sample  # large activations: the norms must keep fp32 statistics
     expected = unet(sample, t, context)
     half = tiny_unet().to(dtype)
-    with attention_backend(backend):
+    with use_attention_backend(backend):
         out = half(sample.to(dtype), t, context.to(dtype))
         # A 30x context gives attention scores in the thousands: finite, though no longer
         # comparable to fp32 (the softmax is then nearly one-hot and flips on rounding).

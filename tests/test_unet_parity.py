@@ -16,7 +16,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cdiff.attention import attention_backend
+from cdiff.attention import use_attention_backend
 from cdiff.config import UNetConfig
 from cdiff.layouts.diffusers import UNET
 from cdiff.testing import SD21_UNET, assert_parity, randomize_
@@ -86,7 +86,7 @@ def test_sd21_matches_diffusers(models, context_len, backend):
         reference[context_len] = theirs(sample, TIMESTEPS, encoder_hidden_states=context).sample
         print(f"diffusers forward {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
-    with attention_backend(backend):
+    with use_attention_backend(backend):
         out = ours(sample, TIMESTEPS, context)
     print(f"cdiff forward {time.perf_counter() - start:.1f} s")
     expected = reference[context_len]
