@@ -62,6 +62,11 @@ def run_unet(model, in_channels: int, diffusers_model: bool) -> torch.Tensor:
         return model(sample, t, context)
 
 
+# Slow: full-size SD 2.1 in fp32 is what these tests are about (the parity of the real architecture
+# and of real-sized files), so the module writes about 16 GB in all and takes minutes; it cannot be
+# made smaller without testing something else.
+pytestmark = pytest.mark.slow
+
 # Full-size files are 3.5-5 GB each: every test and fixture deletes what it wrote when it is
 # done, so the module peaks at about 20 GB of disk instead of keeping 30 GB to the session's end.
 @pytest.fixture(autouse=True)

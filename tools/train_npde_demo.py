@@ -40,12 +40,12 @@ from pathlib import Path
 import torch
 
 from cdiff.data.synth import make_pair
+from cdiff.demo import HELDOUT_SEED  # the demo's first held-out scene, far above any training seed
 from cdiff.metrics import image_metrics
 from cdiff.npde import load_generator, load_model, translate_image
 from cdiff.train import load_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
-HELDOUT_SEED = 1_000_000  # the demo's first held-out scene (tools/demo_vae.py), far above any training seed
 CONFIG = ROOT / "configs" / "s2o_npde-synthetic-tiny.toml"
 
 
