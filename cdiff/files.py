@@ -172,7 +172,8 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` as one ``.safetensors`` file, atomically (contiguous CPU copies; shared
     storage is split). ``metadata``: the header's string map."""
     from safetensors.torch import save_file

@@ -15,8 +15,9 @@ stretch statistics come from valid pixels only; nodata pixels enter the network 
 are written back as nodata.
 
 GeoTIFFs are read (cdiff.data.imageio.read_raster, as the dataset readers read them) and written
-with rasterio (``pip install cdiff[geo]``, imported only inside those functions). The EO GeoTIFF is 3-band uint8 RGB with the source's CRS,
-transform and nodata, so it overlays the SAR scene in a GIS. A nodata value that uint8
+with rasterio (``pip install cdiff[geo]``, imported only inside those functions). The EO GeoTIFF
+is 3-band uint8 RGB with the source's CRS, transform and nodata, so it overlays the SAR scene in
+a GIS. A nodata value that uint8
 cannot hold (e.g. -9999) becomes 0; valid EO pixels that happen to equal the nodata value
 are nudged by one level so that they stay valid.
 """

@@ -69,5 +69,6 @@ def native_prediction(path) -> str:
     """What the U-Net of the native file ``path`` predicts: one of PREDICTION_TYPES."""
     prediction = open_native(path).metadata.get("prediction", "epsilon")
     if prediction not in PREDICTION_TYPES:
-        raise CheckpointError(f"{path}: unknown prediction {prediction!r} in its metadata; expected one of {PREDICTION_TYPES}")
+        raise CheckpointError(f"{path}: unknown prediction {prediction!r} in its metadata; "
+                              f"expected one of {PREDICTION_TYPES}")
     return prediction

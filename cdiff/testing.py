@@ -117,7 +117,8 @@ def micro_model(path, out_channels: int = 4, seed: int = 0, config: dict | None 
     over the tiny preset; 4-out: the surgery adds the variance channel) and a small VAE."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        unet = UNet(UNetConfig.tiny(in_channels=8, out_channels=out_channels, **(MICRO_UNET if config is None else config)))
+        sizes = MICRO_UNET if config is None else config
+        unet = UNet(UNetConfig.tiny(in_channels=8, out_channels=out_channels, **sizes))
         vae = VAE(VAEConfig.tiny(**MICRO_VAE))
         context = torch.randn(6, unet.config.context_dim)
     return save_native(path, unet, vae, context)

@@ -132,7 +132,8 @@ def open_s2o_npde(path: Path, sampling: Sampling, conf_dir, device, dtype: str, 
     from cdiff.npde import load_generator
 
     defaults = Sampling()
-    given = [f"--{key}" for key in ("steps", "eta", "sampler", "seed") if getattr(sampling, key) != getattr(defaults, key)]
+    given = [f"--{key}" for key in ("steps", "eta", "sampler", "seed")
+             if getattr(sampling, key) != getattr(defaults, key)]
     given += ["--prompt"] * (prompt is not None) + ["--conf-dir"] * (conf_dir is not None)
     given += ["--channels-last"] * channels_last + ["--compile"] * compile_unet
     if given:

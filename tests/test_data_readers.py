@@ -1,5 +1,6 @@
 """Readers of the real dataset layouts, on tiny fake datasets written here (PNG via Pillow,
-GeoTIFF files written by tifffile, read by rasterio). Expected values come from the scaling rules, not from the readers."""
+GeoTIFF files written by tifffile, read by rasterio). Expected values come from the scaling rules,
+not from the readers."""
 
 import random
 from pathlib import Path

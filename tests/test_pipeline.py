@@ -80,6 +80,7 @@ def test_translate_reads_confidence_at_the_step_nearest_t_half(sampler, steps, i
 # --- the starting noise as an argument ----------------------------------------------
 
 
+@pytest.mark.slow  # several whole translations per sampler: 20-25 s each
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
 def test_latents_reproduce_the_seeded_run(sampler):
     pipe, sar = tiny_pipeline(0), sar_batch(batch=2)
@@ -159,6 +160,7 @@ def test_nan_in_the_input_is_refused_naming_the_sample():
         tiny_pipeline(0).translate(sar, steps=1)
 
 
+@pytest.mark.slow  # a translation per range it tries: about 20 s
 def test_values_outside_the_unit_range_warn_once():
     pipe = tiny_pipeline(0)
     with pytest.warns(UserWarning, match=r"lie in \[0, 255\]; translate expects SAR scaled to \[-1, 1\]"):

@@ -95,7 +95,8 @@ def test_killed_mid_save_leaves_a_loadable_checkpoint(tmp_path, reference, small
     after the rename and the links (before old checkpoints are deleted)."""
     model, reference_dir = reference
     config = small_config(model, *OPTIONS)
-    child = multiprocessing.get_context("fork").Process(target=_train_and_die, args=(config, tmp_path / "run", stage, 2))
+    child = multiprocessing.get_context("fork").Process(target=_train_and_die,
+                                                        args=(config, tmp_path / "run", stage, 2))
     child.start()
     child.join(timeout=120)
     assert child.exitcode == 17

@@ -55,6 +55,7 @@ def test_tiny_parameter_count(unet):
     assert count < 20e6
 
 
+@pytest.mark.slow  # diffusers' U-Net is built and run beside cdiff's: about 30 s per layout
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @torch.no_grad()
 def test_tiny_matches_diffusers(layout):
@@ -177,6 +178,7 @@ def test_half_precision_close_to_fp32(unet, dtype, tol, backend):
     assert_parity(out.float(), expected, f"{dtype} vs fp32 ({backend})", rel_tol=tol)
 
 
+@pytest.mark.slow  # one forward per timestep form and batch: about 35 s
 @torch.no_grad()
 def test_timestep_forms_agree(unet):
     sample, _, context = inputs(unet)

@@ -171,6 +171,7 @@ def test_vae_partial_loading(stored):
 # --- gradient checkpointing -------------------------------------------------------------------
 
 
+@pytest.mark.slow  # forward and backward of the SD 2.1-sized blocks, twice: about a minute
 def test_gradient_checkpointing_gives_the_same_forward_and_gradients():
     plain = randomize_(UNet(CONFIG), 4)
     checkpointed = randomize_(UNet(CONFIG), 4).gradient_checkpointing(True)

@@ -125,6 +125,7 @@ def _parity(ours, theirs, what):
         return assert_parity(ours(sample, t, context), theirs(sample, t, encoder_hidden_states=context).sample, what)
 
 
+@pytest.mark.slow  # a custom U-Net through diffusers, native and back: about 25 s
 def test_custom_config_end_to_end(tmp_path):
     """diffusers folder -> cdiff -> native -> diffusers folder, each equal to diffusers' own model."""
     diffusers = pytest.importorskip("diffusers")

@@ -431,7 +431,8 @@ def folder_pairs(root, split: str | None = None, *, sar_dir: str = "sar", eo_dir
 
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    split, eo_rel = select_split(root, split, list_file, split_dir, ratio, seed, discover, regex_grouping("folders", group))
+    grouping = regex_grouping("folders", group)
+    split, eo_rel = select_split(root, split, list_file, split_dir, ratio, seed, discover, grouping)
     return _build(root, eo_rel, lambda e: _swap_part(e, {eo_dir: sar_dir}, e), split, crop, transform, on_error,
                   f"folder pairs {root}", skipped=skipped)
 

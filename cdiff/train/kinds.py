@@ -27,7 +27,8 @@ class ModelKind:
     name: str
     config: type  # the dataclass of a run config's [model] section
     task: type  # trains it: task(run config, device, checkpoint folder or None) (cdiff.train.task.Task)
-    open_translator: Callable  # (model file, Sampling, conf_dir, device, dtype, prompt, ...) -> cdiff.translators.Translator
+    open_translator: Callable  # (model file, Sampling, conf_dir, device, dtype, prompt, ...) -> a Translator
+    #                            (cdiff.translators)
     recognises: Callable[[Path], bool] | None  # whether a model file is of this kind; None: the default kind
 
 

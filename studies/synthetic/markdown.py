@@ -1,7 +1,8 @@
 """The text of studies/synthetic/synthetic_report.md from the numbers studies/synthetic/report.py measures.
 
 ``render(numbers)`` takes the dictionary that is also written as the report's JSON: summaries
-{"mean", "se", "n"} per measure, counts as totals. Targets are the claims of the paper as PSNR_MARGIN_DB and AUROC_TARGET state them.
+{"mean", "se", "n"} per measure, counts as totals. The targets (PSNR_MARGIN_DB, AUROC_TARGET) put
+the paper's claims in numbers.
 """
 
 from __future__ import annotations

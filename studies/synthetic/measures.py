@@ -190,6 +190,7 @@ def one_step(pipeline, sar: torch.Tensor, eo: torch.Tensor, t: int, seed: int) -
     context = pipeline.context.expand(len(sar), -1, -1)  # (B, L, context_dim)
     out = pipeline.unet(torch.cat([sar_latent, noisy], dim=1), timestep, context)  # (B, 5, h, w)
     channels = eo_latent.shape[1]
-    targets = {"epsilon": noise, "sample": eo_latent, "v_prediction": pipeline.process.velocity(eo_latent, noise, timestep)}
+    velocity = pipeline.process.velocity(eo_latent, noise, timestep)
+    targets = {"epsilon": noise, "sample": eo_latent, "v_prediction": velocity}
     return {"target": targets[pipeline.prediction_type], "prediction": out[:, :channels].float(),
             "variance": variance_from_raw(out[:, channels:])}
