@@ -44,7 +44,7 @@ setup(
     extras_require={
         "cpu": ["torch==2.13.0"],
         "clip": CLIP,
-        "tiff": ["tifffile>=2023.1"],
+        "tiff": GEO,  # GeoTIFF datasets (SpaceNet6) are read with rasterio too: the same extra as geo
         "triton": ["triton>=3.0"],
         "metrics": METRICS,
         "geo": GEO,

@@ -1,7 +1,7 @@
 """Benchmark of GroupNorm + SiLU: the fused Triton kernel against PyTorch's ops, NCHW and channels-last.
 
-    python benchmarks/bench_group_norm.py                    # GPU: fp16, the SD shapes below
-    python benchmarks/bench_group_norm.py --dtype bf16 --backward
+    python -m benchmarks.bench_group_norm                    # GPU: fp16, the SD shapes below
+    python -m benchmarks.bench_group_norm --dtype bf16 --backward
 
 Shapes are the U-Net's and the VAE's largest GroupNorm inputs at 512 px, batch ``--batch``:
 U-Net level 0 (320 ch, 64x64), level 1 (640 ch, 32x32), level 2 (1280 ch, 16x16); VAE decoder
@@ -24,15 +24,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from benchmarks import common  # noqa: E402
-from cdiff.layers import group_norm_reference  # noqa: E402
+from benchmarks import common
+from cdiff.layers import group_norm_reference
 
 CL = torch.channels_last
 SHAPES = {  # (C, H, W) at 512 px

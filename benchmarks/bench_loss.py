@@ -1,8 +1,8 @@
 """Benchmark of the C-Diff loss, forward + backward: the fused Triton kernel, PyTorch eager and
 torch.compile, both on the reference (cdiff.loss.confidence_nll_reference).
 
-    python benchmarks/bench_loss.py                       # fp32, the three sizes below
-    python benchmarks/bench_loss.py --dtype bf16 --peak-gbps 3350
+    python -m benchmarks.bench_loss                       # fp32, the three sizes below
+    python -m benchmarks.bench_loss --dtype bf16 --peak-gbps 3350
 
 Reports, per size and implementation: milliseconds per forward+backward (median over repeats,
 CUDA events after warm-up), GPU kernel launches per step (torch.profiler), and bandwidth.
@@ -32,10 +32,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from benchmarks.common import DTYPES, PEAK_GBPS  # noqa: E402  (PEAK_GBPS: by the device name; --peak-gbps for others)
-from cdiff.loss import confidence_nll, confidence_nll_reference  # noqa: E402
+from benchmarks.common import DTYPES, PEAK_GBPS  # PEAK_GBPS: by the device name; --peak-gbps for others
+from cdiff.loss import confidence_nll, confidence_nll_reference
 
 SIZES = [(64, 4, 32, 32), (16, 4, 64, 64), (64, 4, 256, 256)]
 TRAINING_SIZES = [(64, 4, 32, 32), (16, 4, 64, 64)]  # QXS 256 px (bs 64), 512-px crops (bs 16)

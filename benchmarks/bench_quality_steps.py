@@ -1,7 +1,7 @@
 """Quality against sampler steps: DDIM and DPM-Solver++(2M) at a few step counts, against DDIM-50.
 
-    python benchmarks/bench_quality_steps.py --model weights/cdiff-demo-tiny.safetensors
-    python benchmarks/bench_quality_steps.py --model tiny --pairs 2 --size 64 --steps 2 5   # plumbing only
+    python -m benchmarks.bench_quality_steps --model weights/cdiff-demo-tiny.safetensors
+    python -m benchmarks.bench_quality_steps --model tiny --pairs 2 --size 64 --steps 2 5   # plumbing only
 
 Protocol: ``--pairs`` held-out synthetic pairs (cdiff.data.SyntheticPairs from seed
 ``--first-seed``, by default cdiff.demo.HELDOUT_SEED, the demo's held-out scenes), ``--size`` px. Every pair starts
@@ -16,25 +16,22 @@ weights: the numbers then only show the script works. Rows go to benchmarks/resu
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from benchmarks import common  # noqa: E402
-from cdiff.data.synth import SyntheticPairs  # noqa: E402
-from cdiff.demo import HELDOUT_SEED  # noqa: E402
-from cdiff.metrics import image_metrics, psnr, to_unit  # noqa: E402
+from benchmarks import common
+from cdiff.data.synth import SyntheticPairs
+from cdiff.demo import HELDOUT_SEED
+from cdiff.metrics import image_metrics, psnr, to_unit
 
 REFERENCE = ("ddim", 50)
 
 
 def load(model: str, device):
     if model == "tiny":
-        from cdiff.demo import tiny_pipeline
+        from cdiff.testing import tiny_pipeline
 
         return tiny_pipeline(0).to(device)
     import cdiff

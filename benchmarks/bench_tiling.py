@@ -7,8 +7,8 @@ Each configuration runs in a fresh process, so that its peak memory is its own: 
 (no pretrained weights can be downloaded here): the error figures describe the tiling
 arithmetic on this architecture, not the pretrained VAE and U-Net.
 
-    python benchmarks/bench_tiling.py --preset tiny --sizes 256 512 1024 2048 --tile 256 --overlap 64
-    python benchmarks/bench_tiling.py --preset sd21 --device cuda --sizes 1024 2048 4096 --tile 1024 --overlap 256
+    python -m benchmarks.bench_tiling --preset tiny --sizes 256 512 1024 2048 --tile 256 --overlap 64
+    python -m benchmarks.bench_tiling --preset sd21 --device cuda --sizes 1024 2048 4096 --tile 1024 --overlap 256
 """
 
 from __future__ import annotations
@@ -23,14 +23,12 @@ from pathlib import Path
 
 import torch
 
+from cdiff import VAE, Pipeline, UNet, UNetConfig, VAEConfig, tiling
+from cdiff.config import DTYPES
+from cdiff.data.synth import make_pair
+from cdiff.tiling import Tiling
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from cdiff import Pipeline, UNet, UNetConfig, VAE, VAEConfig, tiling  # noqa: E402
-from cdiff.data.synth import make_pair  # noqa: E402
-from cdiff.tiling import Tiling  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build(preset: str, device, unet_dtype) -> Pipeline:
@@ -138,10 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| scene px | mode | tiles | peak memory GiB | seconds |\n|---|---|---|---|---|")
     for size in args.sizes:
         for mode in ("tiled", "untiled") if size <= args.untiled_max else ("tiled",):
-            command = [sys.executable, __file__, "--one", str(size), "--mode", mode] + [
+            # A fresh process per run, so that each peak memory is its own (run from the root, as this one).
+            command = [sys.executable, "-m", "benchmarks.bench_tiling", "--one", str(size), "--mode", mode] + [
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                 if k in ("preset", "device", "dtype", "tile", "overlap", "tile_batch", "steps")]
-            done = subprocess.run(command, capture_output=True, text=True)
+            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
             if done.returncode != 0:
                 print(f"| {size} | {mode} | | failed: {done.stderr.strip().splitlines()[-1]} | |")
                 continue

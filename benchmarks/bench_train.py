@@ -1,12 +1,12 @@
 """Benchmark of one C-DiffSET training step: cdiff's, with its speed switches, and the official
 release's on the same weights.
 
-    python benchmarks/bench_train.py                         # GPU: full SD 2.1 U-Net, 256 px, batch 64 (or the largest that fits), bf16
-    python benchmarks/bench_train.py --batch 32 --precision fp32
-    python benchmarks/bench_train.py --tiny --size 64        # CPU: cdiff's tiny U-Net (the default without a GPU)
+    python -m benchmarks.bench_train                         # GPU: full SD 2.1 U-Net, 256 px, batch 64 (or the largest that fits), bf16
+    python -m benchmarks.bench_train --batch 32 --precision fp32
+    python -m benchmarks.bench_train --tiny --size 64        # CPU: cdiff's tiny U-Net (the default without a GPU)
 
 Every implementation trains the 8-in/5-out U-Net (SD 2.1 sizes with seeded random weights, as
-tools/random_sd21.py makes them; --tiny: cdiff's tiny preset) on latents of --size px images
+cdiff/testing.py makes them; --tiny: cdiff's tiny preset) on latents of --size px images
 (--size / 8 per side), with the fixed 6-token prompt embedding and the same autocast precision:
 
 - ``release``: diffusers' UNet2DConditionModel with the release's eager loss written out
@@ -26,7 +26,7 @@ Timing: blocks of --steps steps after --warmup, the implementations' blocks inte
 weights and optimiser states wait in host memory), so its peak memory is its own. Reports
 ms/step (median), images/s, peak memory (CUDA: max allocated; CPU: the process's peak resident
 set, the same for all), TFLOP/s and the fraction of the device's peak (FLOPs of forward and
-backward counted once). Target of issues 9 and 13, checked on a GPU: the fastest cdiff >= 1.3x
+backward counted once). Target, checked on a GPU: the fastest cdiff >= 1.3x
 the release's images/s at no more peak memory; the exit status is 1 when missed.
 """
 
@@ -44,15 +44,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-import cdiff  # noqa: E402
-from benchmarks import common  # noqa: E402
-from benchmarks.bench_unet import environment  # noqa: E402
-from cdiff.attention import attention_backend  # noqa: E402
-from cdiff.layouts.diffusers import UNET as UNET_TABLE  # noqa: E402
-from cdiff.train.config import load_config  # noqa: E402
-from tools.random_sd21 import SD21_UNET, randomize_, tiny_configs  # noqa: E402
+import cdiff
+from benchmarks import common
+from benchmarks.bench_unet import environment
+from cdiff.attention import use_attention_backend
+from cdiff.layouts.diffusers import UNET as UNET_TABLE
+from cdiff.testing import SD21_UNET, randomize_, tiny_configs
+from cdiff.train.configfile import load_config
 
 TARGET_SPEEDUP = 1.3
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -159,7 +157,7 @@ def fused_scope():
     import contextlib
 
     stack = contextlib.ExitStack()
-    stack.enter_context(attention_backend("fused"))
+    stack.enter_context(use_attention_backend("fused"))
     stack.enter_context(environment("CDIFF_GROUP_NORM", "triton"))
     return stack
 

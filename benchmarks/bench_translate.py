@@ -1,11 +1,11 @@
 """Benchmark of a whole translation (VAE encode, DDIM, VAE decode): cdiff's Pipeline against the
 same work on diffusers' modules.
 
-    python benchmarks/bench_translate.py                       # GPU: SD 2.1 sizes, 512 px, 50 steps, fp16, batches 1 8 16
-    python benchmarks/bench_translate.py --batches 1 --impls diffusers cdiff-cl-graph
-    python benchmarks/bench_translate.py --preset tiny --size 64 --steps 5   # what runs on a CPU (the default there)
+    python -m benchmarks.bench_translate                       # GPU: SD 2.1 sizes, 512 px, 50 steps, fp16, batches 1 8 16
+    python -m benchmarks.bench_translate --batches 1 --impls diffusers cdiff-cl-graph
+    python -m benchmarks.bench_translate --preset tiny --size 64 --steps 5   # what runs on a CPU (the default there)
 
-Both sides hold the same seeded random weights (tools/random_sd21.py's; the C-DiffSET 8-in/5-out
+Both sides hold the same seeded random weights (cdiff/testing.py's; the C-DiffSET 8-in/5-out
 U-Net and the SD 2.1 VAE), in ``--dtype``, start from the same noise and see the same 6-token
 prompt embedding; attention is SDPA on both. One translation of ``--batches`` images of
 ``--size`` px with ``--steps`` DDIM steps is timed, interleaved:
@@ -20,7 +20,7 @@ prompt embedding; attention is SDPA on both. One translation of ``--batches`` im
 
 Reports ms per translation, images/s, the speed ratio against diffusers (> 1: cdiff is faster),
 TFLOP/s and the fraction of the device's peak (FLOPs counted once: encoder + steps x U-Net +
-decoder). Targets of issue 13, checked on a GPU (exit status 1 when missed): at batch 1, the
+decoder). Targets, checked on a GPU (exit status 1 when missed): at batch 1, the
 fastest cdiff >= 2x diffusers, and under 0.3 s on an H100; at batch 16, >= 30% of the device's
 fp16 peak. Rows go to benchmarks/results.csv.
 """
@@ -35,12 +35,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from benchmarks import common  # noqa: E402
-from benchmarks.bench_unet import environment  # noqa: E402
-from cdiff.attention import attention_backend  # noqa: E402
-from cdiff.pipeline import Pipeline  # noqa: E402
+from benchmarks import common
+from benchmarks.bench_unet import environment
+from cdiff.attention import use_attention_backend
+from cdiff.pipeline import Pipeline
 
 CL = torch.channels_last
 IMPLEMENTATIONS = ("diffusers", "cdiff", "cdiff-cl", "cdiff-cl-graph", "cdiff-cl-fused-graph", "cdiff-cl-compiled-graph")
@@ -51,7 +49,7 @@ def diffusers_translation(unet, vae, steps: int):
     """The release's loop on diffusers' modules: (sar, context, noise) -> EO images."""
     import diffusers
 
-    from tools.random_sd21 import SD21_SCHEDULER
+    from cdiff.testing import SD21_SCHEDULER
 
     scheduler = diffusers.DDIMScheduler(**SD21_SCHEDULER)
     scale = vae.config.scaling_factor
@@ -85,7 +83,7 @@ def implementations(theirs, ours, context, device, dtype, steps, wanted, compile
 
     def fused():
         stack = contextlib.ExitStack()
-        stack.enter_context(attention_backend("fused"))
+        stack.enter_context(use_attention_backend("fused"))
         stack.enter_context(environment("CDIFF_GROUP_NORM", "triton"))
         return stack
 

@@ -1,15 +1,15 @@
 """Benchmark of the U-Net: the forward pass against diffusers', the attention backends, and
 gradient checkpointing.
 
-    python benchmarks/bench_unet.py                              # GPU: SD 2.1 sizes, fp16, all three parts
-    python benchmarks/bench_unet.py --part forward --batches 1 16
-    python benchmarks/bench_unet.py --preset tiny --side 32      # what runs on a CPU (the default there)
+    python -m benchmarks.bench_unet                              # GPU: SD 2.1 sizes, fp16, all three parts
+    python -m benchmarks.bench_unet --part forward --batches 1 16
+    python -m benchmarks.bench_unet --preset tiny --side 32      # what runs on a CPU (the default there)
 
-The C-DiffSET U-Net (8-in/5-out) with seeded random weights (tools/random_sd21.py's), the same
+The C-DiffSET U-Net (8-in/5-out) with seeded random weights (cdiff/testing.py's), the same
 weights in cdiff's U-Net and in diffusers' UNet2DConditionModel, a 6-token context (the
 release's unpadded prompt).
 
-1. forward (the figure of issue 13): one forward at a ``--side`` latent (64 = 512-px images) and
+1. forward (the headline figure): one forward at a ``--side`` latent (64 = 512-px images) and
    each of ``--batches``, in ``--dtype``, both on SDPA attention, timed interleaved:
    - ``diffusers``, ``diffusers-cl``: diffusers' U-Net, NCHW and channels-last;
    - ``cdiff``, ``cdiff-cl``: cdiff's, NCHW and channels-last;
@@ -17,12 +17,12 @@ release's unpadded prompt).
      the Triton kernel) and ``cdiff-cl-compiled`` (torch.compile of the channels-last U-Net).
    ``--impls`` picks some; ``diffusers-again`` (only when named) times diffusers a second time, a
    control whose ratio against ``diffusers`` shows the measurement's noise. Reports ms, the speed ratio against diffusers in the same layout (> 1: cdiff is faster),
-   TFLOP/s and the fraction of the device's peak (GPU). The CPU target of issue 13 is cdiff's
+   TFLOP/s and the fraction of the device's peak (GPU). The CPU target is cdiff's
    fp32 forward no slower than diffusers' (ratio >= 1.0).
-2. attention (issue 11): SD 2.1-768's size (96x96 latents, batch 2, 77 tokens) in ``--dtype``:
+2. attention: SD 2.1-768's size (96x96 latents, batch 2, 77 tokens) in ``--dtype``:
    SDPA against the math path, which materialises fp32 L x L scores; ms, peak memory and the
    error against the fp32 model.
-3. checkpointing (issue 11): one training step (forward + backward, bf16 autocast) at 64x64
+3. checkpointing: one training step (forward + backward, bf16 autocast) at 64x64
    latents, batch ``--train-batch``, gradient checkpointing off and on: ms and peak memory.
 
 Every figure is appended to benchmarks/results.csv (``--csv``).
@@ -34,18 +34,15 @@ import argparse
 import contextlib
 import copy
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from benchmarks import common  # noqa: E402
-from cdiff.attention import attention_backend  # noqa: E402
-from cdiff.config import UNetConfig  # noqa: E402
-from cdiff.unet import UNet  # noqa: E402
-from tools.random_sd21 import randomize_  # noqa: E402
+from benchmarks import common
+from cdiff.attention import use_attention_backend
+from cdiff.config import UNetConfig
+from cdiff.testing import randomize_
+from cdiff.unet import UNet
 
 CL = torch.channels_last
 PARTS = ("forward", "attention", "checkpointing")
@@ -81,7 +78,7 @@ def forward_implementations(theirs, ours, device, dtype, wanted, compile_options
 
     def fused():
         stack = contextlib.ExitStack()
-        stack.enter_context(attention_backend("fused"))
+        stack.enter_context(use_attention_backend("fused"))
         stack.enter_context(environment("CDIFF_GROUP_NORM", "triton"))
         return stack
 
@@ -165,7 +162,7 @@ def part_attention(args, device, dtype, tiny: bool) -> list[dict]:
         half = unet.to(dtype)
         for backend in ("sdpa", "math"):
             def run():
-                with attention_backend(backend):
+                with use_attention_backend(backend):
                     return half(sample.to(dtype), t, context.to(dtype))
             common.reset_peak_memory(device)
             sec = common.interleaved({backend: run}, device, args.warmup, args.repeats)[backend]

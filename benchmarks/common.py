@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from cdiff.config import DTYPES  # noqa: F401  (the benchmarks' --dtype names are cdiff's)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_CSV = ROOT / "benchmarks" / "results.csv"
 
@@ -64,7 +66,6 @@ PEAK_GBPS = [
     ("T4", 320),
 ]
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CSV_FIELDS = ["date", "script", "figure", "impl", "device", "dtype", "settings", "clock", "ms", "ratio", "tflops",
               "peak_fraction", "peak_memory_mb", "cpu_load", "python", "torch", "cuda", "triton", "diffusers"]
 
@@ -248,7 +249,7 @@ def header(device: torch.device, what: str) -> str:
 def load_diffusers_twins(tiny: bool, unet_kwargs: dict | None = None, vae: bool = False, seed: int = 0,
                          device: str | torch.device = "cpu"):
     """(diffusers modules, cdiff modules) with the same seeded random weights: the U-Net
-    (8-in/5-out) and, with ``vae``, the VAE; SD 2.1 sizes (tools/random_sd21.py), or cdiff's tiny
+    (8-in/5-out) and, with ``vae``, the VAE; SD 2.1 sizes (cdiff/testing.py), or cdiff's tiny
     presets. Built on the meta device, then given memory and values on ``device`` (no init of 865M
     parameters; on a GPU the values are drawn there, so they differ from the CPU's for a seed).
     The cdiff modules share the diffusers modules' tensors until either is converted (``.to``)."""
@@ -257,7 +258,7 @@ def load_diffusers_twins(tiny: bool, unet_kwargs: dict | None = None, vae: bool 
     import cdiff
     from cdiff.layouts.diffusers import UNET as UNET_TABLE
     from cdiff.layouts.diffusers import VAE as VAE_TABLE
-    from tools.random_sd21 import SD21_UNET, SD21_VAE, randomize_, tiny_configs
+    from cdiff.testing import SD21_UNET, SD21_VAE, randomize_, tiny_configs
 
     unet_config = dict(tiny_configs()[0] if tiny else SD21_UNET, in_channels=8, out_channels=5, **(unet_kwargs or {}))
     with torch.device("meta"):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of issue 13 in one go: the CUDA tests and every benchmark, each one's output in
+# The GPU figures in one go: the CUDA tests and every benchmark, each one's output in
 # OUT_DIR/<part>.txt and every figure in OUT_DIR/results.csv (also appended to benchmarks/results.csv).
 # For a short GPU loan, benchmarks/gpu_check.sh is the 8-minute subset (tests and headline figures).
 #
@@ -61,24 +61,24 @@ for part in $parts; do
             run tests $PY -m pytest -q -rs tests/test_samplers.py tests/test_compiled.py tests/test_channels_last.py \
                 tests/test_group_norm_kernel.py tests/test_loss_kernel.py tests/test_train_cuda.py ;;
         kernels)
-            run group_norm_fp16 $PY benchmarks/bench_group_norm.py --dtype fp16 --csv "$csv"
-            run group_norm_bf16_backward $PY benchmarks/bench_group_norm.py --dtype bf16 --backward --csv "$csv"
-            run loss_bf16 $PY benchmarks/bench_loss.py --dtype bf16 ;;
+            run group_norm_fp16 $PY -m benchmarks.bench_group_norm --dtype fp16 --csv "$csv"
+            run group_norm_bf16_backward $PY -m benchmarks.bench_group_norm --dtype bf16 --backward --csv "$csv"
+            run loss_bf16 $PY -m benchmarks.bench_loss --dtype bf16 ;;
         unet)
-            run unet $PY benchmarks/bench_unet.py --csv "$csv" ;;
+            run unet $PY -m benchmarks.bench_unet --csv "$csv" ;;
         translate)
-            run translate $PY benchmarks/bench_translate.py --batches 1 8 --repeats 3 --warmup 1 --csv "$csv" ;;
+            run translate $PY -m benchmarks.bench_translate --batches 1 8 --repeats 3 --warmup 1 --csv "$csv" ;;
         translate16)
-            run translate16 $PY benchmarks/bench_translate.py --batches 16 --repeats 3 --warmup 1 \
+            run translate16 $PY -m benchmarks.bench_translate --batches 16 --repeats 3 --warmup 1 \
                 --impls diffusers cdiff-cl-graph cdiff-cl-fused-graph cdiff-cl-compiled-graph --csv "$csv" ;;
         train)
-            run train $PY benchmarks/bench_train.py --csv "$csv" ;;
+            run train $PY -m benchmarks.bench_train --csv "$csv" ;;
         tiling)
-            run tiling $PY benchmarks/bench_tiling.py --preset sd21 --dtype fp16 --sizes 1024 2048 4096 \
+            run tiling $PY -m benchmarks.bench_tiling --preset sd21 --dtype fp16 --sizes 1024 2048 4096 \
                 --untiled-max 2048 --tile 1024 --overlap 256 --error-size 1024 --error-tile 512 ;;
         quality)
             if [ -f weights/cdiff-demo-tiny.safetensors ]; then
-                run quality $PY benchmarks/bench_quality_steps.py --model weights/cdiff-demo-tiny.safetensors --csv "$csv"
+                run quality $PY -m benchmarks.bench_quality_steps --model weights/cdiff-demo-tiny.safetensors --csv "$csv"
             else
                 echo "== quality: skipped, weights/cdiff-demo-tiny.safetensors is not in this checkout"
             fi ;;

@@ -3,18 +3,20 @@
 Public API (see README):
     UNet, UNetConfig                the SD 2.1 U-Net (cdiff.unet, cdiff.config)
     VAE, VAEConfig                  the SD 2.1 autoencoder (cdiff.vae, cdiff.config)
-    DDPM, DDIM                      the forward process and the DDIM sampler (cdiff.schedulers)
-    DPMSolverPP2M                   the DPM-Solver++(2M) sampler (cdiff.samplers)
+    DDPM                            the forward process (cdiff.schedulers)
+    DDIM, DPMSolverPP2M             the samplers; make_sampler picks one by name (cdiff.samplers)
     Pipeline, Translation           SAR in, EO and confidence out (cdiff.pipeline)
+    Tiling                          overlapping tiles for images of any size (cdiff.tiling)
     confidence_nll                  the C-Diff loss (cdiff.loss), with variance_from_raw, confidence_from_raw
     SyntheticPairs, make_pair,      synthetic SAR-EO pairs and the real datasets' readers (cdiff.data)
     open_dataset
-    load_unet, load_vae, load_pipeline      read any checkpoint layout (cdiff.load)
+    load_unet, load_vae, load_pipeline      read any checkpoint layout, cdiff's native file too (cdiff.load)
     load_weights                            ... into a model one has built or changed, strict or not
     cdiffset_surgery                        SD 2.1 U-Net -> C-DiffSET U-Net (cdiff.surgery)
-    save_native, load_native                cdiff's one-file format (cdiff.native); exporters: cdiff.export
-    attention_backend               the process-wide attention backend: "sdpa", "math" or a function (cdiff.attention)
-    set_attention_backend           ... for one model or module
+    save_native                             cdiff's one-file format (cdiff.native); exporters: cdiff.export
+    use_attention_backend           inside a with block, the process-wide attention backend: "sdpa", "math",
+                                    "fused" or a function (cdiff.attention); process_attention_backend() reads it
+    set_attention_backend           a backend of its own for one model or module
     capture_attention               record attention probabilities, per layer
 """
 
@@ -47,23 +49,25 @@ def _expose_checkout_kernels() -> None:
 
 _expose_checkout_kernels()
 
-from cdiff.attention import attention_backend, capture_attention, set_attention_backend  # noqa: E402
+from cdiff.attention import (  # noqa: E402
+    capture_attention, process_attention_backend, set_attention_backend, use_attention_backend,
+)
 from cdiff.config import UNetConfig, VAEConfig  # noqa: E402
 from cdiff.data import SyntheticPairs, make_pair, open_dataset  # noqa: E402
 from cdiff.load import load_pipeline, load_unet, load_vae, load_weights  # noqa: E402
 from cdiff.loss import confidence_from_raw, confidence_nll, variance_from_raw  # noqa: E402
-from cdiff.native import load_native, save_native  # noqa: E402
+from cdiff.native import save_native  # noqa: E402
 from cdiff.pipeline import Pipeline, Translation  # noqa: E402
-from cdiff.samplers import DPMSolverPP2M  # noqa: E402
-from cdiff.schedulers import DDIM, DDPM  # noqa: E402
+from cdiff.samplers import DDIM, DPMSolverPP2M, make_sampler  # noqa: E402
+from cdiff.schedulers import DDPM  # noqa: E402
 from cdiff.surgery import cdiffset_surgery  # noqa: E402
+from cdiff.tiling import Tiling  # noqa: E402
 from cdiff.unet import UNet  # noqa: E402
 from cdiff.vae import VAE  # noqa: E402
 
 __all__ = [
-    "DDIM", "DDPM", "Pipeline", "SyntheticPairs", "Translation", "UNet", "UNetConfig", "VAE", "VAEConfig",
-    "attention_backend", "capture_attention", "cdiffset_surgery", "confidence_from_raw", "confidence_nll",
-    "load_native", "load_pipeline", "load_unet", "load_vae", "load_weights", "make_pair", "open_dataset",
-    "save_native", "set_attention_backend", "variance_from_raw",
+    "DDIM", "DDPM", "DPMSolverPP2M", "Pipeline", "SyntheticPairs", "Tiling", "Translation", "UNet", "UNetConfig",
+    "VAE", "VAEConfig", "capture_attention", "cdiffset_surgery", "confidence_from_raw", "confidence_nll",
+    "load_pipeline", "load_unet", "load_vae", "load_weights", "make_pair", "make_sampler", "open_dataset",
+    "process_attention_backend", "save_native", "set_attention_backend", "use_attention_backend", "variance_from_raw",
 ]
-__all__ += ["DPMSolverPP2M"]  # cdiff.samplers

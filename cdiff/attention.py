@@ -13,7 +13,7 @@ Every attention in the VAE and the U-Net calls ``attention``, which splits the h
 
 Which backend a module runs, most specific first, looked up at every call (never at import):
 1. the module's own ``attention_backend`` attribute, set with ``set_attention_backend(model_or_module, backend)``;
-2. the process-wide ``with attention_backend(backend):`` block;
+2. the process-wide ``with use_attention_backend(backend):`` block (``process_attention_backend()``);
 3. the environment switch ``CDIFF_ATTENTION`` ("sdpa", "fused" or "math", see cdiff.flags).
 
 ``with capture_attention(unet) as maps:`` records the attention probabilities of chosen layers
@@ -54,7 +54,7 @@ def _check_backend(backend: Backend | None, allow_none: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def attention_backend(backend: Backend):
+def use_attention_backend(backend: Backend):
     """Use ``backend`` ("sdpa", "fused", "math" or a function) process-wide inside a ``with`` block.
 
     Modules whose own backend was set with ``set_attention_backend`` keep theirs.
@@ -68,8 +68,8 @@ def attention_backend(backend: Backend):
         _forced = previous
 
 
-def current_backend() -> Backend:
-    """The process-wide backend: the innermost ``attention_backend`` block, else CDIFF_ATTENTION."""
+def process_attention_backend() -> Backend:
+    """The process-wide backend: the innermost ``use_attention_backend`` block's, else CDIFF_ATTENTION."""
     return _forced if _forced is not None else flags.get("CDIFF_ATTENTION")
 
 
@@ -132,7 +132,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 def resolve_backend(backend: Backend | None = None) -> Callable:
     """The function that runs for a module whose own choice is ``backend`` (None: the process-wide one)."""
-    choice = backend if backend is not None else current_backend()
+    choice = backend if backend is not None else process_attention_backend()
     if callable(choice):
         return choice
     if choice == "sdpa":

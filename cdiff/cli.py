@@ -4,11 +4,11 @@ only turns arguments into one call, so ``cdiff X --help`` and the Python API sta
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import cdiff
 from cdiff.signals import Interrupted
+from cdiff.config import DTYPES
 
 
 def _add_demo(sub) -> None:
@@ -91,7 +91,7 @@ def _add_convert(sub) -> None:
     p.add_argument("--plain", action="store_true", help="write the plain SD 2.1 model: no surgery")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the fixed prompt (default: %(default)r)")
     p.add_argument("--pad-to-77", action="store_true", help="pad the prompt to 77 tokens (SD's convention; the release does not)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="cast the weights (default: keep the stored dtype)")
+    p.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: keep the stored dtype)")
     _add_overwrite(p, "replace an existing OUT (never SRC itself)")
 
     def run(a):
@@ -127,7 +127,7 @@ def _add_export(sub) -> None:
 def _train_config(a, resume_dir=None):
     """The run config of ``cdiff train`` / ``cache-latents`` arguments: --config (or the run's own
     config.toml) with the shorthand flags and every --set applied; None to resume unchanged."""
-    from cdiff.train.config import load_config
+    from cdiff.train.configfile import load_config
 
     sets = list(a.set or [])
     for flag, key in (("prediction", "model.prediction"), ("loss", "model.loss"), ("skip_nonfinite", "train.skip_nonfinite")):
@@ -148,6 +148,10 @@ def _add_set_option(p) -> None:
 
 
 def _add_train(sub) -> None:
+    from cdiff.schedulers import PREDICTION_TYPES
+    from cdiff.train.cdiffset import LOSSES
+    from cdiff.train.kinds import DEFAULT_KIND, KINDS
+
     p = sub.add_parser(
         "train",
         help="fine-tune a C-DiffSET model, or train the S2O-NPDE baseline, on paired SAR-EO data (resumable)",
@@ -161,7 +165,8 @@ def _add_train(sub) -> None:
         "S2O-NPDE GAN from scratch instead, with the paper's Adam and schedule, in one process; "
         "model.tcd / model.pmd / model.pde_loss switch its components off (the paper's Table 2). "
         "Ctrl-C or SIGTERM stops at the end of the step in flight with a checkpoint of it (a second one stops at "
-        "once); continue with --resume. One process trains in a run directory at a time (it holds RUN_DIR/.lock).",
+        "once); continue with --resume. One process trains in a run directory at a time (it holds RUN_DIR/.lock). "
+        f"model.kind is one of {', '.join(KINDS)} (default {DEFAULT_KIND}).",
     )
     p.add_argument("--config", metavar="TOML", help="the run config (e.g. configs/qxs.toml); with --resume, replaces the run's own")
     p.add_argument("--run-dir", metavar="DIR", help="a new folder for the run's outputs")
@@ -170,19 +175,21 @@ def _add_train(sub) -> None:
                    help="with --resume: accept a config that differs from the run's; with either: take over the "
                    "run directory's lock from a process that is no longer running (killed, or on another machine)")
     _add_set_option(p)
-    p.add_argument("--prediction", choices=("epsilon", "sample"), help="what the U-Net predicts (sets model.prediction)")
-    p.add_argument("--loss", choices=("cdiff", "mse"), help="the C-Diff loss, or plain L2 (sets model.loss)")
+    p.add_argument("--prediction", choices=PREDICTION_TYPES, help="what the U-Net predicts: the noise (the paper's), "
+                   "the clean EO latent, or v (sets model.prediction)")
+    p.add_argument("--loss", choices=LOSSES, help="the C-Diff loss, or plain L2 (sets model.loss)")
     p.add_argument("--skip-nonfinite", type=int, metavar="N", help="skip up to N steps with a NaN/Inf loss (sets train.skip_nonfinite)")
     p.add_argument("--stop-at", type=int, metavar="STEP", help="stop after STEP with a checkpoint (continue later with --resume)")
 
     def run(a):
+        from cdiff.torchrun import launch
         from cdiff.train import train
 
         if (a.run_dir is None) == (a.resume is None):
             raise ValueError("cdiff train: give either --run-dir DIR (a new run, with --config) or --resume RUN_DIR")
         config = _train_config(a, a.resume)
         done = train(config, a.resume or a.run_dir, resume=a.resume is not None, force=a.force, stop_at=a.stop_at)
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the run
+        if launch().is_main:  # under torchrun, one line for the run
             print(f"cdiff train: step {done.step}; newest checkpoint {done.checkpoint}")
 
     p.set_defaults(run=run)
@@ -221,6 +228,8 @@ def _add_cache_latents(sub) -> None:
 
 
 def _add_translate(sub) -> None:
+    from cdiff.samplers import SAMPLERS
+
     p = sub.add_parser(
         "translate",
         help="translate SAR images, folders or GeoTIFF scenes to EO images (and confidence maps)",
@@ -242,13 +251,13 @@ def _add_translate(sub) -> None:
                    "release) and <name>_colour.png")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default: %(default)s, the release's)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta; 0 is deterministic (default: %(default)s)")
-    p.add_argument("--sampler", choices=("ddim", "dpmpp_2m"), default="ddim",
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
                    help="ddim (the release's) or dpmpp_2m (DPM-Solver++(2M), for 10-20 steps) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="base seed; each image's seed also depends on its name "
                    "(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, help="same-sized images per batch (default: %(default)s)")
     p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+    p.add_argument("--dtype", choices=DTYPES, default="fp32",
                    help="the U-Net's dtype, the VAE stays fp32 (S2O-NPDE: the generator's) (default: %(default)s)")
     p.add_argument("--prompt", help="the prompt to encode (default: the one stored in the model)")
     p.add_argument("--tile", type=int, default=1024, help="tile side in pixels, a multiple of 64; larger images "
@@ -267,62 +276,35 @@ def _add_translate(sub) -> None:
     _add_metric_options(p)
 
     def run(a):
-        from cdiff.evaluate import parse_metrics
         from cdiff.tiling import Tiling
-        from cdiff.translate import Sampling, run_translate
+        from cdiff.translate import run_translate
+        from cdiff.translators import Sampling
 
         tiling = Tiling(a.tile, a.tile_overlap, a.tile_batch) if a.tile else None
         sampling = Sampling(a.steps, a.eta, a.seed, a.batch_size, tiling, a.sampler)
-        evaluation = None
-        if a.target:
-            evaluation = dict(target=a.target, report_dir=a.report_dir, metrics=parse_metrics(a.metrics),
-                              paper_scaling=a.paper_scaling, lpips_vgg=a.lpips_vgg, fid_weights=a.fid_weights,
-                              skip_bad=a.skip_bad)
         run_translate(a.model, a.input, a.output, conf_dir=a.conf_dir, sampling=sampling, device=a.device,
-                      dtype=a.dtype, prompt=a.prompt, skip_bad=a.skip_bad, overwrite=a.overwrite, evaluation=evaluation,
-                      channels_last=a.channels_last, compile_unet=a.compile)
+                      dtype=a.dtype, prompt=a.prompt, skip_bad=a.skip_bad, overwrite=a.overwrite, target=a.target,
+                      evaluation=_evaluation_options(a), channels_last=a.channels_last, compile_unet=a.compile)
 
     p.set_defaults(run=run)
 
 
+def _evaluation_options(a):
+    """The EvaluationOptions of the metric options (``_add_metric_options``), --skip-bad and --batch-size."""
+    from cdiff.evaluate import EvaluationOptions
+
+    return EvaluationOptions(
+        protocol="release" if a.paper_scaling else a.protocol, metrics=a.metrics, lpips_vgg=a.lpips_vgg,
+        fid_weights=a.fid_weights, dists_weights=a.dists_weights, dino=a.dino, split_list=a.split_list,
+        sar_dir=a.sar, dataset=a.dataset, batch_size=getattr(a, "eval_batch_size", 16), skip_bad=a.skip_bad,
+        report_dir=a.report_dir)
+
+
 def _add_metric_options(p) -> None:
     """Options shared by `evaluate` and `translate --target`."""
-    from cdiff.evaluate import METRICS
-
-    p.add_argument("--metrics", default=",".join(METRICS),
-                   help="comma-separated metrics to compute (default: %(default)s); LPIPS and FID need the "
-                   "metrics extra and local network weights")
-    p.add_argument("--paper-scaling", action="store_true",
-                   help="score PSNR/SSIM/SCC/LPIPS on (x + 0.5).clamp(0, 1) as the release did for its published "
-                   "tables, instead of the correct (x + 1) / 2; the report says which was used")
-    p.add_argument("--lpips-vgg", metavar="FILE", help="torchvision's vgg16-397923af.pth for LPIPS "
-                   "(default: $CDIFF_LPIPS_VGG, then torch's hub cache)")
-    p.add_argument("--fid-weights", metavar="FILE", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
-                   "(default: $CDIFF_FID_INCEPTION, then torch's hub cache)")
-    p.add_argument("--report-dir", metavar="DIR", help="where evaluation.json and evaluation.md go "
-                   "(default: the prediction folder)")
-
-
-def _add_evaluate(sub) -> None:
     from cdiff.protocol import METRICS, PROTOCOLS
     from cdiff.published import BENCHMARKS
 
-    p = sub.add_parser(
-        "evaluate",
-        help="score translated images against the ground truth as the published tables do (FID, DISTS, KID, "
-        "DINO, LPIPS, SSIM, PSNR)",
-        description="Match the images of PRED to the test items (every image of TARGET, or the names of "
-        "--split-list) by file name without suffix (a _fake_B suffix is accepted), centre-crop the ground truth "
-        "to the prediction's size, and score them under the field's protocol (GeoSET's evaluator): PSNR, SSIM, "
-        "LPIPS (VGG, x * 2 - 1), DISTS and DINO per image and averaged, FID and KID on 2048-d Inception "
-        "features against every test item's ground truth, and with --sar the identity-collapse ratio. Metrics "
-        "whose network weights are missing are left out with one line each (get them with 'cdiff fetch NAME'). "
-        "Test items without a prediction are counted and named. Prints a table (with --dataset, beside the "
-        "published C-DiffSET and stage-1 rows) and writes evaluation.json and evaluation.md. --protocol "
-        "release scores as the C-DiffSET release did for the paper's numbers. See docs/evaluation.md.",
-    )
-    p.add_argument("--pred", required=True, metavar="DIR", help="folder of translated (predicted) EO images")
-    p.add_argument("--target", required=True, metavar="DIR", help="folder of the ground-truth EO images")
     p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="field",
                    help="field: as the published comparison tables (default); release: as the C-DiffSET release "
                    "computed the paper's numbers ((x + 0.5) scaling, files matched by relative path)")
@@ -346,7 +328,28 @@ def _add_evaluate(sub) -> None:
                    "(default: $CDIFF_DINO; 'cdiff fetch dino-sat'); without it DINO is left out")
     p.add_argument("--report-dir", metavar="DIR", help="where evaluation.json and evaluation.md go "
                    "(default: the prediction folder)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per network call (default: %(default)s)")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score translated images against the ground truth as the published tables do (FID, DISTS, KID, "
+        "DINO, LPIPS, SSIM, PSNR)",
+        description="Match the images of PRED to the test items (every image of TARGET, or the names of "
+        "--split-list) by file name without suffix (a _fake_B suffix is accepted), centre-crop the ground truth "
+        "to the prediction's size, and score them under the field's protocol (GeoSET's evaluator): PSNR, SSIM, "
+        "LPIPS (VGG, x * 2 - 1), DISTS and DINO per image and averaged, FID and KID on 2048-d Inception "
+        "features against every test item's ground truth, and with --sar the identity-collapse ratio. Metrics "
+        "whose network weights are missing are left out with one line each (get them with 'cdiff fetch NAME'). "
+        "Test items without a prediction are counted and named. Prints a table (with --dataset, beside the "
+        "published C-DiffSET and stage-1 rows) and writes evaluation.json and evaluation.md. --protocol "
+        "release scores as the C-DiffSET release did for the paper's numbers. See docs/evaluation.md.",
+    )
+    p.add_argument("--pred", required=True, metavar="DIR", help="folder of translated (predicted) EO images")
+    p.add_argument("--target", required=True, metavar="DIR", help="folder of the ground-truth EO images")
+    _add_metric_options(p)
+    p.add_argument("--batch-size", dest="eval_batch_size", type=int, default=16,
+                   help="images per network call (default: %(default)s)")
     p.add_argument("--device", help="torch device for the networks (default: cuda if available, else cpu)")
     p.add_argument("--skip-bad", action="store_true", help="log and count unreadable or mismatched images instead "
                    "of stopping")
@@ -354,10 +357,7 @@ def _add_evaluate(sub) -> None:
     def run(a):
         from cdiff.evaluate import run_evaluate
 
-        run_evaluate(a.pred, a.target, metrics=a.metrics, paper_scaling=a.paper_scaling, report_dir=a.report_dir,
-                     device=_device(a.device), lpips_vgg=a.lpips_vgg, fid_weights=a.fid_weights, skip_bad=a.skip_bad,
-                     protocol=a.protocol, split_list=a.split_list, sar_dir=a.sar, dataset=a.dataset,
-                     dists_weights=a.dists_weights, dino=a.dino, batch_size=a.batch_size)
+        run_evaluate(a.pred, a.target, _evaluation_options(a), device=_device(a.device))
 
     p.set_defaults(run=run)
 
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cdiff: error: {err}", file=sys.stderr)
         return 2
     except ImportError as err:
-        # An optional dependency is missing (open_clip for convert, tifffile for GeoTIFFs).
+        # An optional dependency is missing (open_clip for convert, rasterio for GeoTIFFs).
         print(f"cdiff: error: {err}", file=sys.stderr)
         return 3
     except Interrupted as stop:  # a signal, handled: the message says what was kept

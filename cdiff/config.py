@@ -12,6 +12,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields, replace
 
+import torch
+
+# Floating-point formats by the names the command line and the run configs use.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 def _check_groups(name: str, channels: tuple[int, ...], groups: int) -> None:
     for c in channels:
@@ -153,15 +158,13 @@ def config_to_json(config) -> str:
 _RETIRED_FIELDS = {"UNetConfig": ("upcast_attention",)}
 
 
-def config_from_json(text: str):
-    """Inverse of ``config_to_json``; lists come back as the tuples the dataclasses use."""
-    from cdiff.npde.config import NPDEConfig  # here: cdiff.npde imports this module
-
+def config_from_json(text: str, classes: tuple[type, ...] = (UNetConfig, VAEConfig)):
+    """Inverse of ``config_to_json`` for a config of one of ``classes`` (another module's configs,
+    such as cdiff.npde's, pass their own); lists come back as the tuples the dataclasses use."""
     data = json.loads(text)
-    kinds = {"UNetConfig": UNetConfig, "VAEConfig": VAEConfig, "NPDEConfig": NPDEConfig}
-    kind = kinds.get(data.pop("type", None))
+    kind = {cls.__name__: cls for cls in classes}.get(data.pop("type", None))
     if kind is None:
-        raise ValueError(f"unknown config type in {text[:80]!r}")
+        raise ValueError(f"unknown config type in {text[:80]!r} (expected one of {[c.__name__ for c in classes]})")
     for name in _RETIRED_FIELDS.get(kind.__name__, ()):
         data.pop(name, None)
     names = {f.name for f in fields(kind)}

@@ -1,7 +1,7 @@
 """``cdiff convert``: any SD 2.1 source (and optionally a release U-Net) -> one native C-DiffSET file.
 
 The command's body; its parts live in the modules that own each job: reading layouts
-(cdiff.read), the surgery (cdiff.surgery), the native format (cdiff.native).
+(cdiff.load), the surgery (cdiff.surgery), the native format (cdiff.native).
 """
 
 from __future__ import annotations
@@ -10,17 +10,17 @@ from pathlib import Path
 
 import torch
 
-from cdiff.build import build_model
-from cdiff.checkpoint import detect_layout
+from cdiff.config import DTYPES
 from cdiff.files import check_output
+from cdiff.layouts.detect import detect_layout
+from cdiff.load import context_for, read_unet, read_vae
 from cdiff.native import NATIVE_VERSION, save_native
 from cdiff.pipeline import DEFAULT_PROMPT
-from cdiff.read import context_for, read_unet, read_vae
+from cdiff.statedict import build_model
 from cdiff.surgery import cdiffset_surgery
 from cdiff.unet import UNet
 from cdiff.vae import VAE
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _describe(state: dict) -> str:

@@ -6,14 +6,10 @@ cdiff.data.synth with seeds 0 .. N - 1 (N < HELDOUT_SEED). The demo's scenes sta
 HELDOUT_SEED = 1,000,000, which training never saw, so the printed scores are held-out scores.
 ``weights/cdiff-demo-tiny.json`` records the scores of the ``Protocol`` below; a test
 reproduces them.
-
-``tiny_pipeline`` (seeded random weights) stays for tests and for ``cdiff train``'s
-``model.init = "tiny"``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -23,16 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cdiff.config import UNetConfig, VAEConfig
-from cdiff.data.imageio import to_uint8, write_png, write_text
+from cdiff.data.imageio import to_uint8, write_png
 from cdiff.data.synth import SynthPair, make_pair, pair_name
-from cdiff.files import check_output
+from cdiff.files import check_output, write_text
+from cdiff.load import load_pipeline
 from cdiff.metrics import image_metrics, to_unit
 from cdiff.pipeline import Pipeline, Translation
-from cdiff.unet import UNet
-from cdiff.vae import VAE
+from cdiff.testing import one_thread
 
-PROMPT_TOKENS = 6  # the release's unpadded "electro-optical image" prompt is 6 tokens long
 HELDOUT_SEED = 1_000_000  # the first held-out scene; training seeds are all below it
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 DEMO_MODEL = WEIGHTS / "cdiff-demo-tiny.safetensors"
@@ -69,19 +63,8 @@ class Protocol:
 SCORE_PROTOCOLS = {"demo": Protocol(), "heldout": Protocol(scenes=64)}
 
 
-def tiny_pipeline(seed: int) -> Pipeline:
-    """The tiny C-DiffSET stack (8-in/5-out U-Net, tiny VAE) with seeded random weights."""
-    torch.manual_seed(seed)
-    unet = UNet(UNetConfig.tiny(in_channels=8, out_channels=5)).eval()
-    vae = VAE(VAEConfig.tiny()).eval()
-    context = torch.randn(PROMPT_TOKENS, unet.config.context_dim, generator=torch.Generator().manual_seed(seed))
-    return Pipeline(unet, vae, context)
-
-
 def load_demo_model(path: str | Path | None = None) -> Pipeline:
     """The bundled demo model (or the native file ``path``) as a fp32 Pipeline on the CPU."""
-    from cdiff.load import load_pipeline
-
     path = Path(path) if path is not None else DEMO_MODEL
     if not path.is_file():
         raise FileNotFoundError(
@@ -178,19 +161,6 @@ def recorded_scores(model: str | Path | None, protocol: Protocol) -> dict | None
         if entry.get("protocol") == asdict(protocol):
             return entry
     return None
-
-
-@contextlib.contextmanager
-def one_thread():
-    """torch on one CPU thread, for tiny networks (the demo's, the tests'): as fast as two on an
-    idle machine, and immune to OpenMP's spin-waiting threads, which make two threads many times
-    slower on a busy one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_demo(out_dir: str = "cdiff-demo", scenes: int = 4, steps: int = Protocol.steps, seed: int = 0,

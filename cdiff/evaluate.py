@@ -20,13 +20,14 @@ protocol for the paper's own numbers (its utils.py and test.py); it is the code 
   computes it from image folders, so the scaling option does not change it.
 
 Pairs are matched by their path relative to each folder, without the suffix
-(``pred/a/b.png`` with ``target/a/b.jpg``); both folders must hold the same names.
+(``pred/a/b.png`` with ``target/a/b.jpg``; cdiff.imagefiles); both folders must hold the same names.
+What to score and how: ``EvaluationOptions``, the same for ``cdiff evaluate`` and ``cdiff
+translate --target``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,9 @@ import numpy as np
 import torch
 
 from cdiff import metrics as image_metrics
-from cdiff.data.imageio import read_image, to_unit_range, write_text
+from cdiff.data.imageio import read_image, to_unit_range
+from cdiff.files import write_text
+from cdiff.imagefiles import list_images, skip_or_raise
 from cdiff.progress import progress
 from cdiff import matching, published, scoring
 from cdiff.protocol import METRICS as METRIC_TABLE
@@ -44,9 +47,6 @@ from cdiff.protocol import parse_metrics as parse_field_metrics
 from cdiff.protocol import protocol as find_protocol
 from cdiff.report import FieldReport
 
-log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 METRICS = RELEASE_METRICS
 PER_IMAGE = tuple(m for m in METRICS if METRIC_TABLE[m].per_image)
 LABELS = {m: label(m) for m in METRICS}
@@ -56,14 +56,6 @@ REPORT_NAMES = ("evaluation.json", "evaluation.md")
 SCORES = {"psnr": image_metrics.psnr, "ssim": image_metrics.ssim, "scc": image_metrics.scc}
 
 
-def skip_or_raise(err: Exception, what: str, skip_bad: bool, skipped: list[str]) -> None:
-    """Raise ``err``; with ``skip_bad``, log it and append "what: err" to ``skipped`` instead."""
-    if not skip_bad:
-        raise err
-    log.warning("skipped %s: %s", what, err)
-    skipped.append(f"{what}: {err}")
-
-
 @dataclass(frozen=True)
 class ImagePair:
     name: str  # relative path without suffix, e.g. "scene/0001"
@@ -71,26 +63,52 @@ class ImagePair:
     target: Path
 
 
-def list_images(folder: str | os.PathLike, what: str) -> dict[str, Path]:
-    """The image files under ``folder`` (recursive, hidden files skipped) by relative path
-    without suffix. An empty or missing folder, or two files of one name, is an error."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{what} folder {root}: no such file or folder")
-    found: dict[str, Path] = {}
-    for path in sorted(root.rglob("*")):
-        relative = path.relative_to(root)
-        if path.suffix.lower() not in IMAGE_SUFFIXES or any(part.startswith(".") for part in relative.parts):
-            continue
-        if not path.is_file():
-            continue
-        key = relative.with_suffix("").as_posix()
-        if key in found:
-            raise ValueError(f"{what} folder {root}: {found[key].name} and {path.name} have the same name")
-        found[key] = path
-    if not found:
-        raise ValueError(f"{what} folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return found
+@dataclass(frozen=True)
+class EvaluationOptions:
+    """What ``cdiff evaluate`` (and ``cdiff translate --target``) computes, and how (module docstring)."""
+
+    protocol: str = "field"  # "field": the published comparison tables'; "release": the paper's (cdiff.protocol)
+    metrics: str | None = None  # comma-separated names that must all be computed; None: the protocol's set
+    lpips_vgg: str | None = None  # torchvision's VGG16 file for LPIPS and DISTS (cdiff.perceptual.find_weights)
+    fid_weights: str | None = None  # pytorch-fid's Inception file for FID and KID
+    dists_weights: str | None = None  # DISTS's alpha/beta (field protocol)
+    dino: str | None = None  # DINOv3-SAT ViT-L/16 folder (field protocol); None: DINO left out
+    split_list: str | None = None  # the test items, one name per line (field protocol); None: every target
+    sar_dir: str | None = None  # the SAR inputs: adds the identity-collapse ratio (field protocol)
+    dataset: str | None = None  # a published benchmark (cdiff.published): its size and rows (field protocol)
+    batch_size: int = 16  # images per network call (field protocol)
+    skip_bad: bool = False  # log and count pairs that cannot be read or whose sizes differ, instead of stopping
+    report_dir: str | None = None  # where evaluation.json / .md go; None: the prediction folder
+
+    def __post_init__(self):
+        find_protocol(self.protocol)  # an unknown protocol raises, naming the choices
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.protocol == "release":
+            given = {"--split-list": self.split_list, "--sar": self.sar_dir, "--dataset": self.dataset,
+                     "--dists-weights": self.dists_weights, "--dino": self.dino}
+            extra = [flag for flag, value in given.items() if value is not None]
+            if extra:
+                raise ValueError(f"{extra[0]} applies to the field protocol only, not to --protocol release")
+            if self.metrics is not None:
+                parse_metrics(self.metrics)
+        elif "identity" in self.field_metrics and self.sar_dir is None:
+            raise ValueError("--metrics identity: the identity-collapse ratio needs the SAR inputs (--sar DIR)")
+
+    @property
+    def field_metrics(self) -> tuple[str, ...]:
+        """The field protocol's metrics named in ``metrics`` (each required); () when none are named."""
+        return parse_field_metrics(self.metrics) if self.metrics is not None else ()
+
+    def check_networks(self) -> None:
+        """Fail now, not after hours of translation, when a named metric's network weights are missing."""
+        if self.metrics is None:
+            return  # the protocol's set: metrics without weights are left out, with one line each
+        if self.protocol == "release":
+            Networks.check(parse_metrics(self.metrics), self.lpips_vgg, self.fid_weights)
+        else:
+            files = scoring.NetworkFiles(self.lpips_vgg, self.fid_weights, self.dists_weights, self.dino)
+            scoring.check_networks(self.field_metrics, files)
 
 
 def match_pairs(pred_dir, target_dir, names: list[str] | None = None) -> list[ImagePair]:
@@ -253,18 +271,18 @@ def evaluate(
     pred_dir: str | os.PathLike,
     target_dir: str | os.PathLike,
     metrics: tuple[str, ...] = METRICS,
-    paper_scaling: bool = False,
+    options: EvaluationOptions = EvaluationOptions(protocol="release"),
     device=None,
-    lpips_vgg=None,
-    fid_weights=None,
-    skip_bad: bool = False,
     show_progress: bool = True,
+    paper_scaling: bool = True,
 ) -> Evaluation:
-    """Score every pair (module docstring for the protocol). A pair that cannot be read or
-    whose sizes differ raises, naming the file; with ``skip_bad`` it is logged, counted in
-    ``Evaluation.skipped`` and left out."""
-    result = Evaluation(str(pred_dir), str(target_dir), tuple(metrics), paper_scaling)
-    networks = Networks(result.metrics, device, lpips_vgg, fid_weights)
+    """Score every pair under the release protocol (module docstring): ``metrics`` in METRICS'
+    order; ``paper_scaling`` False scores on ``(x + 1) / 2`` instead of the release's scaling. A
+    pair that cannot be read or whose sizes differ raises, naming the file; with
+    ``options.skip_bad`` it is logged, counted in ``Evaluation.skipped`` and left out."""
+    skip_bad = options.skip_bad
+    result = Evaluation(str(pred_dir), str(target_dir), metrics, paper_scaling)
+    networks = Networks(result.metrics, device, options.lpips_vgg, options.fid_weights)
     fid_pred, fid_target = [], []
     for pair in progress(pairs, desc="evaluate", enabled=show_progress):
         try:
@@ -306,80 +324,59 @@ def _fid(inception, preds: list[torch.Tensor], targets: list[torch.Tensor]) -> f
     return image_metrics.frechet_distance(mean_t, cov_t, mean_p, cov_p)
 
 
-def run_evaluate(
-    pred_dir,
-    target_dir,
-    metrics: str | None = None,
-    paper_scaling: bool = False,
-    report_dir=None,
-    device=None,
-    lpips_vgg=None,
-    fid_weights=None,
-    skip_bad: bool = False,
-    protocol: str = "field",
-    split_list=None,
-    sar_dir=None,
-    dataset: str | None = None,
-    dists_weights=None,
-    dino=None,
-    batch_size: int = 16,
-    show_progress: bool = True,
-):
+def run_evaluate(pred_dir, target_dir, options: EvaluationOptions = EvaluationOptions(), device=None,
+                 names: list[str] | None = None, show_progress: bool = True):
     """The ``cdiff evaluate`` command: match, score, print the table, write the reports.
 
-    ``metrics`` None: the protocol's set, each metric whose network weights are missing left
-    out with one line; metrics named in ``metrics`` must all be computed. ``paper_scaling`` is
-    the old name of ``protocol="release"``.
+    ``options.metrics`` None: the protocol's set, each metric whose network weights are missing
+    left out with one line; metrics named there must all be computed. ``names`` (release
+    protocol): only these predictions (``cdiff translate --target``: the ones it wrote).
     """
-    chosen_protocol = find_protocol("release" if paper_scaling else protocol)
-    if chosen_protocol.name == "release":
-        given = {"--split-list": split_list, "--sar": sar_dir, "--dataset": dataset, "--dists-weights": dists_weights,
-                 "--dino": dino}
-        extra = [flag for flag, value in given.items() if value is not None]
-        if extra:
-            raise ValueError(f"{extra[0]} applies to the field protocol only, not to --protocol release")
-        return _run_release(pred_dir, target_dir, metrics, report_dir, device, lpips_vgg, fid_weights, skip_bad)
-    required = parse_field_metrics(metrics) if metrics is not None else ()
-    if "identity" in required and sar_dir is None:
-        raise ValueError("--metrics identity: the identity-collapse ratio needs the SAR inputs (--sar DIR)")
-    chosen = required or chosen_protocol.metrics + (("identity",) if sar_dir is not None else ())
-    size = published.benchmark(dataset).size if dataset is not None else None
-    found = matching.match(pred_dir, target_dir, split_list, sar_dir, dataset)
-    files = scoring.NetworkFiles(lpips_vgg, fid_weights, dists_weights, dino)
+    if options.protocol == "release":
+        return _run_release(pred_dir, target_dir, options, device, names)
+    required = options.field_metrics
+    chosen = required or PROTOCOLS["field"].metrics + (("identity",) if options.sar_dir is not None else ())
+    size = published.benchmark(options.dataset).size if options.dataset is not None else None
+    found = matching.match(pred_dir, target_dir, options.split_list, options.sar_dir, options.dataset)
+    files = scoring.NetworkFiles(options.lpips_vgg, options.fid_weights, options.dists_weights, options.dino)
     networks = scoring.Networks(chosen, files, device, required=required)
-    scores = scoring.score(found, chosen, networks, scoring.evaluation_size(found, size), batch_size, device,
-                           skip_bad, show_progress)
-    result = FieldReport(str(pred_dir), str(target_dir), None if split_list is None else str(split_list),
-                         None if sar_dir is None else str(sar_dir), dataset, chosen, scores, found.missing,
+    scores = scoring.score(found, chosen, networks, scoring.evaluation_size(found, size), options.batch_size, device,
+                           options.skip_bad, show_progress)
+    result = FieldReport(str(pred_dir), str(target_dir), _str_or_none(options.split_list),
+                         _str_or_none(options.sar_dir), options.dataset, chosen, scores, found.missing,
                          [str(p) for p in found.unmatched], len(found.reference))
     print(result.table())
-    for path in result.write(report_dir or pred_dir):
+    for path in result.write(options.report_dir or pred_dir):
         print(f"  {path}")
     return result
 
 
-def _run_release(pred_dir, target_dir, metrics, report_dir, device, lpips_vgg, fid_weights, skip_bad) -> Evaluation:
-    """The release protocol. Without ``metrics``, a metric whose network weights are missing is
-    left out with one line (unless its file was given: a wrong path is an error)."""
-    if metrics is not None:
-        chosen = parse_metrics(metrics)
-        Networks.check(chosen, lpips_vgg, fid_weights)
-        left_out = []
+def _str_or_none(value) -> str | None:
+    return None if value is None else str(value)
+
+
+def _run_release(pred_dir, target_dir, options: EvaluationOptions, device, names) -> Evaluation:
+    """The release protocol. Without ``options.metrics``, a metric whose network weights are
+    missing is left out with one line (unless its file was given: a wrong path is an error)."""
+    left_out = []
+    if options.metrics is not None:
+        chosen = parse_metrics(options.metrics)
+        Networks.check(chosen, options.lpips_vgg, options.fid_weights)
     else:
-        chosen, left_out = [], []
+        chosen = []
         for name in METRICS:
             try:
-                Networks.check((name,), lpips_vgg, fid_weights)
+                Networks.check((name,), options.lpips_vgg, options.fid_weights)
                 chosen.append(name)
             except FileNotFoundError as err:
-                if (name == "lpips" and lpips_vgg is not None) or (name == "fid" and fid_weights is not None):
+                if (name == "lpips" and options.lpips_vgg is not None) or (name == "fid" and options.fid_weights is not None):
                     raise
                 left_out.append(f"{METRIC_TABLE[name].label} left out: {err}")
         chosen = tuple(chosen)
-    pairs = match_pairs(pred_dir, target_dir)
-    result = evaluate(pairs, pred_dir, target_dir, chosen, True, device, lpips_vgg, fid_weights, skip_bad)
+    pairs = match_pairs(pred_dir, target_dir, names=names)
+    result = evaluate(pairs, pred_dir, target_dir, chosen, options, device)
     result.left_out.extend(left_out)
     print(result.table())
-    for path in result.write(report_dir or pred_dir):
+    for path in result.write(options.report_dir or pred_dir):
         print(f"  {path}")
     return result

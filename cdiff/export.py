@@ -2,7 +2,7 @@
 the official C-DiffSET release's U-Net file, so a model can be taken into other tools.
 
 Every exporter checks its output path first (cdiff.files.check_output: never the source,
-never an existing output unless ``overwrite``), reads its source through cdiff.read (any
+never an existing output unless ``overwrite``), reads its source through cdiff.load (any
 layout cdiff reads) and writes atomically. The prompt embedding travels beside the weights:
 ``cdiff_context.safetensors`` in a diffusers folder, the key ``cdiff.context`` in an
 original single file.
@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from cdiff.checkpoint import atomic_path, detect_layout, save_safetensors
-from cdiff.files import check_output
+from cdiff.files import atomic_path, check_output, save_safetensors
 from cdiff.layouts import diffusers as diffusers_layout
 from cdiff.layouts import original as original_layout
+from cdiff.layouts.detect import detect_layout
 from cdiff.layouts.diffusers_config import diffusers_unet_config, diffusers_vae_config
+from cdiff.load import read_context, read_unet, read_vae
 from cdiff.native import CONTEXT_KEY
-from cdiff.read import read_context, read_unet, read_vae
 
 # SD 2.1 base's noise schedule, written into exported diffusers folders (DDIM, as C-DiffSET samples).
 SCHEDULER_CONFIG = {

@@ -1,8 +1,8 @@
 """Writing files that never surprise: outputs checked before the work starts, written
 atomically, with the permissions a plain ``open()`` would give.
 
-Every writer in cdiff (convert, export, demo, synth, split lists, the training run directory)
-goes through these:
+Every writer in cdiff (convert, export, demo, synth, split lists, weights, the training run
+directory) goes through these:
 
 - :func:`check_output` refuses, in one line naming the path, an output that cannot or should
   not be written: the source itself, an existing output without ``overwrite``, a folder where
@@ -15,6 +15,8 @@ goes through these:
 - :func:`leftovers` finds the temporaries a killed process left (cdiff's own names only),
   for the next run to remove.
 - :func:`out_of_space` tells a full disk from other write errors, whoever raised it.
+
+:func:`write_text` and :func:`save_safetensors` write text and tensors through ``atomic_path``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ import shutil
 import stat
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+if TYPE_CHECKING:
+    import torch
 
 KINDS = ("file", "folder")
 
@@ -243,3 +248,27 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` as one ``.safetensors`` file, atomically (contiguous CPU copies; shared
+    storage is split). ``metadata``: the header's string map."""
+    from safetensors.torch import save_file
+
+    plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    # safetensors refuses tensors that share storage (e.g. tied views); clone those.
+    seen: set[int] = set()
+    for k, v in plain.items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen and v.numel():
+            plain[k] = v.clone()
+        seen.add(ptr)
+    with atomic_path(path) as tmp:
+        save_file(plain, str(tmp), metadata=metadata)

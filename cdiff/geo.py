@@ -14,9 +14,10 @@ Nodata: a pixel whose bands all equal the file's nodata value (or any NaN) is no
 stretch statistics come from valid pixels only; nodata pixels enter the network as -1 and
 are written back as nodata.
 
-GeoTIFFs are read and written with rasterio (``pip install cdiff[geo]``, imported only
-inside these functions). The EO GeoTIFF is 3-band uint8 RGB with the source's CRS,
-transform and nodata, so it overlays the SAR scene in a GIS. A nodata value that uint8
+GeoTIFFs are read (cdiff.data.imageio.read_raster, as the dataset readers read them) and written
+with rasterio (``pip install cdiff[geo]``, imported only inside those functions). The EO GeoTIFF
+is 3-band uint8 RGB with the source's CRS, transform and nodata, so it overlays the SAR scene in
+a GIS. A nodata value that uint8
 cannot hold (e.g. -9999) becomes 0; valid EO pixels that happen to equal the nodata value
 are nudged by one level so that they stay valid.
 """
@@ -31,8 +32,7 @@ import numpy as np
 
 from cdiff.data import imageio
 from cdiff.files import atomic_path
-
-TIFF_SUFFIXES = (".tif", ".tiff")
+from cdiff.imagefiles import TIFF_SUFFIXES
 
 
 @dataclass
@@ -98,29 +98,21 @@ def _rasterio():
     try:
         import rasterio
     except ImportError as err:
-        raise ImportError("GeoTIFFs need rasterio: pip install cdiff[geo]") from err
+        raise ImportError("writing a GeoTIFF needs rasterio: pip install cdiff[geo]") from err
     return rasterio
 
 
 def read_geotiff_scene(path: str | os.PathLike) -> SarScene:
     """A SAR GeoTIFF (1, 2, 3 or 4 bands) as a ``SarScene``; unreadable files raise naming it."""
-    rasterio = _rasterio()
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"SAR file not found: {path}")
-    try:
-        with rasterio.open(path) as source:
-            bands = np.moveaxis(source.read(), 0, -1)  # (H, W, bands)
-            geo = GeoInfo(source.crs, source.transform, source.nodata)
-    except Exception as err:  # rasterio/GDAL raise several types for damaged files; all mean "unreadable"
-        raise ValueError(f"cannot read GeoTIFF {path}: {type(err).__name__}: {err}") from err
-    valid = nodata_mask(bands, geo.nodata)
-    return SarScene(sar_to_rgb(bands, path, valid), valid, geo)
+    raster = imageio.read_raster(path)
+    geo = GeoInfo(raster.crs, raster.transform, raster.nodata)
+    valid = nodata_mask(raster.bands, geo.nodata)
+    return SarScene(sar_to_rgb(raster.bands, path, valid), valid, geo)
 
 
 def read_sar(path: str | os.PathLike) -> SarScene:
     """Any SAR file cdiff reads: TIFFs through rasterio (georeferencing kept), other images
-    through Pillow (cdiff.data.imageio)."""
+    through Pillow (both cdiff.data.imageio)."""
     path = Path(path)
     if path.suffix.lower() in TIFF_SUFFIXES:
         return read_geotiff_scene(path)

@@ -23,9 +23,9 @@ from dataclasses import replace
 
 import torch
 
-from cdiff.checkpoint import CheckpointError
 from cdiff.config import UNetConfig, VAEConfig
 from cdiff.layouts.diffusers_config import unet_config_from_diffusers, vae_config_from_diffusers
+from cdiff.weightfile import CheckpointError
 
 NO_CONFIG_HINT = (
     "give its config (load_unet/load_vae(source, config=...)), or read it from a diffusers folder with its config.json"

@@ -1,4 +1,5 @@
-"""cdiff's native file format: one ``.safetensors`` holding a whole C-DiffSET model.
+"""cdiff's native file format: one ``.safetensors`` holding a whole C-DiffSET model
+(``save_native`` writes it; cdiff.load_pipeline reads it, as every other layout).
 
 Tensors: ``unet.*`` and ``vae.*`` in cdiff's parameter names, and the prompt embedding
 ``context`` (L, context_dim). Metadata (all strings):
@@ -7,9 +8,10 @@ Tensors: ``unet.*`` and ``vae.*`` in cdiff's parameter names, and the prompt emb
 - ``unet_config`` / ``vae_config``: the configs as JSON (cdiff.config.config_to_json), so
   any config, preset or not, comes back exactly;
 - ``prompt`` and ``padding`` ("none" or "77"): what the context encodes;
-- ``prediction``: what the U-Net's first channels predict, "epsilon" (the noise, the paper's
-  and the release's) or "sample" (the clean EO latent, ``cdiff train --set
-  model.prediction=sample``); files written before this field existed are "epsilon".
+- ``prediction``: what the U-Net's first channels predict, one of
+  cdiff.schedulers.PREDICTION_TYPES: "epsilon" (the noise, the paper's and the release's),
+  "sample" (the clean EO latent, ``cdiff train --prediction sample``) or "v_prediction"; files
+  written before this field existed are "epsilon".
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ from pathlib import Path
 
 import torch
 
-from cdiff.build import build_model
-from cdiff.checkpoint import NATIVE_FORMAT, CheckpointError, WeightFile, save_safetensors
-from cdiff.config import config_from_json, config_to_json
+from cdiff.config import config_to_json
+from cdiff.files import save_safetensors
 from cdiff.pipeline import DEFAULT_PROMPT
+from cdiff.schedulers import PREDICTION_TYPES
+from cdiff.weightfile import CheckpointError, WeightFile
 
+NATIVE_FORMAT = "cdiff"  # metadata "format" of a native file
 NATIVE_VERSION = "1"
 CONTEXT_KEY = "context"  # the prompt embedding's tensor name
-PREDICTIONS = ("epsilon", "sample")
 
 
 def open_native(path) -> WeightFile:
@@ -42,8 +45,8 @@ def open_native(path) -> WeightFile:
 def save_native(path, unet, vae, context: torch.Tensor, prompt: str = DEFAULT_PROMPT, padding: str = "none",
                 prediction: str = "epsilon") -> Path:
     """Write U-Net, VAE, prompt embedding and configs to one native ``.safetensors`` (atomically)."""
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {prediction!r}")
     if context.ndim != 2:
         raise ValueError(f"context: expected (L, {unet.config.context_dim}), got {tuple(context.shape)}")
     tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
@@ -62,21 +65,10 @@ def save_native(path, unet, vae, context: torch.Tensor, prompt: str = DEFAULT_PR
     return Path(path)
 
 
-def load_native(path, dtype=None, device=None):
-    """(unet, vae, context, prompt) of a native file."""
-    from cdiff.unet import UNet
-    from cdiff.vae import VAE
-
-    f = open_native(path)
-    unet = build_model(UNet, config_from_json(f.metadata["unet_config"]), f.load("unet."), path, dtype, device)
-    vae = build_model(VAE, config_from_json(f.metadata["vae_config"]), f.load("vae."), path, dtype, device)
-    context = f.load(CONTEXT_KEY)[""]
-    return unet, vae, context, f.metadata.get("prompt", "")
-
-
 def native_prediction(path) -> str:
-    """What the U-Net of the native file ``path`` predicts: "epsilon" or "sample"."""
+    """What the U-Net of the native file ``path`` predicts: one of PREDICTION_TYPES."""
     prediction = open_native(path).metadata.get("prediction", "epsilon")
-    if prediction not in PREDICTIONS:
-        raise CheckpointError(f"{path}: unknown prediction {prediction!r} in its metadata; expected one of {PREDICTIONS}")
+    if prediction not in PREDICTION_TYPES:
+        raise CheckpointError(f"{path}: unknown prediction {prediction!r} in its metadata; "
+                              f"expected one of {PREDICTION_TYPES}")
     return prediction

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from cdiff import flags
-from cdiff.checkpoint import CheckpointError
+from cdiff.weightfile import CheckpointError
 from cdiff.perceptual import DISTS_ALPHA_BETA, LPIPS_VGG, find_weights
 
 # --- DISTS --------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from cdiff import flags
-from cdiff.checkpoint import CheckpointError
 from cdiff.metrics import to_unit
+from cdiff.weightfile import CheckpointError
 
 FID_DIMS = 2048  # pytorch-fid's default: the final average pool of Inception v3
 FID_SIZE = 299  # pytorch-fid resizes every image to 299 x 299 (bilinear) first

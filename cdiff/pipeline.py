@@ -6,13 +6,12 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from cdiff import graphs
 from cdiff import tiling as tiles
 from cdiff.loss import confidence_from_raw
 from cdiff.samplers import make_sampler
-from cdiff.schedulers import DDPM
+from cdiff.schedulers import DDPM, check_prediction_type
 from cdiff.tiling import Tiling
 from cdiff.vae import _check_4d
 
@@ -41,33 +40,18 @@ def _nonfinite_samples(x: torch.Tensor) -> list[int]:
     return (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
 
 
-class SampleAsNoise(nn.Module):
-    """A U-Net trained with prediction = "sample", seen as a noise predictor, so DDIM (and
-    cdiff.Pipeline) can sample with it: eps = (x_t - sqrt(a_t) x0_hat) / sqrt(1 - a_t)."""
-
-    def __init__(self, unet: nn.Module, process: DDPM):
-        super().__init__()
-        self.unet, self.config, self.process = unet, unet.config, process
-
-    def forward(self, sample: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
-        out = self.unet(sample, t, context)  # (B, C + 1, h, w): x0_hat and the raw variance
-        channels = self.config.in_channels // 2
-        t = torch.as_tensor(t, device=sample.device).reshape(-1)  # (1,) or (B,): no host sync
-        alpha = self.process.alpha_bar(t).view(-1, 1, 1, 1)
-        noisy = sample[:, channels:].float()  # (B, C, h, w): x_t
-        eps = (noisy - alpha.sqrt() * out[:, :channels].float()) / (1 - alpha).sqrt()
-        return torch.cat([eps.to(out.dtype), out[:, channels:]], dim=1)
-
-
 class Pipeline:
     """The U-Net, the VAE and the fixed prompt embedding of a C-DiffSET model.
 
     context: (L, context_dim) prompt embedding (the release's unpadded prompt has L of about 6).
-    Each module keeps its own device and dtype (e.g. an fp32 VAE beside a bf16 U-Net); inputs
-    are moved to each module's as they reach it.
+    prediction_type: what the U-Net's first channels predict, one of cdiff.schedulers.PREDICTION_TYPES
+    ("epsilon" for the paper's models; "sample" for ``cdiff train --prediction sample``); the
+    sampler reads the output as such. Each module keeps its own device and dtype (e.g. an fp32 VAE
+    beside a bf16 U-Net); inputs are moved to each module's as they reach it.
     """
 
-    def __init__(self, unet, vae, context: torch.Tensor, prompt: str = DEFAULT_PROMPT, process: DDPM | None = None):
+    def __init__(self, unet, vae, context: torch.Tensor, prompt: str = DEFAULT_PROMPT, process: DDPM | None = None,
+                 prediction_type: str = "epsilon"):
         if context.ndim != 2 or context.shape[1] != unet.config.context_dim:
             raise ValueError(
                 f"context must be (L, {unet.config.context_dim}) for this U-Net, got {tuple(context.shape)}"
@@ -79,6 +63,7 @@ class Pipeline:
             )
         self.unet, self.vae, self.context, self.prompt = unet, vae, context, prompt
         self.process = process or DDPM()
+        self.prediction_type = check_prediction_type(prediction_type)
         self._warned_range = False
         self._compiled = None  # (the U-Net it was made from, torch.compile of it), see compile()
         self._graph = None  # (key, CapturedFunction) of the last cuda_graph=True run
@@ -161,7 +146,7 @@ class Pipeline:
         all within [0, 1], warn once per pipeline.
         """
         self._check_sar(sar)
-        chosen = make_sampler(sampler, self.process, steps, eta)  # checks steps, eta, sampler first
+        chosen = make_sampler(sampler, self.process, steps, eta, self.prediction_type)  # checks the options first
         if cuda_graph and (eta != 0 or tiling is not None):
             raise ValueError("cuda_graph=True replays a fixed loop: it needs eta=0 and tiling=None")
         unet_param, vae_param = next(self.unet.parameters()), next(self.vae.parameters())
@@ -176,7 +161,7 @@ class Pipeline:
             return self._denoise(chosen, sar_latent, noise, context, generator, tiling, show_progress)
 
         if cuda_graph:
-            key = (sampler, steps, sar_latent.shape, dtype, device, id(self.denoiser))
+            key = (sampler, self.prediction_type, steps, sar_latent.shape, dtype, device, id(self.denoiser))
             if self._graph is None or self._graph[0] != key:
                 self._graph = None  # free the old graph's memory before capturing the new one
                 self._graph = (key, graphs.CapturedFunction(denoise, (sar_latent, noise, context), self._capture))

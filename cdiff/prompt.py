@@ -27,10 +27,12 @@ from pathlib import Path
 
 import torch
 
-from cdiff.checkpoint import CheckpointError, WeightFile, check_state_dict, detect_layout, find_weights
 from cdiff.layouts import RenameTable
+from cdiff.layouts.detect import detect_layout, find_weights
 from cdiff.layouts.original import TEXT_PREFIX
 from cdiff.pipeline import DEFAULT_PROMPT  # the one home of the fixed prompt
+from cdiff.statedict import check_state_dict
+from cdiff.weightfile import CheckpointError, WeightFile
 
 CONTEXT_LENGTH = 77  # OpenCLIP's positional table, and SD's padded length
 HEAD_WIDTH = 64  # OpenCLIP ViT-H/14: width 1024 = 16 heads of 64

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cdiff.data.imageio import write_text
+from cdiff.files import write_text
 from cdiff.protocol import METRICS, PROTOCOLS, label
 from cdiff.published import BENCHMARKS, COLUMNS, PUBLISHED, SOURCE
 from cdiff.scoring import Scores

@@ -88,6 +88,22 @@ class Networks:
         return self.loaded.get(name)
 
 
+def check_networks(metrics: tuple[str, ...], files: NetworkFiles) -> None:
+    """Find (not load) the weight files ``metrics`` need; a missing one raises, naming it and
+    how to get it. For commands that work for hours before they score (``translate --target``)."""
+    from cdiff import networks, perceptual
+
+    needed = {METRICS[m].network for m in metrics}
+    if "lpips" in needed:
+        perceptual.find_weights(perceptual.LPIPS_VGG, files.lpips_vgg)
+    if "inception" in needed:
+        perceptual.find_weights(perceptual.FID_INCEPTION, files.fid_weights)
+    if "dists" in needed:
+        perceptual.find_weights(perceptual.DISTS_ALPHA_BETA, files.dists_weights)
+    if "dino" in needed:
+        networks.find_dino(files.dino)
+
+
 def read_unit(path: Path) -> torch.Tensor:
     """(3, H, W) float32 in [0, 1]: 8-bit files as ``file / 255`` (GeoSET's reading), other
     depths with the dataset readers' stretch (cdiff.data.imageio); grey repeated to RGB."""

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import torch
 
-from cdiff.build import build_model
 from cdiff.loss import variance_from_raw
+from cdiff.statedict import build_model
 
 log = logging.getLogger("cdiff.surgery")
 

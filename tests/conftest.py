@@ -1,6 +1,11 @@
+"""Fixtures shared by the tests. Helpers that tests, benchmarks and tools share live in cdiff.testing."""
+
 import os
 
+import pytest
 import torch
+
+from cdiff import testing
 
 # Triton kernels run in Triton's CPU interpreter when no GPU is present. The variable
 # must be set before any kernel is decorated, so it is set here, before test modules import.
@@ -8,3 +13,22 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def one_thread():
+    """The test on one torch thread: two OpenMP threads on two shared, busy cores run 10-30x slower."""
+    with testing.one_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def small_config():
+    """small_config(model_path, *sets): the run config of cdiff.testing.SMALL_RUN from the native
+    file ``model_path`` (e.g. cdiff.testing.micro_model), with ``--set`` overrides ``sets``."""
+    from cdiff.train.configfile import load_config
+
+    def make(model_path, *sets: str):
+        return load_config(None, [f"model.init={model_path}", *testing.SMALL_RUN, *sets])
+
+    return make

@@ -8,18 +8,18 @@ import torch
 
 from cdiff.attention import (
     attention,
-    attention_backend,
     capture_attention,
     math_attention,
+    process_attention_backend,
     sdpa_attention,
     set_attention_backend,
+    use_attention_backend,
 )
 from cdiff.config import UNetConfig, VAEConfig
 from cdiff.layouts.diffusers_config import unet_config_from_diffusers
+from cdiff.testing import SD21_UNET, assert_parity, randomize_, tiny_configs
 from cdiff.unet import UNet
 from cdiff.vae import VAE
-from tests.helpers import assert_parity, randomize_
-from tools.random_sd21 import SD21_UNET, tiny_configs
 
 BACKENDS = {"sdpa": sdpa_attention, "math": math_attention}
 
@@ -94,7 +94,7 @@ def test_unet_context_mask_ignores_padding(unet, backend):
     padded = torch.cat([context, junk], dim=1)
     mask = torch.zeros(2, 77, dtype=torch.bool)
     mask[:, :6] = True
-    with attention_backend(backend):
+    with use_attention_backend(backend):
         expected = unet(sample, t, context)
         assert_parity(unet(sample, t, padded, context_mask=mask), expected, f"masked padding ({backend})", rel_tol=1e-5)
         assert (unet(sample, t, padded) - expected).abs().max() > 1e-3  # the padding matters unmasked
@@ -122,7 +122,7 @@ def test_custom_function_runs_on_split_heads():
     out = attention(q, k, v, heads=3, backend=mine)
     assert calls == [(torch.Size([2, 3, 5, 4]), torch.Size([2, 3, 7, 4]), None)]
     torch.testing.assert_close(out, attention(q, k, v, heads=3, backend="math"), rtol=0, atol=0)
-    with attention_backend(mine):
+    with use_attention_backend(mine):
         attention(q, k, v, heads=3)
     assert len(calls) == 2
 
@@ -130,7 +130,7 @@ def test_custom_function_runs_on_split_heads():
 @torch.no_grad()
 def test_backend_per_model_and_per_module(unet):
     sample, t, context = unet_inputs()
-    with attention_backend("math"):
+    with use_attention_backend("math"):
         expected = unet(sample, t, context)
     calls = []
 
@@ -147,7 +147,7 @@ def test_backend_per_model_and_per_module(unet):
         # The whole model: every attention (self and cross) calls it, even inside a process-wide block.
         calls.clear()
         assert set_attention_backend(unet, counting) == 2 * CROSS_ATTENTIONS
-        with attention_backend("sdpa"):
+        with use_attention_backend("sdpa"):
             out = unet(sample, t, context)
         assert len(calls) == 2 * CROSS_ATTENTIONS
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
@@ -164,7 +164,7 @@ def test_vae_backend_and_bad_backends():
     with pytest.raises(ValueError, match=r"attention backend must be 'sdpa', 'math' or a function"):
         set_attention_backend(vae, "flash")
     with pytest.raises(ValueError, match=r"attention backend must be"):
-        with attention_backend("xformers"):
+        with use_attention_backend("xformers"):
             pass
     with pytest.raises(ValueError, match=r"Linear holds no attention module"):
         set_attention_backend(torch.nn.Linear(2, 2), "math")
@@ -176,7 +176,7 @@ def test_vae_backend_and_bad_backends():
 @torch.no_grad()
 def test_capture_attention_maps(unet):
     sample, t, context = unet_inputs(side=16, context_len=6)
-    with attention_backend("math"):
+    with use_attention_backend("math"):
         expected = unet(sample, t, context)
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, 4:] = False
@@ -213,7 +213,7 @@ def test_captured_map_equals_the_layer_attention():
             pass
 
 
-# --- half precision: SDPA, no upcast flag (issue 8, item 5) ------------------------------------
+# --- half precision: SDPA, no upcast flag ------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 2e-2)], ids=["fp16", "bf16"])
@@ -247,3 +247,13 @@ def test_sd21_768_config_runs_sdpa(monkeypatch):
     sample, t, context = unet_inputs()
     out = model(sample[:, :4].to(torch.bfloat16), t, context.to(torch.bfloat16))
     assert len(calls) == 2 * CROSS_ATTENTIONS and torch.isfinite(out).all()
+
+
+def test_process_attention_backend_is_the_innermost_block_else_the_switch(monkeypatch):
+    monkeypatch.setenv("CDIFF_ATTENTION", "math")
+    assert process_attention_backend() == "math"
+    with use_attention_backend("sdpa"):
+        with use_attention_backend(math_attention):
+            assert process_attention_backend() is math_attention
+        assert process_attention_backend() == "sdpa"
+    assert process_attention_backend() == "math"

@@ -1,7 +1,8 @@
 """Every benchmark script runs end to end at a tiny size on the CPU, and writes its CSV rows.
 
 bench_train.py has its own test (tests/test_train_bench.py). Timings here mean nothing; the
-tests check that each script runs, measures what it says, and records it.
+tests check that each script runs, measures what it says (the same work for every
+implementation it compares), and records it consistently (each ratio is the times' ratio).
 """
 
 import csv
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import one_thread
+from cdiff.testing import one_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("diffusers")
@@ -39,6 +40,12 @@ def test_bench_unet(tmp_path):
     assert set(forward) == {"diffusers", "diffusers-cl", "cdiff", "cdiff-cl"}
     assert all(float(r["ms"]) > 0 and float(r["ratio"]) > 0 and float(r["tflops"]) > 0 for r in forward.values())
     assert float(forward["diffusers"]["ratio"]) == 1.0  # each ratio is against diffusers in the same layout
+    for impl, reference in (("cdiff", "diffusers"), ("cdiff-cl", "diffusers-cl"), ("diffusers-cl", "diffusers-cl")):
+        ratio = float(forward[reference]["ms"]) / float(forward[impl]["ms"])
+        assert float(forward[impl]["ratio"]) == pytest.approx(ratio, rel=1e-4), impl
+    # Every forward is the same work: TFLOP/s x ms (the FLOPs counted) is one number for all four.
+    work = [float(r["tflops"]) * float(r["ms"]) for r in forward.values()]
+    assert max(work) == pytest.approx(min(work), rel=1e-4)
     assert {r["impl"] for r in written if r["figure"] == "unet_attention_backend"} == {"sdpa", "math"}
     assert {r["impl"] for r in written if r["figure"] == "unet_checkpointing"} == {"off", "on"}
     assert all(r["torch"] and r["device"].startswith("CPU") for r in written)
@@ -59,7 +66,10 @@ def test_bench_group_norm_runs_the_kernel_in_the_interpreter(tmp_path):
     with one_thread():
         load("bench_group_norm").main(["--device", "cpu", "--shapes", "unet-level-2", "--scale", "8", "--backward",
                                        "--repeats", "1", "--warmup", "0", "--csv", str(table)])
-    assert {r["impl"] for r in rows(table)} == {"torch-nchw", "torch-cl", "triton-nchw", "triton-cl"}
+    written = {r["impl"]: r for r in rows(table)}
+    assert set(written) == {"torch-nchw", "torch-cl", "triton-nchw", "triton-cl"}
+    for impl, row in written.items():  # each ratio is against PyTorch's channels-last GroupNorm
+        assert float(row["ratio"]) == pytest.approx(float(written["torch-cl"]["ms"]) / float(row["ms"]), rel=1e-4), impl
 
 
 def test_bench_quality_steps(tmp_path):

@@ -5,13 +5,12 @@ translation (tiny presets, fp32, CPU)."""
 import pytest
 import torch
 
-from cdiff.attention import attention_backend
+from cdiff.attention import use_attention_backend
 from cdiff.config import UNetConfig, VAEConfig
-from cdiff.demo import tiny_pipeline
 from cdiff.layers import from_tokens, to_tokens
+from cdiff.testing import assert_parity, one_thread, randomize_, tiny_pipeline
 from cdiff.unet import UNet
 from cdiff.vae import VAE
-from tests.helpers import assert_parity, one_thread, randomize_
 
 CL = torch.channels_last
 CUDA = torch.cuda.is_available()
@@ -156,7 +155,7 @@ def test_fused_attention_backend_matches_sdpa():
     outputs = {}
     with one_thread(), torch.no_grad():
         for backend in ("sdpa", "fused"):
-            with attention_backend(backend):
+            with use_attention_backend(backend):
                 outputs[backend] = (unet(sample, t, context, mask), vae(images))
     assert_parity(outputs["fused"][0], outputs["sdpa"][0], "U-Net fused vs sdpa attention", REL_TOL)
     assert_parity(outputs["fused"][1], outputs["sdpa"][1], "VAE fused vs sdpa attention", REL_TOL)
@@ -179,7 +178,7 @@ def test_half_precision_channels_last_path_on_cuda(dtype, monkeypatch):
         unet.to(dtype=dtype, memory_format=CL)
         vae.to(dtype=dtype, memory_format=CL)
         monkeypatch.setenv("CDIFF_GROUP_NORM", "triton")
-        with attention_backend("fused"):
+        with use_attention_backend("fused"):
             out = unet(sample.to(dtype), t, context.to(dtype)), vae(images.to(dtype))
     assert out[0].is_contiguous(memory_format=CL) and out[1].is_contiguous(memory_format=CL)
     tol = 2e-2 if dtype == torch.float16 else 5e-2
@@ -225,9 +224,9 @@ def test_channels_last_equals_nchw_on_cuda(group_norm, monkeypatch):
 # --- training: the trainer's switch, and a resume that keeps the moments' layout -----------------
 
 
-def test_trainer_switch_gives_the_same_loss_and_gradients(tmp_path):
+def test_trainer_switch_gives_the_same_loss_and_gradients(tmp_path, small_config):
+    from cdiff.testing import micro_model
     from cdiff.train.cdiffset import CDiffSETTask
-    from tests.test_train import micro_model, small_config
 
     model = micro_model(tmp_path / "micro.safetensors")
     batch = {"sar": torch.rand(2, 3, 64, 64) * 2 - 1, "eo": torch.rand(2, 3, 64, 64) * 2 - 1, "position": torch.tensor([0, 1])}

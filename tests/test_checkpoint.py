@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cdiff.checkpoint import CheckpointError, WeightFile, detect_layout, read_state_dict, save_safetensors
-from cdiff.files import atomic_path
+from cdiff.files import atomic_path, save_safetensors
+from cdiff.layouts.detect import detect_layout
+from cdiff.weightfile import CheckpointError, WeightFile, read_state_dict
 
 TENSORS = {"model.diffusion_model.conv_in.weight": torch.arange(6.0).reshape(2, 3), "first_stage_model.x": torch.ones(2)}
 

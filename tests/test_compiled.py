@@ -14,11 +14,10 @@ import torch
 
 from cdiff import graphs
 from cdiff.config import UNetConfig, VAEConfig
-from cdiff.demo import tiny_pipeline
 from cdiff.pipeline import Pipeline
+from cdiff.testing import assert_parity, one_thread, randomize_, tiny_pipeline
 from cdiff.unet import UNet
 from cdiff.vae import VAE
-from tests.helpers import assert_parity, one_thread, randomize_
 
 CUDA = torch.cuda.is_available()
 NO_CUDA = "needs a CUDA device (the CPU tests run the same loop through graphs.eager_capture)"

@@ -1,6 +1,6 @@
 """Conversions at the tiny preset: every source layout in, native out, exports back, the
 C-DiffSET surgery, the CLI, and the error messages. The full-size SD 2.1 checks live in
-test_convert_sd21.py; both write their sources with tools/random_sd21.py.
+test_convert_sd21.py; both write their sources with cdiff/testing.py.
 
 Sources are written by the reference libraries themselves (diffusers' ``save_pretrained``,
 transformers' CLIPTextModel), from seeded random weights; the release's surgery is written
@@ -20,75 +20,26 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded; config= is a local folder
 
 import cdiff.export as ex  # noqa: E402
-from cdiff.build import build_model  # noqa: E402
-from cdiff.checkpoint import CheckpointError, WeightFile, detect_layout  # noqa: E402
 from cdiff.cli import main as cli_main  # noqa: E402
 from cdiff.config import UNetConfig, VAEConfig  # noqa: E402
 from cdiff.convert import convert  # noqa: E402
-from cdiff.load import load_pipeline, load_unet, load_vae  # noqa: E402
+from cdiff.layouts.detect import detect_layout  # noqa: E402
+from cdiff.load import load_pipeline, load_unet, load_vae, read_unet  # noqa: E402
 from cdiff.loss import VAR_MAX, VAR_MIN, VAR_OFFSET, variance_from_raw  # noqa: E402
-from cdiff.native import NATIVE_VERSION, load_native  # noqa: E402
-from cdiff.read import read_unet  # noqa: E402
+from cdiff.native import NATIVE_VERSION  # noqa: E402
+from cdiff.statedict import build_model  # noqa: E402
 from cdiff.surgery import cdiffset_surgery  # noqa: E402
-from tests.helpers import assert_parity, randomize_  # noqa: E402
-from tools.random_sd21 import tiny_configs, write_diffusers_folder  # noqa: E402
+from cdiff.testing import (  # noqa: E402
+    assert_parity, check_unet_parity, check_vae_parity, randomize_, release_surgery, tiny_configs, unet_inputs,
+    write_diffusers_folder, write_release,
+)
+from cdiff.weightfile import CheckpointError, WeightFile  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("open_clip")
 
 TINY_UNET, TINY_VAE, TINY_TEXT = tiny_configs()
-
-
-@torch.no_grad()
-def release_surgery(unet, variance: bool = True):
-    """The official release's channel surgery, on a diffusers UNet2DConditionModel, written
-    here independently of cdiff: conv_in gets [SAR | EO] halves of weight x 0.5 (bias kept),
-    conv_out one more output channel with zero weight and bias."""
-    cfg = dict(unet.config)
-    conv_in, conv_out = unet.conv_in, unet.conv_out
-    cfg["in_channels"] = 2 * conv_in.in_channels if conv_in.in_channels == 4 else conv_in.in_channels
-    cfg["out_channels"] = conv_out.out_channels + (1 if variance else 0)
-    new = diffusers.UNet2DConditionModel.from_config(cfg)
-    state = unet.state_dict()
-    if conv_in.in_channels == 4:
-        state["conv_in.weight"] = torch.cat([conv_in.weight * 0.5, conv_in.weight * 0.5], dim=1)
-    if variance:
-        state["conv_out.weight"] = torch.cat([conv_out.weight, torch.zeros(1, *conv_out.weight.shape[1:])])
-        state["conv_out.bias"] = torch.cat([conv_out.bias, torch.zeros(1)])
-    new.load_state_dict(state)
-    return new.eval()
-
-
-def write_release(path: Path, unet, prefix: str = "module.") -> Path:
-    """A release ``model.safetensors``: the diffusers U-Net state dict, keys prefixed."""
-    from safetensors.torch import save_file
-
-    save_file({prefix + k: v.contiguous() for k, v in unet.state_dict().items()}, str(path))
-    return path
-
-
-def unet_inputs(in_channels: int, side: int = 16, context_len: int = 6, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    sample = torch.randn(2, in_channels, side, side, generator=gen)
-    context = torch.randn(2, context_len, 1024, generator=gen)
-    return sample, torch.tensor([37, 781]), context
-
-
-def check_unet_parity(ours, theirs, what: str, side: int = 16) -> float:
-    sample, t, context = unet_inputs(ours.config.in_channels, side)
-    with torch.no_grad():
-        expected = theirs(sample, t, encoder_hidden_states=context).sample
-        actual = ours(sample, t, context)
-    return assert_parity(actual, expected, what)
-
-
-def check_vae_parity(ours, theirs, what: str, side: int = 32) -> None:
-    images = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
-    with torch.no_grad():
-        posterior = theirs.encode(images).latent_dist
-        assert_parity(ours.encode(images).mean, posterior.mean, f"{what} encoder mean")
-        assert_parity(ours.decode(posterior.mean), theirs.decode(posterior.mean).sample, f"{what} decoder")
 
 
 def assert_same_tensors(a: dict, b: dict, what: str) -> None:
@@ -146,7 +97,8 @@ def test_convert_writes_native_cdiffset_model(tiny_folder, tiny_native, referenc
     assert detect_layout(tiny_native) == "native"
     assert f.metadata["format"] == "cdiff" and f.metadata["format_version"] == NATIVE_VERSION
     assert f.metadata["prompt"] == "electro-optical image" and f.metadata["padding"] == "none"
-    unet, vae, context, prompt = load_native(tiny_native)
+    pipe = load_pipeline(tiny_native)
+    unet, vae, context = pipe.unet, pipe.vae, pipe.context
     assert unet.config == UNetConfig.tiny(in_channels=8, out_channels=5) and vae.config == VAEConfig.tiny()
     assert context.shape == (6, 1024)
     # The surgery against the release's, written independently on diffusers' model.
@@ -275,17 +227,17 @@ def test_load_pipeline(tiny_folder, tiny_native):
 
 
 def test_native_prediction_travels_with_the_model(tiny_native, tmp_path):
-    """A U-Net trained to predict x0 ("sample") is sampled as one: the pipeline converts its
-    output to noise; a file without the field (written before it existed) is "epsilon"."""
+    """A U-Net trained to predict x0 ("sample") is sampled as one: the pipeline's sampler reads
+    its output as x0; a file without the field (written before it existed) is "epsilon"."""
     from cdiff.native import native_prediction, save_native
-    from cdiff.pipeline import SampleAsNoise
 
-    unet, vae, context, _ = load_native(tiny_native)
-    assert native_prediction(tiny_native) == "epsilon" and not isinstance(load_pipeline(tiny_native).unet, SampleAsNoise)
+    pipe = load_pipeline(tiny_native)
+    unet, vae, context = pipe.unet, pipe.vae, pipe.context
+    assert native_prediction(tiny_native) == "epsilon" and load_pipeline(tiny_native).prediction_type == "epsilon"
     x0_model = save_native(tmp_path / "x0.safetensors", unet, vae, context, prediction="sample")
     assert native_prediction(x0_model) == "sample"
     pipe = load_pipeline(x0_model)
-    assert isinstance(pipe.unet, SampleAsNoise) and pipe.unet.unet.state_dict().keys() == unet.state_dict().keys()
+    assert pipe.prediction_type == "sample" and pipe.unet.state_dict().keys() == unet.state_dict().keys()
     with pytest.raises(ValueError, match="prediction must be one of"):
         save_native(tmp_path / "bad.safetensors", unet, vae, context, prediction="v")
 
@@ -421,7 +373,7 @@ def test_error_folder_without_weights_and_cli_message(tmp_path, capsys):
 
 
 def test_random_sd21_tool_writes_a_convertible_folder(tmp_path, capsys):
-    from tools.random_sd21 import main as random_sd21
+    from cdiff.testing import main as random_sd21
 
     random_sd21([str(tmp_path / "sd"), "--tiny", "--seed", "4"])
     assert detect_layout(tmp_path / "sd") == "diffusers"

@@ -24,16 +24,16 @@ from safetensors import safe_open
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import cdiff.export as ex  # noqa: E402
-from cdiff.checkpoint import WeightFile  # noqa: E402
 from cdiff.config import UNetConfig, VAEConfig  # noqa: E402
 from cdiff.convert import convert  # noqa: E402
 from cdiff.layouts.original import TEXT_PREFIX  # noqa: E402
-from cdiff.load import load_unet, load_vae  # noqa: E402
+from cdiff.load import load_unet, load_vae, read_unet  # noqa: E402
 from cdiff.prompt import prompt_embedding, tokenize  # noqa: E402
-from cdiff.read import read_unet  # noqa: E402
-from tests.helpers import assert_parity, randomize_  # noqa: E402
-from tests.test_convert import check_vae_parity, release_surgery, unet_inputs, write_release  # noqa: E402
-from tools.random_sd21 import SD21_TEXT, SD21_UNET, SD21_VAE, write_diffusers_folder  # noqa: E402
+from cdiff.testing import (  # noqa: E402
+    SD21_TEXT, SD21_UNET, SD21_VAE, assert_parity, check_vae_parity, randomize_, release_surgery, unet_inputs,
+    write_diffusers_folder, write_release,
+)
+from cdiff.weightfile import WeightFile  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -61,6 +61,11 @@ def run_unet(model, in_channels: int, diffusers_model: bool) -> torch.Tensor:
             return model(sample, t, encoder_hidden_states=context).sample
         return model(sample, t, context)
 
+
+# Slow: full-size SD 2.1 in fp32 is what these tests are about (the parity of the real architecture
+# and of real-sized files), so the module writes about 16 GB in all and takes minutes; it cannot be
+# made smaller without testing something else.
+pytestmark = pytest.mark.slow
 
 # Full-size files are 3.5-5 GB each: every test and fixture deletes what it wrote when it is
 # done, so the module peaks at about 20 GB of disk instead of keeping 30 GB to the session's end.

@@ -10,8 +10,7 @@ import tifffile
 
 from cdiff.data import csv_pairs, folder_pairs, qxs_saropt, read_split, spacenet6
 from cdiff.data.imageio import read_geotiff
-
-from tests.test_data_readers import grey, png, quadrant_bands, rgb, sn6_paths
+from cdiff.testing import grey, png, quadrant_bands, rgb, sn6_paths
 
 
 def folders(root, n=3, h=16, w=16):
@@ -155,10 +154,10 @@ def test_wrong_band_counts(tmp_path):
         folder_pairs(tmp_path / "c")[0]
 
 
-def test_missing_tifffile_names_the_extra(tmp_path, monkeypatch):
+def test_missing_rasterio_names_the_extra(tmp_path, monkeypatch):
     sar_path, _ = sn6_pair(tmp_path, quadrant_bands()[0])
-    monkeypatch.setitem(sys.modules, "tifffile", None)  # import tifffile now raises ImportError
-    with pytest.raises(ImportError, match=r"pip install cdiff\[tiff\]"):
+    monkeypatch.setitem(sys.modules, "rasterio", None)  # import rasterio now raises ImportError
+    with pytest.raises(ImportError, match=rf"{sar_path} needs rasterio: pip install cdiff\[geo\]"):
         read_geotiff(sar_path)
 
 

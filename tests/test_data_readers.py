@@ -1,5 +1,6 @@
 """Readers of the real dataset layouts, on tiny fake datasets written here (PNG via Pillow,
-GeoTIFF via tifffile). Expected values come from the scaling rules, not from the readers."""
+GeoTIFF files written by tifffile, read by rasterio). Expected values come from the scaling rules,
+not from the readers."""
 
 import random
 from pathlib import Path
@@ -24,24 +25,9 @@ from cdiff.data import (
     spacenet6,
     write_split,
 )
-from cdiff.data.datasets import qxs_group, sen12_sar_path
-
-SN6 = "train/AOI_11_Rotterdam"
-
-
-def png(path: Path, array) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
-    return path
-
-
-def grey(value, h=16, w=16):
-    return np.full((h, w), value, dtype=np.uint8) + (np.arange(w) % 2).astype(np.uint8)[None, :]  # not constant
-
-
-def rgb(r, g, b, h=16, w=16):
-    return np.stack([np.full((h, w), c, np.uint8) for c in (r, g, b)], axis=-1)
-
+from cdiff.data.datasets import sen12_sar_path
+from cdiff.data.split import qxs_group
+from cdiff.testing import SN6, grey, png, quadrant_bands, rgb, sn6_paths
 
 def unit(v):
     return v / 127.5 - 1.0
@@ -153,29 +139,6 @@ def test_sar2opt_keeps_its_folders(tmp_path):
     test_lst.write_text("testB/test1.png\n")
     from_test_list = sar2opt(tmp_path, list_file=test_lst, force=True)
     assert from_test_list.transform == CenterCrop(512) and from_test_list.pairs[0].sar == tmp_path / "testA" / "test1.png"
-
-
-def sn6_paths(root: Path, tile: str):
-    eo = root / SN6 / "PS-RGB" / f"SN6_Train_AOI_11_Rotterdam_PS-RGB_{tile}.tif"
-    sar = root / SN6 / "SAR-Intensity" / f"SN6_Train_AOI_11_Rotterdam_SAR-Intensity_{tile}.tif"
-    eo.parent.mkdir(parents=True, exist_ok=True)
-    sar.parent.mkdir(parents=True, exist_ok=True)
-    return sar, eo
-
-
-def quadrant_bands(h=20, w=20):
-    """(H, W, 4) float32: each band two-valued (so its 1st/99th percentiles are those values),
-    at different scales: HH high on the left half, HV high on the top half, VH high on the
-    left half, VV high on the top-left quadrant."""
-    yy, xx = np.indices((h, w))
-    left, top = xx < w // 2, yy < h // 2
-    bands = [
-        np.where(left, 0.5, 0.1),  # HH
-        np.where(top, 0.03, 0.01),  # HV
-        np.where(left, 300.0, 100.0),  # VH
-        np.where(top & left, 9.0, 2.0),  # VV
-    ]
-    return np.stack(bands, axis=-1).astype(np.float32), left, top
 
 
 @pytest.mark.parametrize("planar", ["contig", "separate"])

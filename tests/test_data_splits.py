@@ -16,8 +16,7 @@ from PIL import Image
 
 from cdiff.data import PairAugment, csv_pairs, folder_pairs, make_split, qxs_saropt, sen12, spacenet6
 from cdiff.data.split import files_hash
-
-from tests.test_data_readers import grey, png, rgb
+from cdiff.testing import grey, png, rgb
 
 
 def touch(path: Path) -> None:

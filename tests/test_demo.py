@@ -6,13 +6,13 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cdiff.cli import main
-from cdiff.demo import DEMO_MODEL, DEMO_RECORD, SYNTHETIC_ONLY, Protocol, load_demo_model, measure
 from cdiff.data.synth import make_pair
-
-from .helpers import one_thread
+from cdiff.demo import DEMO_MODEL, DEMO_RECORD, SYNTHETIC_ONLY, Protocol, load_demo_model, measure
+from cdiff.testing import one_thread
 
 ROW = re.compile(r"^\| (.+?) +\| +([-\d.]+) \| ([-\d.]+) \| +([-\d.]+) \|$")
 
@@ -24,6 +24,27 @@ def printed_rows(text: str) -> dict[str, tuple[float, float, float]]:
         if match:
             rows[match.group(1)] = tuple(float(v) for v in match.groups()[1:])
     return rows
+
+
+def torchmetrics_scores(prediction_png, target_png) -> tuple[float, float, float]:
+    """(PSNR, SSIM, SCC) of two 8-bit PNGs scaled to [0, 1], by torchmetrics; grey repeated to RGB."""
+    from torchmetrics.functional import image as reference
+
+    def read(path):
+        array = np.asarray(Image.open(path), dtype=np.float32) / 255
+        array = np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array
+        return torch.from_numpy(array).permute(2, 0, 1)[None]  # (1, 3, H, W)
+
+    p, t = read(prediction_png), read(target_png)
+    return (float(reference.peak_signal_noise_ratio(p, t, data_range=1.0)),
+            float(reference.structural_similarity_index_measure(p, t, data_range=1.0)),
+            float(reference.spatial_correlation_coefficient(p, t)))
+
+
+def assert_scores_close(printed, expected, what: str) -> None:
+    # 8-bit rounding moved PSNR by <= 0.003 dB, SSIM by <= 0.0011, SCC (a correlation near 0.05) by <= 0.0045.
+    for label, value, want, tolerance in zip(("PSNR", "SSIM", "SCC"), printed, expected, (0.01, 2e-3, 0.01)):
+        assert value == pytest.approx(want, abs=tolerance), f"{what} {label}: printed {value}, torchmetrics {want:.4f}"
 
 
 def test_demo_writes_scenes_panel_and_table(tmp_path, capsys):
@@ -46,7 +67,14 @@ def test_demo_writes_scenes_panel_and_table(tmp_path, capsys):
     for name, (psnr, ssim, scc) in rows.items():  # the printed table is the saved one, rounded
         assert psnr == pytest.approx(saved[name]["psnr"], abs=0.006)
         assert ssim == pytest.approx(saved[name]["ssim"], abs=6e-4) and scc == pytest.approx(saved[name]["scc"], abs=6e-4)
-    assert rows["mean"][0] == pytest.approx(np.mean([rows[n][0] for n in names]), abs=0.01)
+    # The scores themselves, recomputed by torchmetrics from the images the demo wrote (8-bit
+    # rounding moves them by less than the tolerances; another scaling or metric would not).
+    reference = {name: torchmetrics_scores(out / f"{name}_eo.png", out / f"{name}_target.png") for name in names}
+    sar_baseline = [torchmetrics_scores(out / f"{name}_sar.png", out / f"{name}_target.png") for name in names]
+    for name in names:
+        assert_scores_close(rows[name], reference[name], name)
+    assert_scores_close(rows["mean"], np.mean([reference[n] for n in names], axis=0), "mean")
+    assert_scores_close(rows["baseline: SAR as RGB"], np.mean(sar_baseline, axis=0), "SAR baseline")
     header, table = (out / "metrics.md").read_text().split("\n\n")
     assert "held-out" in header and f"{Protocol().steps} DDIM steps" in header and table in printed
 

@@ -1,4 +1,4 @@
-"""The measures behind benchmarks/synthetic_report.md, on cases whose answer is known by hand."""
+"""The measures behind studies/synthetic/synthetic_report.md, on cases whose answer is known by hand."""
 
 import math
 
@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from cdiff.demo import tiny_pipeline
 from cdiff.metrics import ssim, ssim_map
-from cdiff.pipeline import SampleAsNoise
-from tools.synthetic_eval import (
+from cdiff.testing import tiny_pipeline
+from studies.synthetic.measures import (
     auroc, best_constant_variance, bootstrap_auroc, gaussian_nll, hallucinated_objects, label_objects, latent_mask,
     masked_scores, one_step, reliability_bins, spurious_object_pixels,
 )
@@ -147,7 +146,7 @@ def test_one_step_reads_the_variance_of_one_call():
 def test_one_step_of_an_x0_model_compares_with_the_clean_latent():
     pipeline = tiny_pipeline(0)
     unet = pipeline.unet
-    pipeline.unet = SampleAsNoise(unet, pipeline.process)
+    pipeline.prediction_type = "sample"
     sar, eo = torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(1, 3, 64, 64) * 2 - 1
     out = one_step(pipeline, sar, eo, t=300, seed=1)
     with torch.no_grad():

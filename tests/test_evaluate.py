@@ -17,9 +17,8 @@ from PIL import Image
 
 from cdiff import metrics, perceptual
 from cdiff.cli import main
-from cdiff.evaluate import evaluate, match_pairs, parse_metrics, run_evaluate
-
-from .helpers import one_thread
+from cdiff.evaluate import EvaluationOptions, evaluate, match_pairs, parse_metrics, run_evaluate
+from cdiff.testing import one_thread
 
 torchmetrics_image = pytest.importorskip("torchmetrics.functional.image")
 
@@ -94,7 +93,7 @@ def test_the_command_prints_and_writes_atomic_reports(folders, tmp_path, capsys)
 
 def test_the_default_protocol_is_named_in_the_report(folders):
     pred_dir, target_dir = folders
-    result = run_evaluate(pred_dir, target_dir, metrics="ssim", show_progress=False)
+    result = run_evaluate(pred_dir, target_dir, EvaluationOptions(metrics="ssim"), show_progress=False)
     report = json.loads((pred_dir / "evaluation.json").read_text())
     assert report["protocol"] == "field" and report["scaling"].startswith("file / 255")
     assert "x * 2 - 1" in report["lpips_convention"]
@@ -142,7 +141,8 @@ def test_truncated_image_is_named_or_skipped(folders):
     pairs = match_pairs(pred_dir, target_dir)
     with pytest.raises(ValueError, match=r"cannot read image .*pred/b\.png"):
         evaluate(pairs, pred_dir, target_dir, ("psnr",), show_progress=False)
-    result = evaluate(pairs, pred_dir, target_dir, ("psnr",), skip_bad=True, show_progress=False)
+    result = evaluate(pairs, pred_dir, target_dir, ("psnr",), EvaluationOptions(protocol="release", skip_bad=True),
+                      show_progress=False)
     assert result.count == 2 and len(result.skipped) == 1 and "pred/b.png" in result.skipped[0]
     assert "1 pairs skipped" in result.table()
 
@@ -150,6 +150,8 @@ def test_truncated_image_is_named_or_skipped(folders):
 def test_unknown_metric():
     with pytest.raises(ValueError, match="unknown metric 'iou'"):
         parse_metrics("psnr,iou")
+    with pytest.raises(ValueError, match="unknown metric 'iou'"):
+        EvaluationOptions(protocol="release", metrics="psnr,iou")
     assert parse_metrics("fid, PSNR") == ("psnr", "fid")
 
 

@@ -1,6 +1,6 @@
 """``cdiff fetch`` against a fake Hugging Face hub on 127.0.0.1 (tests/fake_hub.py): nothing here
 reaches the internet. The served models are tiny SD 2.1-layout folders with seeded random weights,
-written by diffusers and transformers themselves (tools/random_sd21.py), at the real table's
+written by diffusers and transformers themselves (cdiff/testing.py), at the real table's
 repositories, revisions and paths; only the recorded sha256 of the real SD 2.1 VAE is lifted,
 since the fake VAE is another file (a test checks that the recorded hash is enforced).
 """
@@ -69,8 +69,7 @@ def tiny_release(tmp_path_factory):
     diffusers = pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
     pytest.importorskip("open_clip")
-    from tests.helpers import one_thread, randomize_
-    from tools.random_sd21 import tiny_configs, write_diffusers_folder
+    from cdiff.testing import one_thread, randomize_, tiny_configs, write_diffusers_folder
 
     unet_cfg, vae_cfg, text_cfg = tiny_configs()
     # A narrow text encoder (and U-Net context) keeps the files small; the vocabulary stays OpenCLIP's.
@@ -120,7 +119,7 @@ def test_fetch_convert_translate(fake_hub, tiny_release, tmp_path, monkeypatch, 
     the native file holds exactly the served U-Net, VAE and the prompt under the served text encoder."""
     from cdiff import load_pipeline
     from cdiff.prompt import prompt_embedding
-    from cdiff.read import read_unet, read_vae
+    from cdiff.load import read_unet, read_vae
 
     serve_release(fake_hub, tiny_release)
     without_recorded_hashes(monkeypatch)
@@ -163,7 +162,7 @@ def test_other_layouts_and_the_huggingface_cache(fake_hub, tiny_release, tmp_pat
     """sd21-base (a diffusers pipeline folder, converted with the surgery), stage 1 (a U-Net folder
     kept 8-in/4-out), a web file checked by the hash in its name; huggingface_hub finds the files."""
     from cdiff.native import open_native
-    from cdiff.read import read_unet
+    from cdiff.load import read_unet
 
     serve_release(fake_hub, tiny_release)
     without_recorded_hashes(monkeypatch)

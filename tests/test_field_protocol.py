@@ -19,7 +19,7 @@ from PIL import Image
 from cdiff import matching, metrics, networks, published
 from cdiff.cli import main
 
-from .helpers import one_thread
+from cdiff.testing import one_thread
 
 VGG16 = "vgg16-397923af.pth"
 INCEPTION = "pt_inception-2015-12-05-6726825d.pth"

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 import cdiff
-from cdiff import UNet, UNetConfig, VAE, VAEConfig, save_native
-from cdiff.checkpoint import WeightFile, detect_layout, save_safetensors
+from cdiff import VAE, UNet, UNetConfig, VAEConfig, save_native
 from cdiff.cli import main
 from cdiff.data.imageio import write_png
-from cdiff.files import atomic_path, check_output
+from cdiff.files import atomic_path, check_output, save_safetensors
+from cdiff.layouts.detect import detect_layout
+from cdiff.weightfile import WeightFile
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,9 +12,9 @@ pytest.importorskip("triton")  # the test extra installs it; without it there is
 from cdiff.config import UNetConfig, VAEConfig  # noqa: E402
 from cdiff.kernels.group_norm_silu import group_norm_silu, group_norm_stats  # noqa: E402
 from cdiff.layers import group_norm_reference  # noqa: E402
+from cdiff.testing import one_thread, randomize_  # noqa: E402
 from cdiff.unet import UNet  # noqa: E402
 from cdiff.vae import VAE  # noqa: E402
-from tests.helpers import one_thread, randomize_  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

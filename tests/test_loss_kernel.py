@@ -186,7 +186,7 @@ def test_deterministic(dtype_name):
     assert torch.equal(other[1], first[1]) and torch.equal(other[2], first[2])
 
 
-# --- Issue 8: loss scaling, and backward that leaves its saved tensors alone ----------------------
+# --- loss scaling, and backward that leaves its saved tensors alone ----------------------
 
 
 @pytest.mark.parametrize("dtype_name", ["fp16", "bf16"])

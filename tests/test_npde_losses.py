@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cdiff.checkpoint import CheckpointError
 from cdiff.npde import GeneratorOutput, NPDEConfig, NPDELoss, NPDEModel, PMDHead, VGGFeatures, load_vgg, lsgan
-from tests.test_npde_pde import one_thread  # noqa: F401  (autouse)
+from cdiff.weightfile import CheckpointError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
+
 
 LAYERS = NPDEConfig().perceptual_layers
 

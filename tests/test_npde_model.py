@@ -6,7 +6,8 @@ import torch.nn as nn
 
 from cdiff.npde import TABLE2_ROWS, NPDEConfig, NPDEGenerator, NPDEModel, translate
 from cdiff.npde.model import ResidualBlock, TCDBlock
-from tests.test_npde_pde import one_thread  # noqa: F401  (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
 
 
 class Square(nn.Module):
@@ -140,10 +141,27 @@ def test_config_rejects_bad_values():
         NPDEConfig(gan_loss="vanilla")
 
 
-def test_paper_preset_sizes():
-    # The paper gives no parameter count; these are this build's, from NPDEConfig.paper().
+def conv(k: int, cin: int, cout: int, bias: bool = True) -> int:
+    return k * k * cin * cout + (cout if bias else 0)
+
+
+def test_paper_preset_sizes_follow_the_architecture():
+    """The parameter counts of NPDEConfig.paper(), from the architecture the papers describe, not
+    from this build: CycleGAN's ResnetGenerator (ngf 64, two downsamplings, S2O-NPDE's three
+    residual blocks; instance norm, so every conv has a bias) and its 70x70 PatchGAN (ndf 64, three
+    layers); the PMD module mirrors the backbone (encoder, two fusion blocks of three convs over
+    [PMD | backbone] features, decoder), and TCD blocks add no weight."""
+    encoder = conv(7, 3, 64) + conv(3, 64, 128) + conv(3, 128, 256)  # c7s1-64, d128, d256
+    blocks = 3 * 2 * conv(3, 256, 256)  # three residual blocks of two 3x3 convs
+    decoder = conv(3, 256, 128) + conv(3, 128, 64) + conv(7, 64, 3)  # u128, u64 (transposed), c7s1-3
+    resnet = encoder + blocks + decoder
+    fusions = 2 * (conv(3, 512, 256) + 2 * conv(3, 256, 256))
+    pmd = encoder + fusions + decoder  # phi itself is a fixed finite-difference stencil
+    patchgan = conv(4, 3, 64) + conv(4, 64, 128) + conv(4, 128, 256) + conv(4, 256, 512) + conv(4, 512, 1)
     model = NPDEModel(NPDEConfig.paper())
-    assert (count(model.generator), count(model.reverse), count(model.disc_eo)) == (9_774_086, 4_297_219, 2_764_737)
+    assert count(model.reverse) == resnet == 4_297_219
+    assert count(model.generator) == resnet + pmd
+    assert count(model.disc_eo) == count(model.disc_sar) == patchgan
 
 
 def test_translate_is_inference():

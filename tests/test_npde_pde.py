@@ -16,13 +16,8 @@ EPS = 1e-4
 INNER = (..., slice(2, -2), slice(2, -2))  # the mirrored border disturbs the outer 2 pixels
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tensors here are tiny: thread hand-offs cost more than they save, badly on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tensors here are tiny: thread hand-offs cost more than they save, badly on a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def grid(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,13 +12,12 @@ from safetensors.torch import load_file
 
 from cdiff.cli import main
 from cdiff.npde import TABLE2_ROWS, NPDEConfig, NPDELoss, lr_factor, make_optimizers, training_step
+from cdiff.testing import one_thread
 from cdiff.train import load_config, train
-from cdiff.train.config import from_dict, to_toml
+from cdiff.train.configfile import from_dict, to_toml
 from cdiff.train.data import StreamSamples, image_augment, image_pairs
 from cdiff.train.optim import WarmupLinearDecay
 from cdiff.train.s2o_npde import fake_pools, initial_model
-
-from .helpers import one_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "s2o_npde-synthetic-tiny.toml"

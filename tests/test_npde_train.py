@@ -7,7 +7,8 @@ import torch
 
 import cdiff
 from cdiff.npde import FakePools, ImagePool, NPDEConfig, NPDELoss, NPDEModel, lr_factor, make_optimizers, training_step
-from tests.test_npde_pde import one_thread  # noqa: F401  (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
 
 
 def test_optimiser_and_schedule_are_the_papers():

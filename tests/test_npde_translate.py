@@ -8,20 +8,20 @@ import pytest
 import torch
 from PIL import Image
 
-from cdiff import UNet, UNetConfig, VAE, VAEConfig, save_native
-from cdiff.checkpoint import CheckpointError, save_safetensors
+from cdiff import VAE, UNet, UNetConfig, VAEConfig, save_native
 from cdiff.cli import main
 from cdiff.config import config_from_json, config_to_json
 from cdiff.data import write_synthetic
 from cdiff.data.imageio import to_uint8, write_png
+from cdiff.files import save_safetensors
 from cdiff.geo import read_sar
 from cdiff.npde import (
     GeneratorOutput, NPDEConfig, NPDEModel, is_model_file, load_generator, load_model, save_model, translate_image,
 )
+from cdiff.testing import one_thread
 from cdiff.tiling import Tiling
 from cdiff.train import load_config, train
-
-from .helpers import one_thread
+from cdiff.weightfile import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def read(path) -> np.ndarray:
 
 def test_model_file_round_trip(tmp_path):
     config = NPDEConfig.tiny(pmd=False, perceptual_layers=("relu1_1",), perceptual_layer_weights=(1.0,))
-    assert config_from_json(config_to_json(config)) == config
+    assert config_from_json(config_to_json(config), (NPDEConfig,)) == config
     torch.manual_seed(0)
     model = NPDEModel(config)
     path = save_model(tmp_path / "npde.safetensors", model)

@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 from cdiff.config import UNetConfig
-from cdiff.demo import tiny_pipeline
 from cdiff.loss import confidence_from_raw
 from cdiff.pipeline import Pipeline, confidence_step
 from cdiff.samplers import make_sampler
-from cdiff.schedulers import DDIM, DDPM, leading_timesteps
+from cdiff.samplers import DDIM
+from cdiff.schedulers import DDPM, leading_timesteps
+from cdiff.testing import tiny_pipeline
 
 SIDE = 64  # the smallest image the SD 2.1 layout takes: latent 8x8, U-Net bottom 1x1
 
@@ -76,9 +77,10 @@ def test_translate_reads_confidence_at_the_step_nearest_t_half(sampler, steps, i
     torch.testing.assert_close(result.confidence, expected, rtol=0, atol=0)
 
 
-# --- Issue 10: the starting noise as an argument ----------------------------------------------
+# --- the starting noise as an argument ----------------------------------------------
 
 
+@pytest.mark.slow  # several whole translations per sampler: 20-25 s each
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
 def test_latents_reproduce_the_seeded_run(sampler):
     pipe, sar = tiny_pipeline(0), sar_batch(batch=2)
@@ -97,7 +99,7 @@ def test_latents_of_the_wrong_shape_are_refused():
         tiny_pipeline(0).translate(sar_batch(), steps=1, latents=torch.full((1, 4, 8, 8), float("nan")))
 
 
-# --- Issue 8: each module keeps its own dtype --------------------------------------------------
+# --- each module keeps its own dtype --------------------------------------------------
 
 
 @pytest.mark.parametrize("unet_dtype, vae_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
@@ -122,7 +124,7 @@ def test_each_module_keeps_its_own_dtype(unet_dtype, vae_dtype):
     assert (result.eo.float() - reference.eo).abs().max() < 0.1  # bf16 rounding, not a different image
 
 
-# --- Issue 8: input that is wrong without being malformed -------------------------------------
+# --- input that is wrong without being malformed -------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -158,6 +160,7 @@ def test_nan_in_the_input_is_refused_naming_the_sample():
         tiny_pipeline(0).translate(sar, steps=1)
 
 
+@pytest.mark.slow  # a translation per range it tries: about 20 s
 def test_values_outside_the_unit_range_warn_once():
     pipe = tiny_pipeline(0)
     with pytest.warns(UserWarning, match=r"lie in \[0, 255\]; translate expects SAR scaled to \[-1, 1\]"):

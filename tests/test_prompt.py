@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdiff.checkpoint import CheckpointError
 from cdiff.layouts.original import TEXT_PREFIX
 from cdiff.prompt import (
     build_text_tower,
@@ -21,7 +20,8 @@ from cdiff.prompt import (
     text_state_from_transformers,
     tokenize,
 )
-from tests.helpers import assert_parity, randomize_
+from cdiff.testing import assert_parity, randomize_
+from cdiff.weightfile import CheckpointError
 
 open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")

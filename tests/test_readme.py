@@ -1,22 +1,35 @@
-"""The README's Python examples run as written, every one, in order, with tiny stand-ins for
-the files they name."""
+"""The Python examples of the README and of every page in docs/ run as written, every one, in
+order, with tiny stand-ins for the files they name."""
 
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
-from cdiff import UNet, UNetConfig, VAE, VAEConfig, save_native
+from cdiff import VAE, UNet, UNetConfig, VAEConfig, save_native
 from cdiff.export import export_original
-from tests.helpers import randomize_
+from cdiff.testing import one_thread, randomize_
 
-from .helpers import one_thread
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+
+def python_blocks(page: Path = README) -> list[str]:
+    """The ```python blocks of a Markdown page, in order (```text blocks are left out)."""
+    return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def run_page(page: Path, folder: Path) -> dict:
+    """Run every python block of ``page`` in order in one namespace, in ``folder`` (the caller's
+    working directory), beside the stand-in files; the namespace after the last block."""
+    write_stand_ins(folder)
+    namespace = {}
+    with one_thread():
+        for i, block in enumerate(python_blocks(page), 1):
+            exec(compile(block, f"{page.name} example {i}", "exec"), namespace)
+    return namespace
 
 
 def write_stand_ins(folder: Path) -> None:
@@ -74,3 +87,26 @@ def test_readme_translate_example_runs(tmp_path, monkeypatch, capsys):
     with one_thread():
         exec(compile(block, "README translate example", "exec"), {})
     assert "torch.Size([1, 3, 256, 384]) torch.Size([1])" in capsys.readouterr().out
+
+
+def test_docs_folder_has_an_index():
+    assert ROOT / "docs" / "index.md" in DOCS
+
+
+@pytest.mark.parametrize("page", DOCS, ids=[page.name for page in DOCS])
+def test_docs_examples_run(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_page(page, tmp_path)
+
+
+def test_a_failing_docs_example_fails_the_test(tmp_path, monkeypatch):
+    """The runner executes the blocks, in order and in one namespace, and skips ```text blocks."""
+    page = tmp_path / "page.md"
+    page.write_text("```python\nx = 2\n```\n\n```text\nnot python\n```\n\n```python\ny = x * 3\n```\n")
+    monkeypatch.chdir(tmp_path)
+    assert run_page(page, tmp_path)["y"] == 6
+    page.write_text("```python\nraise RuntimeError('example 1 is broken')\n```\n")
+    (tmp_path / "again").mkdir()
+    monkeypatch.chdir(tmp_path / "again")
+    with pytest.raises(RuntimeError, match="example 1 is broken"):
+        run_page(page, tmp_path / "again")

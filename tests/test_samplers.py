@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from cdiff.samplers import DPMSolverPP2M, make_sampler
-from cdiff.schedulers import DDIM, DDPM
-from tests.helpers import assert_parity
+from cdiff.samplers import DDIM, DPMSolverPP2M, make_sampler
+from cdiff.schedulers import DDPM
+from cdiff.testing import assert_parity
 
 CUDA = torch.cuda.is_available()
 NO_CUDA = "needs a CUDA device (the CPU tests above check the same loops for Python-visible sync points)"
@@ -46,6 +46,23 @@ def dpmpp_2m_by_the_paper(model, x, timesteps, alphas_cumprod, prediction_type):
         x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * (math.exp(-h) - 1) * d
         x0_before = x0
     return x
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m"])
+def test_an_x0_model_samples_as_the_noise_predictor_it_implies(name):
+    """prediction_type="sample" reads the output as x0; the same model turned into a noise predictor
+    by hand, eps = (x_t - sqrt(a) x0) / sqrt(1 - a), and sampled as one, gives the same result."""
+    process = DDPM()
+    noise = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def as_noise(x, t):
+        a = process.alphas_cumprod[t]
+        return (x - a.sqrt() * wavy_model(x, t)) / (1 - a).sqrt()
+
+    x0_run = make_sampler(name, process, 10, prediction_type="sample").sample(wavy_model, noise)
+    eps_run = make_sampler(name, process, 10, prediction_type="epsilon").sample(as_noise, noise)
+    torch.testing.assert_close(x0_run, eps_run, rtol=1e-10, atol=1e-10)
+    assert (x0_run - make_sampler(name, process, 10).sample(wavy_model, noise)).abs().max() > 0.1  # the type matters
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

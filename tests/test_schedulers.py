@@ -4,8 +4,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from cdiff.schedulers import DDIM, DDPM
-from tests.helpers import assert_parity
+from cdiff.samplers import DDIM
+from cdiff.schedulers import DDPM
+from cdiff.testing import assert_parity
 
 SD21 = dict(
     num_train_timesteps=1000,
@@ -86,14 +87,14 @@ def test_eta_noise_from_generator_is_reproducible():
 
 @pytest.mark.parametrize(
     "kwargs, word",
-    [(dict(num_steps=0), "num_steps"), (dict(eta=-1.0), "eta"), (dict(prediction_type="sample"), "prediction_type")],
+    [(dict(num_steps=0), "num_steps"), (dict(eta=-1.0), "eta"), (dict(prediction_type="x0"), "prediction_type")],
 )
 def test_bad_arguments(kwargs, word):
     with pytest.raises(ValueError, match=word):
         DDIM(**kwargs)
 
 
-# --- Issue 8: half-precision latents, no syncs, DDIM's edge cases --------------------------------
+# --- half-precision latents, no syncs, DDIM's edge cases --------------------------------
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -1,21 +1,32 @@
-"""The machinery of tools/synthetic_report.py on tiny random models and two scenes (not the real run)."""
+"""The machinery of studies/synthetic/report.py on tiny random models and two scenes (not the real run)."""
 
 import json
 from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from cdiff.demo import tiny_pipeline
 from cdiff.native import save_native
-from tools.synthetic_report import ReportProtocol, ceiling, describe_model, heldout, main, measure, write_report
+from cdiff.testing import tiny_pipeline
+from studies.synthetic.measures import one_step
+from studies.synthetic.report import ReportProtocol, ceiling, describe_model, heldout, main, measure, write_report
 
+# One torch thread inside each test, and the count the suite had restored after it (the report's
+# main() sets its own --threads).
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ReportProtocol(scenes=2, steps=2, calibration_t=(300, 700), mean_scenes=2, bins=4, resamples=5, speed_scenes=1,
                       oracle_draws=2, model_samples=2)
 
 
+def reference_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """torchmetrics' AUROC (the area under the ROC curve it traces), for scores and boolean labels."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    return float(binary_auroc(scores.flatten().double(), labels.flatten().long()))
+
+
 def test_report_machinery_end_to_end(tmp_path):
-    torch.set_num_threads(1)
     pipelines = {"C-Diff": tiny_pipeline(0), "l2": tiny_pipeline(1)}
     with torch.no_grad():  # the l2 arm's variance channel stays at its start: variance 1
         pipelines["l2"].unet.conv_out.weight[4:].zero_()
@@ -32,7 +43,12 @@ def test_report_machinery_end_to_end(tmp_path):
     objects = int(data["eo_only"].any((1, 2)).sum())
     assert sum(results["translation"]["C-Diff"]["eo_only_objects"]) >= objects
     assert results["confidence"]["l2"]["discrepancy"]["auroc"] == 0.5  # constant variance: chance
-    assert 0 <= results["confidence"]["C-Diff"]["discrepancy"]["auroc"] <= 1
+    # The AUROC of the C-Diff arm's variance against the cells the injected objects touch, by torchmetrics.
+    touched = F.max_pool2d(data["discrepancy"].float()[:, None], 8)[:, 0] > 0  # (B, h, w) latent cells
+    variance = results["confidence"]["C-Diff"]["variance"]
+    assert variance.shape == touched.shape == (2, 16, 16) and 0 < touched.sum() < touched.numel()
+    assert results["confidence"]["C-Diff"]["discrepancy"]["auroc"] == pytest.approx(reference_auroc(variance, touched),
+                                                                                      abs=1e-6)
     assert results["calibration"]["l2"]["nll_model"] == pytest.approx(results["calibration"]["l2"]["nll_unit"])
     assert sum(b["count"] for b in results["calibration"]["C-Diff"]["bins"]) == 2 * len(TINY.calibration_t) * 16 * 16
     assert set(results["ceiling"]) == {"oracle sample", "oracle sample through the VAE", "oracle mean", "model, mean of samples"}
@@ -42,7 +58,10 @@ def test_report_machinery_end_to_end(tmp_path):
     alone = ceiling(pipelines["C-Diff"], data, replace(TINY, model_samples=1), results["predictions"]["C-Diff"])
     for name, values in alone["model, mean of samples"].items():  # the mean of one sample is that sample
         assert values == results["translation"]["C-Diff"][name]
-    assert 0 <= results["confidence"]["C-Diff"]["error_auroc"] <= 1
+    # The error's AUROC: the U-Net's squared error at the same call, scored the same way.
+    out = one_step(pipelines["C-Diff"], data["sar"], data["eo"], TINY.confidence_t, TINY.noise_seed + TINY.confidence_t)
+    error = (out["prediction"] - out["target"]).square().mean(1)  # (B, h, w)
+    assert results["confidence"]["C-Diff"]["error_auroc"] == pytest.approx(reference_auroc(error, touched), abs=1e-6)
     assert results["difference"]["psnr"] == pytest.approx([a - b for a, b in zip(results["translation"]["C-Diff"]["psnr"],
                                                                                 results["translation"]["l2"]["psnr"])])
 

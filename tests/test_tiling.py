@@ -5,9 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from cdiff import DDIM, VAE, VAEConfig, tiling
+from cdiff.testing import one_thread
 from cdiff.tiling import Grid, Tiling, tile_starts, tiled_apply
-
-from .helpers import one_thread
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,4 @@
-"""cdiff train, part 1: the config (TOML, --set, errors), the schedule, the progress bar.
-
-Also the shared helpers of tests/test_train_*.py: a micro C-DiffSET model (seeded random
-weights, a 370k-parameter U-Net) saved as a native file, and the small run config they train.
-"""
+"""cdiff train, part 1: the config (TOML, --set, errors), the schedule, the progress bar."""
 
 import math
 from pathlib import Path
@@ -10,46 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdiff import UNet, UNetConfig, VAE, VAEConfig, save_native
-from cdiff.train.config import differences, from_dict, load_config, to_toml
+from cdiff.train.config import differences
+from cdiff.train.configfile import from_dict, load_config, to_toml
 from cdiff.train.optim import WarmupCosine
 
 ROOT = Path(__file__).resolve().parents[1]
-MICRO_UNET = dict(model_channels=16, channel_mult=(1, 2), attention_levels=(False, True), num_res_blocks=1,
-                  head_dim=16, norm_groups=8, context_dim=32)
-MICRO_VAE = dict(block_channels=(16, 16, 16, 16), norm_groups=8)
-# 64x64 synthetic pairs (8x8 latents), 6 steps of batch 2, a checkpoint and a validation every 3 steps.
-SMALL_RUN = [
-    "data.kind=synthetic", "data.count=16", "data.size=64", "data.workers=0", "optim.lr=1e-3",
-    "optim.warmup_steps=2", "train.steps=6", "train.batch_size=2", "train.precision=fp32", "train.device=cpu",
-    "train.log_every=2", "train.save_every=3", "train.keep_last=1", "val.every=3", "val.images=2", "val.steps=2",
-    "val.batch_size=2", "val.grid_images=2",
-]
-
-
-def micro_model(path, out_channels: int = 4, seed: int = 0, config: dict | None = None) -> Path:
-    """A native C-DiffSET file: 8-in U-Net (4-out: the surgery adds the variance channel), tiny VAE."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        unet = UNet(UNetConfig.tiny(in_channels=8, out_channels=out_channels, **(MICRO_UNET if config is None else config)))
-        vae = VAE(VAEConfig.tiny(**MICRO_VAE))
-        context = torch.randn(6, unet.config.context_dim)
-    return save_native(path, unet, vae, context)
-
-
-@pytest.fixture
-def one_thread():
-    """Train on one thread: two OpenMP threads on two shared, busy cores run 10-30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def small_config(model_path, *sets: str):
-    return load_config(None, [f"model.init={model_path}", *SMALL_RUN, *sets])
-
-
 # --- the config -------------------------------------------------------------------------------
 
 

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 import cdiff
+from cdiff.testing import micro_model
 from cdiff.train import rundir, train
 from cdiff.train.rundir import RunDir
-from tests.test_train import micro_model, one_thread, small_config  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # Accumulation, EMA, augmentation (flips and rotations of the images) and a validation in the middle.
@@ -21,7 +21,7 @@ OPTIONS = ("train.accumulation=2", "model.ema_decay=0.9", "train.save_every=2", 
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, small_config):
     """(model file, run dir) of the uninterrupted 6-step run."""
     folder = tmp_path_factory.mktemp("reference")
     model = micro_model(folder / "micro.safetensors")
@@ -51,7 +51,7 @@ def _assert_identical(run_dir, reference_dir):
     assert losses[0][-1] == losses[1][-1]
 
 
-def test_resume_is_bit_identical(tmp_path, reference):
+def test_resume_is_bit_identical(tmp_path, reference, small_config):
     model, reference_dir = reference
     config = small_config(model, *OPTIONS)
     assert train(config, tmp_path / "run", stop_at=4).step == 4  # stops between checkpoints: saves step 4
@@ -73,7 +73,7 @@ def test_resume_is_bit_identical(tmp_path, reference):
     assert pipeline.translate(torch.rand(1, 3, 64, 64) * 2 - 1, steps=2).eo.shape == (1, 3, 64, 64)
 
 
-def _train_and_die(model, run_dir, stage, occurrence):
+def _train_and_die(config, run_dir, stage, occurrence):
     torch.set_num_threads(1)
     seen = {"n": 0}
 
@@ -84,17 +84,19 @@ def _train_and_die(model, run_dir, stage, occurrence):
                 os._exit(17)  # as a kill: no cleanup, no flush
 
     rundir.save_hook = hook
-    train(small_config(model, *OPTIONS), run_dir)
+    train(config, run_dir)
     os._exit(0)
 
 
 @pytest.mark.parametrize("stage", ["state", "linked"])
-def test_killed_mid_save_leaves_a_loadable_checkpoint(tmp_path, reference, stage):
+def test_killed_mid_save_leaves_a_loadable_checkpoint(tmp_path, reference, small_config, stage):
     """Kill the process inside its second save (step 3's, the best; step 2's is done); resume; end
     like the reference. Stages: after the model file and the state tensors (before state.json),
     after the rename and the links (before old checkpoints are deleted)."""
     model, reference_dir = reference
-    child = multiprocessing.get_context("fork").Process(target=_train_and_die, args=(model, tmp_path / "run", stage, 2))
+    config = small_config(model, *OPTIONS)
+    child = multiprocessing.get_context("fork").Process(target=_train_and_die,
+                                                        args=(config, tmp_path / "run", stage, 2))
     child.start()
     child.join(timeout=120)
     assert child.exitcode == 17

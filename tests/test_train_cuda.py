@@ -22,8 +22,8 @@ from cdiff.train.distributed import World
 from cdiff.train.logs import Log
 from cdiff.train.loop import Loop
 from cdiff.train.rundir import RunDir
-from tests.helpers import one_thread, relative_error
-from tests.test_train import micro_model, small_config
+from cdiff.testing import SMALL_RUN, micro_model, one_thread, relative_error
+from cdiff.train.configfile import load_config
 
 CUDA = torch.cuda.is_available()
 NEEDS_CUDA = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (tests/test_train*.py run the loop on the CPU)")
@@ -33,6 +33,11 @@ NEEDS_CUDA = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (tests/tes
 # 2.14): loss 3e-4 (bf16) and 2e-5 (fp16); gradients 1.1e-2 (bf16) and 1.5e-3 (fp16). The bounds
 # leave 5-100x for the GPU's other kernels; a wrong step is off by far more: a gradient left
 # scaled by fp16's 65536, a missing term, a step in the wrong precision.
+def small_config(model_path, *sets: str):
+    # As the conftest fixture; a plain function, for the spawned NCCL ranks.
+    return load_config(None, [f"model.init={model_path}", *SMALL_RUN, *sets])
+
+
 LOSS_TOL = {"bf16": 5e-3, "fp16": 2e-3}
 GRAD_TOL = {"bf16": 6e-2, "fp16": 2e-2}
 

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cdiff import cdiffset_surgery, load_unet
+from cdiff.testing import micro_model
 from cdiff.train import train
-from tests.test_train import micro_model, one_thread, small_config  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = ("train.steps=4", "train.accumulation=2", "val.every=2", "train.save_every=4", "data.workers=0")
@@ -26,21 +26,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, port: int, model, run_dir, out):
+def _rank(rank: int, port: int, config, run_dir, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    done = train(small_config(model, *STEPS, "train.batch_size=2"), run_dir)
+    done = train(config, run_dir)
     save_file(done.task.unet.state_dict(), str(out / f"rank{rank}.safetensors"))
     os._exit(0)
 
 
-def test_two_gloo_ranks_match_one_process(tmp_path):
+def test_two_gloo_ranks_match_one_process(tmp_path, small_config):
     import torch._dynamo  # noqa: F401 (creating an optimiser imports it: once here, not in each child)
 
     model = micro_model(tmp_path / "micro.safetensors")
     port, context = _free_port(), multiprocessing.get_context("fork")
-    ranks = [context.Process(target=_rank, args=(r, port, model, tmp_path / "two", tmp_path)) for r in range(2)]
+    config = small_config(model, *STEPS, "train.batch_size=2")
+    ranks = [context.Process(target=_rank, args=(r, port, config, tmp_path / "two", tmp_path)) for r in range(2)]
     for process in ranks:
         process.start()
     for process in ranks:

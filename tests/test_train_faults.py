@@ -22,13 +22,12 @@ import torch
 from safetensors.torch import load_file
 
 import cdiff
-from cdiff.checkpoint import read_state_dict
 from cdiff.cli import main
 from cdiff.signals import Interrupted, StopRequests
 from cdiff.train import load_config, train
-from cdiff.train.config import to_toml
+from cdiff.train.configfile import to_toml
 from cdiff.train.rundir import RunDir, read_state
-from tests.test_train import one_thread  # noqa: F401 (a fixture)
+from cdiff.weightfile import read_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -358,7 +357,7 @@ def test_loaded_tensors_sit_in_aligned_memory(tmp_path):
 
 
 def _tiny_parts():
-    from cdiff.demo import tiny_pipeline
+    from cdiff.testing import tiny_pipeline
 
     pipeline = tiny_pipeline(0)
     return pipeline.unet, pipeline.vae, pipeline.context

@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 import cdiff
 from cdiff.cli import main
 from cdiff.data import PairAugment, SyntheticPairs
+from cdiff.testing import micro_model
 from cdiff.train import train
 from cdiff.train.latents import VIEWS, LatentPairs, cache_latents, dihedral, flip_error
-from tests.test_train import micro_model, one_thread, small_config  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PLAIN = ("data.hflip=false", "data.vflip=false", "data.rot90=false")
@@ -47,7 +47,7 @@ def test_flip_error_of_the_tiny_vae():
     assert max(flip_error(pointwise, images).values()) == 0
 
 
-def test_cache_holds_the_vae_latents_and_training_reads_them(tmp_path, model_file, capsys):
+def test_cache_holds_the_vae_latents_and_training_reads_them(tmp_path, model_file, capsys, small_config):
     config = small_config(model_file, "data.count=6", *PLAIN)
     code = main(["cache-latents", str(tmp_path / "cache"), "--config", _toml(tmp_path, config), "--batch-size", "4"])
     assert code == 0 and "hflip" in capsys.readouterr().out
@@ -70,14 +70,14 @@ def test_cache_holds_the_vae_latents_and_training_reads_them(tmp_path, model_fil
 
 
 def _toml(tmp_path, config) -> str:
-    from cdiff.train.config import to_toml
+    from cdiff.train.configfile import to_toml
 
     path = tmp_path / "config.toml"
     path.write_text(to_toml(config))
     return str(path)
 
 
-def test_cache_mismatches_are_refused(tmp_path, model_file):
+def test_cache_mismatches_are_refused(tmp_path, model_file, small_config):
     cache = cache_latents(small_config(model_file, "data.count=2", "data.crop=32", *PLAIN), tmp_path / "c",
                           show_progress=False)
     cases = [

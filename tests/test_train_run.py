@@ -3,6 +3,7 @@ precisions, the non-finite policy, and every bad input."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,14 +11,15 @@ import torch.nn.functional as F
 
 import cdiff
 from cdiff.cli import main
+from cdiff.schedulers import split_prediction
+from cdiff.testing import micro_model
 from cdiff.train import train
-from cdiff.pipeline import SampleAsNoise
 from cdiff.train.cdiffset import CDiffSETTask
 from cdiff.train.latents import cache_latents
 from cdiff.train.loop import NonFiniteLoss
 from cdiff.train.seeds import generator
-from tests.test_train import ROOT, micro_model, one_thread, small_config  # noqa: F401 (a fixture)
 
+ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -31,7 +33,7 @@ def model_file(tmp_path_factory):
     return micro_model(tmp_path_factory.mktemp("model") / "micro.safetensors")
 
 
-def test_step_loss_is_the_release_formula(model_file):
+def test_step_loss_is_the_release_formula(model_file, small_config):
     """The task's loss equals the release's training step written out eagerly on the same draws."""
     task = CDiffSETTask(small_config(model_file), torch.device("cpu"))
     assert task.unet.config.out_channels == 5 and not task.unet.conv_out.weight[4].any()  # surgery: var channel 0
@@ -62,26 +64,23 @@ def test_step_loss_is_the_release_formula(model_file):
     torch.testing.assert_close(terms["mean_variance"], var.mean(), rtol=1e-6, atol=0)
 
 
-def test_sample_prediction_is_turned_into_noise_for_ddim():
-    """x0 -> eps: a U-Net that returns the true x0 is seen as returning the true noise."""
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+def test_each_prediction_type_reads_back_the_true_noise_and_clean_latent(prediction):
+    """The training target of each prediction type, read by the samplers' split_prediction, gives
+    back the true x0 and the true noise: x0 -> eps and v -> (x0, eps) are the inverse of the targets."""
     process = cdiff.DDPM()
     clean, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
-    t = 401
-    noisy = process.add_noise(clean, noise, torch.tensor([t, t]))
-
-    class Oracle(torch.nn.Module):  # predicts the true x0, and a raw variance of 0.25
-        config = cdiff.UNetConfig.tiny(in_channels=8, out_channels=5)
-
-        def forward(self, sample, t, context):
-            return torch.cat([clean, torch.full_like(clean[:, :1], 0.25)], 1)
-
-    out = SampleAsNoise(Oracle(), process)(torch.cat([torch.zeros_like(clean), noisy], 1), t, None)
-    torch.testing.assert_close(out[:, :4], noise, rtol=1e-4, atol=1e-5)
-    assert (out[:, 4:] == 0.25).all()
+    t = torch.tensor([401, 401])
+    noisy = process.add_noise(clean, noise, t)
+    target = {"epsilon": noise, "sample": clean, "v_prediction": process.velocity(clean, noise, t)}[prediction]
+    a = process.alphas_cumprod[401].float()
+    x0, eps = split_prediction(target, noisy, a.sqrt(), (1 - a).sqrt(), prediction)
+    torch.testing.assert_close(x0, clean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(eps, noise, rtol=1e-4, atol=1e-5)
 
 
-def test_200_steps_lower_the_loss(tmp_path, model_file):
-    """Issue 9: on the tiny preset, the mean loss of the last 20 of 200 steps is below 80% of the
+def test_200_steps_lower_the_loss(tmp_path, model_file, small_config):
+    """On the tiny preset, the mean loss of the last 20 of 200 steps is below 80% of the
     first 20's. The run reads a latent cache with all 8 views (random flips and rotations)."""
     base = small_config(model_file, "data.count=32")
     cache = cache_latents(base, tmp_path / "latents", dihedral_views=True, show_progress=False)
@@ -95,10 +94,12 @@ def test_200_steps_lower_the_loss(tmp_path, model_file):
     assert last < 0.8 * first
 
 
-@pytest.mark.parametrize("option, absent", [("model.prediction=sample", None), ("model.loss=mse", "loss_logvar")])
+@pytest.mark.parametrize("option, absent", [("model.prediction=sample", None), ("model.prediction=v_prediction", None),
+                                            ("model.loss=mse", "loss_logvar")])
 # (also: a DataLoader worker process, and an EMA)
-def test_options_run_and_translate(tmp_path, model_file, option, absent):
-    """--prediction sample and --loss mse train, validate, and the checkpoint loads as a pipeline."""
+def test_options_run_and_translate(tmp_path, model_file, option, absent, small_config):
+    """--prediction sample / v_prediction and --loss mse train, validate, and the checkpoint loads
+    as a pipeline that samples with the prediction type it was trained for."""
     done = train(small_config(model_file, option, "train.steps=3", "model.ema_decay=0.5", "data.workers=1"),
                  tmp_path / "run")
     record = _records(tmp_path / "run")[-1]
@@ -106,8 +107,9 @@ def test_options_run_and_translate(tmp_path, model_file, option, absent):
     assert math.isfinite(_records(tmp_path / "run", "val")[-1]["psnr"])
     for name in ("model.safetensors", "model_ema.safetensors"):
         pipeline = cdiff.load_pipeline(done.checkpoint / name)
-        # An x0-predicting U-Net reaches the sampler as a noise predictor; a noise predictor as it is.
-        assert isinstance(pipeline.unet, SampleAsNoise) == (option == "model.prediction=sample")
+        # The file records what the U-Net predicts; the pipeline's sampler reads its output as such.
+        expected = option.partition("=")[2] if option.startswith("model.prediction") else "epsilon"
+        assert pipeline.prediction_type == expected and type(pipeline.unet) is cdiff.UNet
         result = pipeline.translate(torch.rand(1, 3, 64, 64) * 2 - 1, steps=2, generator=torch.Generator().manual_seed(0))
         assert result.eo.shape == (1, 3, 64, 64) and torch.isfinite(result.eo).all()
     trained = done.task.unet.state_dict()
@@ -116,7 +118,7 @@ def test_options_run_and_translate(tmp_path, model_file, option, absent):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_runs(tmp_path, model_file, precision):
+def test_mixed_precision_runs(tmp_path, model_file, precision, small_config):
     done = train(small_config(model_file, f"train.precision={precision}", "train.steps=2", "val.every=0"), tmp_path / "r")
     assert math.isfinite(_records(tmp_path / "r")[-1]["loss"])
     scaler = json.loads((done.checkpoint / "state.json").read_text())["scaler"]
@@ -124,7 +126,7 @@ def test_mixed_precision_runs(tmp_path, model_file, precision):
     assert all(p.dtype == torch.float32 for p in done.task.unet.parameters())  # fp32 master weights
 
 
-def test_nonfinite_loss_is_skipped_then_stops_the_run(tmp_path, model_file, monkeypatch):
+def test_nonfinite_loss_is_skipped_then_stops_the_run(tmp_path, model_file, monkeypatch, small_config):
     real = CDiffSETTask.loss
     calls = {"n": 0}
 
@@ -144,7 +146,7 @@ def test_nonfinite_loss_is_skipped_then_stops_the_run(tmp_path, model_file, monk
     assert _records(tmp_path / "run")[-1]["skipped_nonfinite"] == 1
 
 
-def test_release_unet_start_gets_the_variance_channel(tmp_path, model_file):
+def test_release_unet_start_gets_the_variance_channel(tmp_path, model_file, small_config):
     """model.unet: a release U-Net file (8-in/4-out); the VAE and prompt come from model.init."""
     from cdiff.export import export
 
@@ -155,7 +157,7 @@ def test_release_unet_start_gets_the_variance_channel(tmp_path, model_file):
     assert not task.unet.conv_out.weight[4].any() and task.unet.conv_out.bias[4] == 0
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(model_file):
+def test_gradient_checkpointing_gives_the_same_gradients(model_file, small_config):
     batch = {"sar": torch.rand(2, 3, 64, 64) * 2 - 1, "eo": torch.rand(2, 3, 64, 64) * 2 - 1, "position": torch.tensor([0, 1])}
     grads = []
     for switch in (False, True):

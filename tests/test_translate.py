@@ -18,15 +18,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cdiff import Pipeline, UNet, UNetConfig, VAE, VAEConfig, save_native
+from cdiff import VAE, Pipeline, UNet, UNetConfig, VAEConfig, save_native
 from cdiff.cli import main
 from cdiff.confidence_map import colour_table, colourize, release_grey
 from cdiff.data.imageio import to_uint8, write_png
 from cdiff.data.synth import make_pair
+from cdiff.testing import one_thread
 from cdiff.tiling import Tiling, tile_starts
-from cdiff.translate import image_seed, list_inputs, plan_jobs, shard
-
-from .helpers import one_thread
+from cdiff.translate import list_inputs, plan_jobs, shard
+from cdiff.translators import image_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a custom prompt"  # not the default: the stored prompt must be used without --prompt

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from cdiff.attention import attention_backend
+from cdiff.attention import use_attention_backend
 from cdiff.config import UNetConfig
 from cdiff.layouts.diffusers import UNET
+from cdiff.testing import assert_parity, randomize_, relative_error
 from cdiff.unet import UNet
-from tests.helpers import assert_parity, randomize_, relative_error
 
 # diffusers settings equal to UNetConfig.tiny(), written out (not derived from the config).
 TINY_DIFFUSERS = dict(
@@ -55,6 +55,7 @@ def test_tiny_parameter_count(unet):
     assert count < 20e6
 
 
+@pytest.mark.slow  # diffusers' U-Net is built and run beside cdiff's: about 30 s per layout
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @torch.no_grad()
 def test_tiny_matches_diffusers(layout):
@@ -69,7 +70,7 @@ def test_tiny_matches_diffusers(layout):
         sample, t, context = inputs(ours, batch=2, context_len=context_len)
         expected = theirs(sample, t, encoder_hidden_states=context).sample
         for backend in ("sdpa", "math"):
-            with attention_backend(backend):
+            with use_attention_backend(backend):
                 out = ours(sample, t, context)
             assert_parity(out, expected, f"tiny {layout} {context_len}-token {backend}")
 
@@ -167,7 +168,7 @@ def test_half_precision_close_to_fp32(unet, dtype, tol, backend):
     sample = 100 * sample  # large activations: the norms must keep fp32 statistics
     expected = unet(sample, t, context)
     half = tiny_unet().to(dtype)
-    with attention_backend(backend):
+    with use_attention_backend(backend):
         out = half(sample.to(dtype), t, context.to(dtype))
         # A 30x context gives attention scores in the thousands: finite, though no longer
         # comparable to fp32 (the softmax is then nearly one-hot and flips on rounding).
@@ -177,6 +178,7 @@ def test_half_precision_close_to_fp32(unet, dtype, tol, backend):
     assert_parity(out.float(), expected, f"{dtype} vs fp32 ({backend})", rel_tol=tol)
 
 
+@pytest.mark.slow  # one forward per timestep form and batch: about 35 s
 @torch.no_grad()
 def test_timestep_forms_agree(unet):
     sample, _, context = inputs(unet)

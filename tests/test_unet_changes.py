@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from cdiff.checkpoint import CheckpointError
 from cdiff.config import UNetConfig, VAEConfig
 from cdiff.load import load_unet, load_vae, load_weights
 from cdiff.native import save_native
+from cdiff.testing import randomize_
 from cdiff.unet import DownBlock, UNet
 from cdiff.vae import VAE
-from tests.helpers import randomize_
+from cdiff.weightfile import CheckpointError
 
 CONFIG = UNetConfig.tiny(in_channels=8, out_channels=5)
 
@@ -171,6 +171,7 @@ def test_vae_partial_loading(stored):
 # --- gradient checkpointing -------------------------------------------------------------------
 
 
+@pytest.mark.slow  # forward and backward of the SD 2.1-sized blocks, twice: about a minute
 def test_gradient_checkpointing_gives_the_same_forward_and_gradients():
     plain = randomize_(UNet(CONFIG), 4)
     checkpointed = randomize_(UNet(CONFIG), 4).gradient_checkpointing(True)

@@ -16,12 +16,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cdiff.attention import attention_backend
+from cdiff.attention import use_attention_backend
 from cdiff.config import UNetConfig
 from cdiff.layouts.diffusers import UNET
+from cdiff.testing import SD21_UNET, assert_parity, randomize_
 from cdiff.unet import UNet
-from tests.helpers import assert_parity, randomize_
-from tools.random_sd21 import SD21_UNET
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -76,6 +75,7 @@ def _inputs(in_channels: int, context_len: int):
     return sample, context
 
 
+@pytest.mark.slow  # the full-size SD 2.1 U-Net (865M parameters) in fp32, both libraries: 15-35 s per case
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
 @pytest.mark.parametrize("context_len", [77, 6], ids=["77tok", "6tok"])
 @torch.no_grad()
@@ -87,7 +87,7 @@ def test_sd21_matches_diffusers(models, context_len, backend):
         reference[context_len] = theirs(sample, TIMESTEPS, encoder_hidden_states=context).sample
         print(f"diffusers forward {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
-    with attention_backend(backend):
+    with use_attention_backend(backend):
         out = ours(sample, TIMESTEPS, context)
     print(f"cdiff forward {time.perf_counter() - start:.1f} s")
     expected = reference[context_len]

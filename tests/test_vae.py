@@ -12,11 +12,11 @@ import gc
 import pytest
 import torch
 
-from cdiff.attention import attention_backend
+from cdiff.attention import use_attention_backend
 from cdiff.config import VAEConfig
 from cdiff.layouts.diffusers import VAE as VAE_TABLE
+from cdiff.testing import assert_parity, randomize_
 from cdiff.vae import VAE
-from tests.helpers import assert_parity, randomize_
 
 TINY = VAEConfig.tiny()
 
@@ -63,7 +63,7 @@ def test_matches_diffusers(models, backend, batch, height, width):
     vae, ref = models
     images = _images(batch, height, width)
     latent = _latent(batch, height // 8, width // 8)
-    with torch.no_grad(), attention_backend(backend):
+    with torch.no_grad(), use_attention_backend(backend):
         posterior, expected = vae.encode(images), ref.encode(images).latent_dist
         assert_parity(posterior.mean, expected.mean, f"tiny encode mean {batch}x{height}x{width} ({backend})")
         assert_parity(posterior.logvar, expected.logvar, f"tiny encode logvar ({backend})")

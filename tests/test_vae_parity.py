@@ -12,12 +12,11 @@ import gc
 import pytest
 import torch
 
-from cdiff.attention import attention_backend
+from cdiff.attention import use_attention_backend
 from cdiff.config import VAEConfig
 from cdiff.layouts.diffusers import VAE as VAE_TABLE
+from cdiff.testing import SD21_VAE, assert_parity, randomize_
 from cdiff.vae import VAE
-from tests.helpers import assert_parity, randomize_
-from tools.random_sd21 import SD21_VAE
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +78,7 @@ def test_loaded_weights_are_the_reference_weights(parity):
 
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
 def test_encode_matches_diffusers(parity, backend):
-    with torch.no_grad(), attention_backend(backend):
+    with torch.no_grad(), use_attention_backend(backend):
         posterior = parity["vae"].encode(parity["images"])
     assert_parity(posterior.mean, parity["mean"], f"SD 2.1 VAE encode mean ({backend})")
     assert_parity(posterior.logvar, parity["logvar"], f"SD 2.1 VAE encode logvar ({backend})")
@@ -87,6 +86,6 @@ def test_encode_matches_diffusers(parity, backend):
 
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
 def test_decode_matches_diffusers(parity, backend):
-    with torch.no_grad(), attention_backend(backend):
+    with torch.no_grad(), use_attention_backend(backend):
         decoded = parity["vae"].decode(parity["latent"])
     assert_parity(decoded, parity["decoded"], f"SD 2.1 VAE decode ({backend})")

@@ -1,7 +1,7 @@
 """Make the bundled demo model, weights/cdiff-demo-tiny.safetensors, on the CPU.
 
-    python tools/train_demo.py                                   # the bundled model (C-Diff loss)
-    python tools/train_demo.py --loss mse --vae weights/cdiff-demo-tiny.safetensors \\
+    python -m tools.train_demo                                   # the bundled model (C-Diff loss)
+    python -m tools.train_demo --loss mse --vae weights/cdiff-demo-tiny.safetensors \\
         --out /tmp/demo-mse.safetensors                           # the Table-3 arm: plain L2, same VAE
 
 1. VAE (tools/demo_vae.py): the tiny VAE on synthetic EO and SAR windows, its scaling_factor
@@ -34,18 +34,16 @@ from pathlib import Path
 
 import torch
 
+import cdiff
+from cdiff.demo import DEMO_MODEL, SCORE_PROTOCOLS, baseline_scores, measure
+from cdiff.files import check_output, write_text
+from cdiff.testing import PROMPT_TOKENS
+from cdiff.train import load_config, train
+from cdiff.train.config import to_dict
+from cdiff.train.latents import cache_latents
+from tools.demo_vae import VAERecipe, train_vae
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout
-
-import cdiff  # noqa: E402
-from cdiff.demo import DEMO_MODEL, PROMPT_TOKENS, SCORE_PROTOCOLS, baseline_scores, measure  # noqa: E402
-from cdiff.data.imageio import write_text  # noqa: E402
-from cdiff.files import check_output  # noqa: E402
-from cdiff.train import load_config, train  # noqa: E402
-from cdiff.train.config import to_dict  # noqa: E402
-from cdiff.train.latents import cache_latents  # noqa: E402
-from tools.demo_vae import VAERecipe, train_vae  # noqa: E402
-
 CONFIG = ROOT / "configs" / "demo-tiny.toml"
 CONTEXT_SEED = 0  # the fixed prompt embedding: seeded N(0, 1), (6, 1024); the demo has no text encoder
 UNET_SEED = 2025  # the fresh U-Net's initialisation
@@ -151,7 +149,7 @@ def main(argv=None) -> int:
         "training": {
             "seconds": round(train_seconds), "vae_seconds": round(vae_seconds), "threads": args.threads,
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "command": "python tools/train_demo.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": "python -m tools.train_demo " + " ".join(sys.argv[1:] if argv is None else argv),
             "vae": vae_record, "unet_seed": UNET_SEED, "config": to_dict(config),
         },
     }

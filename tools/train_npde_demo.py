@@ -1,10 +1,10 @@
 """Train a tiny S2O-NPDE on the demo model's synthetic data and score it on the held-out pairs.
 
-    python tools/train_npde_demo.py                        # 4,000 steps: about 10 minutes on one CPU thread
-    python tools/train_npde_demo.py --steps 200 --heldout 10 --out /tmp/npde.json   # a quick look
+    python -m tools.train_npde_demo                        # 4,000 steps: about 10 minutes on one CPU thread
+    python -m tools.train_npde_demo --steps 200 --heldout 10 --out /tmp/npde.json   # a quick look
 
-Writes a small JSON (default benchmarks/npde_synthetic.json) for the report entry "S2O-NPDE vs
-the tiny C-DiffSET" of benchmarks/synthetic_report.md: PSNR, SSIM, SCC, images/s and parameters.
+Writes a small JSON (default studies/synthetic/npde_synthetic.json) for the report entry "S2O-NPDE vs
+the tiny C-DiffSET" of studies/synthetic/synthetic_report.md: PSNR, SSIM, SCC, images/s and parameters.
 
 Data, the same as the bundled demo C-DiffSET model's (tools/demo_vae.py): training scene i is
 ``make_pair(i)`` for i in 0 .. scenes - 1, held-out scene j is ``make_pair(HELDOUT_SEED + j)``,
@@ -39,15 +39,13 @@ from pathlib import Path
 
 import torch
 
+from cdiff.data.synth import make_pair
+from cdiff.demo import HELDOUT_SEED  # the demo's first held-out scene, far above any training seed
+from cdiff.metrics import image_metrics
+from cdiff.npde import load_generator, load_model, translate_image
+from cdiff.train import load_config, train
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout
-
-from cdiff.data.synth import make_pair  # noqa: E402
-from cdiff.metrics import image_metrics  # noqa: E402
-from cdiff.npde import load_generator, load_model, translate_image  # noqa: E402
-from cdiff.train import load_config, train  # noqa: E402
-
-HELDOUT_SEED = 1_000_000  # the demo's first held-out scene (tools/demo_vae.py), far above any training seed
 CONFIG = ROOT / "configs" / "s2o_npde-synthetic-tiny.toml"
 
 
@@ -104,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="base channels of the generators and discriminators (default: %(default)s, the tiny preset)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     parser.add_argument("--run-dir", help="keep the training run here (default: a temporary folder)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "npde_synthetic.json"),
+    parser.add_argument("--out", default=str(ROOT / "studies" / "synthetic" / "npde_synthetic.json"),
                         help="the JSON to write (default: %(default)s)")
     a = parser.parse_args(argv)
 

@@ -29,24 +29,7 @@ list names that are missing are counted in one error (``on_error="raise"``).
 
 Splits: ``list_file`` takes a release list (``train_eo_list_080.txt``...), read as it is.
 Without one, a ``split`` of "train"/"test" reads cdiff's own deterministic 80/20 split by
-scene from ``split_dir`` (default ``root/cdiff_split_<reader>``, one folder per reader),
-writing it there first if absent, and refusing it if it is stale (see cdiff.data.split).
-The scene (group) key of each reader:
-
-- sen12:        the ``ROIs<season>/s2_N`` folder: all patches ``p<k>`` of one scene.
-- spacenet6:    the SAR strip: the two collect timestamps in the tile's name
-                (``..._PS-RGB_20190804111224_20190804111453_tile_8679.tif``). Strips overlap
-                on the ground, so tiles of one place can still fall on both sides; for a
-                geographic split, give a list_file.
-- qxs_saropt:   blocks of 100 consecutive numbers (``1234.png`` -> block 12). The names carry
-                no scene id; assuming the numbers follow the order the scenes were cut in,
-                neighbours share a block. If the numbering were random, blocks cost nothing
-                but granularity. A name that is not a number is its own group.
-- folder_pairs: ``group=`` a regex searched in the EO file name (its first capture group,
-                else the whole match, is the key); default one group per pair.
-- csv_pairs:    a ``group`` column if the CSV has one, else ``group=`` as for folder_pairs,
-                else one group per pair.
-- sar2opt:      its own train/test folders; no cdiff split.
+scene (cdiff.data.split, which also holds each reader's scene rule).
 
 ``split=None`` (the default) takes every pair, or with a ``list_file`` the split its name
 says (an explicit ``split`` must agree with the name).
@@ -60,7 +43,7 @@ With ``on_error="skip"``, bad pairs are dropped from the index when the dataset 
 logged (logger ``cdiff.data.datasets``), recorded in ``dataset.skipped`` (path -> reason)
 and counted by ``dataset.num_skipped``: missing partners, and every file whose header
 cannot be read or whose size differs from its partner's. Only headers are read then
-(Pillow's ``Image.open`` without decoding; tifffile's header for TIFFs Pillow cannot open):
+(Pillow's ``Image.open`` without decoding; rasterio's header for TIFFs Pillow cannot open):
 for 20,000 pairs of 256x256 PNGs (QXS-SAROPT's size) that is 15 s, where decoding them all
 takes 12 min (0.4 ms against 18 ms a file, measured on a busy 2-core machine). A file
 damaged beyond its header (truncated pixel data) fails only when decoded: reading that pair
@@ -85,18 +68,21 @@ from torch.utils.data import Dataset
 from cdiff.data import imageio
 from cdiff.data.frozen import check_listed_files, check_user_list, has_frozen, read_frozen, spacenet6_chip_stem
 from cdiff.data.split import (
+    QXS_GROUPING,
+    SEN12_GROUPING,
+    SPACENET6_GROUPING,
     SPLIT_SEED,
     Grouping,
-    load_or_make_split,
     read_split,
-    split_from_list_name,
-    split_list_name,
+    regex_grouping,
+    select_split,
+    split_of_list,
 )
 from cdiff.data.transforms import CenterCrop, PairAugment
+from cdiff.imagefiles import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 ON_ERROR = ("raise", "skip")
 DEFAULT = "default"
 
@@ -291,53 +277,6 @@ def _names(eo_rel: Sequence[str]) -> list[str]:
     return [str(PurePosixPath(p).with_suffix("")).replace("/", "__") for p in eo_rel]
 
 
-def _select(
-    root: Path, split: str | None, list_file, split_dir, ratio: int, seed: int, discover: Callable[[], list[str]],
-    grouping: Grouping,
-) -> tuple[str | None, list[str]]:
-    """(split, EO paths relative to root) from a list file, cdiff's own split, or everything."""
-    if list_file is not None:
-        return _split_of_list(split, list_file), read_split(list_file)
-    if split is not None:
-        split_list_name(split, ratio)  # a bad split or ratio fails before anything is read
-    found = discover()
-    if split is None:
-        return None, found
-    split_dir = Path(split_dir) if split_dir is not None else root / f"cdiff_split_{grouping.reader}"
-    return split, load_or_make_split(split_dir, found, split, ratio, seed, grouping)
-
-
-def _regex_grouping(reader: str, pattern: str | None) -> Grouping:
-    """Group by ``pattern`` searched in the EO file name (first capture group, else the match)."""
-    if pattern is None:
-        return Grouping(reader)
-    try:
-        regex = re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"group={pattern!r} is not a valid regular expression: {err}") from None
-
-    def key(eo_rel: str) -> str:
-        found = regex.search(PurePosixPath(eo_rel).name)
-        if found is None:
-            raise ValueError(f"group={pattern!r} does not match the EO file name {eo_rel}")
-        return found.group(1) if regex.groups else found.group(0)
-
-    return Grouping(reader, f"regex {pattern!r} on the EO file name", key)
-
-
-def _split_of_list(split: str | None, list_file) -> str:
-    """The split a list file serves: its name says it, and an explicit ``split`` must agree."""
-    if split is None:
-        return split_from_list_name(list_file)
-    name = Path(list_file).name
-    other = {"train": "test", "test": "train"}.get(split)
-    if other is None:
-        raise ValueError(f"split must be 'train', 'test' or None, got {split!r}")
-    if other in name and split not in name:
-        raise ValueError(f"split={split!r} but the list file {list_file} is named as a {other} list")
-    return split
-
-
 def _build(
     root: Path,
     eo_rel: Sequence[str],
@@ -396,7 +335,7 @@ def _frozen_paths(root: Path, dataset: str, split: str | None, list_file, frozen
 
     A user's ``list_file`` is checked against the published lists and then read by the caller."""
     if list_file is not None:
-        check_user_list(list_file, dataset, _split_of_list(split, list_file), force)
+        check_user_list(list_file, dataset, split_of_list(split, list_file), force)
         return None
     if frozen and split is not None and has_frozen(dataset, split):
         return read_frozen(dataset, split, root, force)
@@ -410,15 +349,6 @@ def _check_listed(root: Path, eo_rel: Sequence[str], sar_from_eo: Callable[[str]
 
 
 # --- the readers -----------------------------------------------------------------------------
-
-
-QXS_BLOCK = 100  # consecutive patch numbers per split group (see the module docstring)
-
-
-def qxs_group(eo_rel: str) -> str:
-    """``opt_256_oc_0.2/1234.png`` -> ``"block12"``: numbers in blocks of QXS_BLOCK."""
-    stem = PurePosixPath(eo_rel).stem
-    return f"block{int(stem) // QXS_BLOCK}" if stem.isdigit() else eo_rel
 
 
 def qxs_saropt(root, split: str | None = None, *, list_file=None, split_dir=None, ratio: int = 80,
@@ -441,8 +371,7 @@ def qxs_saropt(root, split: str | None = None, *, list_file=None, split_dir=None
     def discover():
         return _nonempty(_images_under(eo_dir, root), eo_dir, "QXS-SAROPT's opt_256_oc_0.2/ and sar_256_oc_0.2/")
 
-    grouping = Grouping("qxs", f"blocks of {QXS_BLOCK} consecutive patch numbers", qxs_group)
-    split, eo_rel = _select(root, split, list_file, split_dir, ratio, seed, discover, grouping)
+    split, eo_rel = select_split(root, split, list_file, split_dir, ratio, seed, discover, QXS_GROUPING)
     if list_file is not None:
         _check_listed(root, eo_rel, lambda e: _swap_part(e, table, e), f"the split list {list_file}", on_error)
     return _build(root, eo_rel, lambda e: _swap_part(e, table, e), split, None, transform, on_error, f"QXS-SAROPT {root}")
@@ -461,7 +390,7 @@ def sar2opt(root, split: str | None = None, *, list_file=None, transform=DEFAULT
         eo_rel = listed
         _check_listed(root, eo_rel, lambda e: _swap_part(e, table, e), f"the frozen SAR2Opt {split} list", on_error)
     elif list_file is not None:
-        split = _split_of_list(split, list_file)
+        split = split_of_list(split, list_file)
         eo_rel = read_split(list_file)
         _check_listed(root, eo_rel, lambda e: _swap_part(e, table, e), f"the split list {list_file}", on_error)
     else:
@@ -471,17 +400,6 @@ def sar2opt(root, split: str | None = None, *, list_file=None, transform=DEFAULT
         eo_rel = [e for f in folders[split] for e in _images_under(root / f, root)]
         _nonempty(eo_rel, root, "SAR2Opt's trainA/, trainB/, testA/, testB/")
     return _build(root, eo_rel, lambda e: _swap_part(e, table, e), split, 512, transform, on_error, f"SAR2Opt {root}")
-
-
-# The SAR strip of a SpaceNet6 tile: its collect's start and end time, before the tile number.
-_SN6_STRIP = re.compile(r"_(\d{14}_\d{14})_tile_\d+\.\w+$")
-
-
-def spacenet6_group(eo_rel: str) -> str:
-    """``..._PS-RGB_20190804111224_20190804111453_tile_8679.tif`` -> ``"20190804111224_20190804111453"``;
-    a name without the strip's timestamps is its own group."""
-    found = _SN6_STRIP.search(eo_rel)
-    return found.group(1) if found else eo_rel
 
 
 def spacenet6(root, split: str | None = None, *, list_file=None, split_dir=None, ratio: int = 80,
@@ -505,8 +423,7 @@ def spacenet6(root, split: str | None = None, *, list_file=None, split_dir=None,
         found = [e for e in _images_under(root, root, "**/PS-RGB/*") if e.lower().endswith((".tif", ".tiff"))]
         return _nonempty(found, root, "SpaceNet6's .../PS-RGB/*.tif and .../SAR-Intensity/*.tif")
 
-    grouping = Grouping("spacenet6", "the SAR strip (collect timestamps in the tile name)", spacenet6_group)
-    split, eo_rel = _select(root, split, list_file, split_dir, ratio, seed, discover, grouping)
+    split, eo_rel = select_split(root, split, list_file, split_dir, ratio, seed, discover, SPACENET6_GROUPING)
     for e in eo_rel:
         if "PS-RGB" not in e:
             raise ValueError(f"SpaceNet6 EO path {e} does not contain 'PS-RGB': cannot derive its SAR path")
@@ -536,11 +453,6 @@ def sen12_sar_path(eo_rel: str) -> str:
     return str(path.parent.parent / new_folder / new_file)
 
 
-def sen12_group(eo_rel: str) -> str:
-    """``ROIs1158_spring/s2_1/ROIs1158_spring_s2_1_p30.png`` -> ``"ROIs1158_spring/s2_1"``: the scene."""
-    return str(PurePosixPath(eo_rel).parent)
-
-
 def sen12(root, split: str | None = None, *, list_file=None, split_dir=None, ratio: int = 80,
           seed: int = SPLIT_SEED, transform=DEFAULT, on_error: str = "raise") -> PairedImages:
     """SEN1-2: 256x256 Sentinel-1 VV and Sentinel-2 RGB PNG patches; no crop.
@@ -552,8 +464,7 @@ def sen12(root, split: str | None = None, *, list_file=None, split_dir=None, rat
         found = [e for e in _images_under(root, root, "ROIs*/s2_*/*") if _SEN12_FILE.search(e)]
         return _nonempty(found, root, "SEN1-2's ROIs<season>/s1_N/ and s2_N/ folders")
 
-    grouping = Grouping("sen12", "the ROIs<season>/s2_N scene folder", sen12_group)
-    split, eo_rel = _select(root, split, list_file, split_dir, ratio, seed, discover, grouping)
+    split, eo_rel = select_split(root, split, list_file, split_dir, ratio, seed, discover, SEN12_GROUPING)
     return _build(root, eo_rel, sen12_sar_path, split, None, transform, on_error, f"SEN1-2 {root}")
 
 
@@ -581,7 +492,8 @@ def folder_pairs(root, split: str | None = None, *, sar_dir: str = "sar", eo_dir
 
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    split, eo_rel = _select(root, split, list_file, split_dir, ratio, seed, discover, _regex_grouping("folders", group))
+    grouping = regex_grouping("folders", group)
+    split, eo_rel = select_split(root, split, list_file, split_dir, ratio, seed, discover, grouping)
     return _build(root, eo_rel, lambda e: _swap_part(e, {eo_dir: sar_dir}, e), split, crop, transform, on_error,
                   f"folder pairs {root}", skipped=skipped)
 
@@ -629,8 +541,8 @@ def csv_pairs(csv_file, split: str | None = None, *, list_file=None, split_dir=N
             raise ValueError(f"pairs CSV {csv_file} has a 'group' column; group= would be a second rule, drop one")
         grouping = Grouping(reader, "the CSV's group column", group_of.__getitem__)
     else:
-        grouping = _regex_grouping(reader, group)
-    split, eo_rel = _select(root, split, list_file, split_dir, ratio, seed, lambda: sorted(sar_of), grouping)
+        grouping = regex_grouping(reader, group)
+    split, eo_rel = select_split(root, split, list_file, split_dir, ratio, seed, lambda: sorted(sar_of), grouping)
     return _build(root, eo_rel, sar_from_eo, split, crop, transform, on_error, f"pairs CSV {csv_file}")
 
 
@@ -670,7 +582,7 @@ def sar2eo(root, split: str | None = None, *, list_file=None, transform=DEFAULT,
     if listed is not None:
         eo_rel, what = listed, f"the frozen SAR2EO {split} list"
     elif list_file is not None:
-        split, eo_rel, what = _split_of_list(split, list_file), read_split(list_file), f"the split list {list_file}"
+        split, eo_rel, what = split_of_list(split, list_file), read_split(list_file), f"the split list {list_file}"
     else:
         folders = [_SAR2EO_FOLDERS[split]] if split is not None else ["SAR-EO/EO/train", "SAR-EO/EO/validation"]
         eo_rel = _nonempty([e for f in folders for e in _images_under(root / f, root, "*")], root,
@@ -693,7 +605,7 @@ def spacenet6_chips(root, split: str | None = None, *, list_file=None, transform
     root = _root(root)
     sar_of = lambda e: _swap_part(e, {"trainB": "trainA", "testB": "testA"}, e)  # noqa: E731
     if list_file is not None:
-        split, eo_rel, what = _split_of_list(split, list_file), read_split(list_file), f"the split list {list_file}"
+        split, eo_rel, what = split_of_list(split, list_file), read_split(list_file), f"the split list {list_file}"
     elif frozen and split is not None and has_frozen("spacenet6", split):
         tiles = read_frozen("spacenet6", split)
         eo_rel, what = [f"{split}B/{spacenet6_chip_stem(t)}.png" for t in tiles], f"the frozen SpaceNet6 {split} list"
@@ -718,6 +630,7 @@ READERS = {
     "folders": folder_pairs,
     "csv": csv_pairs,
 }
+DATASET_KINDS = tuple(READERS)  # the names open_dataset takes, as cdiff.train's data.kind does
 
 
 def open_dataset(kind: str, root, **kwargs) -> PairedImages:

@@ -3,8 +3,9 @@
 Every reader returns ``(H, W, C)`` arrays and raises ``ValueError`` naming the file for
 anything it cannot use (unreadable or truncated files, wrong band counts, NaN/Inf, a
 constant SAR image). PNG/JPEG/TIFF go through Pillow; GeoTIFFs (and TIFFs Pillow cannot
-decode, such as 4-band float32) go through tifffile, an optional extra imported only in
-:func:`read_geotiff`.
+decode, such as 4-band float32) go through rasterio (``pip install cdiff[geo]``, imported only
+in :func:`read_raster`), the one GeoTIFF library of cdiff: the dataset readers and ``cdiff
+translate`` (cdiff.geo) read them alike.
 
 Scaling to [-1, 1] (``to_unit_range``):
 - uint8 images: ``x / 127.5 - 1`` (0 -> -1, 255 -> 1), as the paper's release does.
@@ -17,17 +18,19 @@ Scaling to [-1, 1] (``to_unit_range``):
 from __future__ import annotations
 
 import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cdiff.files import atomic_path
+from cdiff.imagefiles import TIFF_SUFFIXES
 
 # The release's guard on the stretch denominator (in data units).
 STRETCH_EPS = 1.0 / 1024
 
-_TIFF_SUFFIXES = (".tif", ".tiff")
 # Pillow modes folded to a plain grey or RGB layout; any other mode is read as it is.
 _TO_GREY = {"1": "L", "LA": "L", "La": "L"}
 _TO_RGB = {"P": "RGB", "PA": "RGB", "RGBA": "RGB", "RGBa": "RGB", "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
@@ -52,7 +55,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
                 img = img.convert(_TO_RGB[mode])
             array = np.asarray(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        if path.suffix.lower() in _TIFF_SUFFIXES:
+        if path.suffix.lower() in TIFF_SUFFIXES:
             return read_geotiff(path)
         raise ValueError(f"cannot read image {path}: {err}") from err
     if array.ndim == 2:
@@ -74,57 +77,55 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
             width, height = img.size
             return height, width
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        if path.suffix.lower() not in _TIFF_SUFFIXES:
+        if path.suffix.lower() not in TIFF_SUFFIXES:
             raise ValueError(f"cannot read image {path}: {err}") from err
-    tifffile = _import_tifffile(path)
+    rasterio = _import_rasterio(path)
     try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            return series.shape[series.axes.index("Y")], series.shape[series.axes.index("X")]
-    except Exception as err:  # tifffile raises many types for damaged files; all mean "unreadable"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(path) as source:
+                return source.height, source.width
+    except Exception as err:  # rasterio/GDAL raise several types for damaged files; all mean "unreadable"
         raise ValueError(f"cannot read GeoTIFF {path}: {type(err).__name__}: {err}") from err
 
 
-def _import_tifffile(path: Path):
+def _import_rasterio(path: Path):
     try:
-        import tifffile
+        import rasterio
     except ImportError as err:
-        raise ImportError(f"reading the GeoTIFF {path} needs tifffile: pip install cdiff[tiff]") from err
-    return tifffile
+        raise ImportError(f"reading the GeoTIFF {path} needs rasterio: pip install cdiff[geo]") from err
+    return rasterio
 
 
-def read_geotiff(path: str | os.PathLike) -> np.ndarray:
-    """Read the first image of a (Geo)TIFF as ``(H, W, bands)`` in its own dtype.
+@dataclass
+class Raster:
+    """A (Geo)TIFF's pixels and where they lie."""
 
-    Needs tifffile (``pip install cdiff[tiff]``). Contiguous (``YXS``) and separate
-    (``SYX``) band layouts both come back band-last.
-    """
+    bands: np.ndarray  # (H, W, bands) in the file's own dtype
+    crs: object  # rasterio's CRS, or None
+    transform: object  # rasterio's affine pixel -> map transform (the identity without georeferencing)
+    nodata: float | None
+
+
+def read_raster(path: str | os.PathLike) -> Raster:
+    """Read a (Geo)TIFF with rasterio: every band of its first image, and its georeferencing."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
-    tifffile = _import_tifffile(path)
+    rasterio = _import_rasterio(path)
     try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            axes = series.axes
-            array = series.asarray()
-    except Exception as err:  # tifffile raises many types for damaged files; all mean "unreadable"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)  # a plain TIFF is fine
+            with rasterio.open(path) as source:
+                bands = np.moveaxis(source.read(), 0, -1)  # (bands, H, W) -> (H, W, bands)
+                return Raster(bands, source.crs, source.transform, source.nodata)
+    except Exception as err:  # rasterio/GDAL raise several types for damaged files; all mean "unreadable"
         raise ValueError(f"cannot read GeoTIFF {path}: {type(err).__name__}: {err}") from err
-    if "Y" not in axes or "X" not in axes:
-        raise ValueError(f"GeoTIFF {path} has axes {axes!r}; expected an image with Y and X axes")
-    # Drop length-1 axes other than Y/X (e.g. a single page), keep one band axis.
-    keep = [i for i, a in enumerate(axes) if a in "YX" or array.shape[i] != 1]
-    array = array.reshape([array.shape[i] for i in keep])
-    axes = "".join(axes[i] for i in keep)
-    if array.ndim == 2:
-        return array[:, :, None]
-    if array.ndim != 3:
-        raise ValueError(f"GeoTIFF {path} has shape {array.shape} (axes {axes!r}); expected (H, W, bands)")
-    band_axis = next(i for i, a in enumerate(axes) if a not in "YX")
-    array = np.moveaxis(array, band_axis, -1)
-    if axes.index("Y") > axes.index("X"):  # stored transposed: put rows first
-        array = array.transpose(1, 0, 2)
-    return array
+
+
+def read_geotiff(path: str | os.PathLike) -> np.ndarray:
+    """The pixels of a (Geo)TIFF, ``(H, W, bands)`` in their own dtype (``read_raster``)."""
+    return read_raster(path).bands
 
 
 def check_finite(array: np.ndarray, path: str | os.PathLike) -> None:
@@ -198,9 +199,3 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
         array = array[:, :, 0]
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)

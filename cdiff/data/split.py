@@ -22,6 +22,27 @@ seed, the ratio, the group rule and a SHA-256 of the file list. A split found on
 used only when its record matches what the reader finds now; a stale one (files added or
 removed, another reader, seed or group rule) is refused with a message that says how to
 make a new one. A release list passed as ``list_file`` is read as it is, unchecked.
+
+Each reader's scene (group) key:
+
+- sen12:        the ``ROIs<season>/s2_N`` folder: all patches ``p<k>`` of one scene.
+- spacenet6:    the SAR strip: the two collect timestamps in the tile's name
+                (``..._PS-RGB_20190804111224_20190804111453_tile_8679.tif``). Strips overlap
+                on the ground, so tiles of one place can still fall on both sides; for a
+                geographic split, give a list_file.
+- qxs_saropt:   blocks of 100 consecutive numbers (``1234.png`` -> block 12). The names carry
+                no scene id; assuming the numbers follow the order the scenes were cut in,
+                neighbours share a block. If the numbering were random, blocks cost nothing
+                but granularity. A name that is not a number is its own group.
+- folder_pairs: ``group=`` a regex searched in the EO file name (its first capture group,
+                else the whole match, is the key); default one group per pair.
+- csv_pairs:    a ``group`` column if the CSV has one, else ``group=`` as for folder_pairs,
+                else one group per pair.
+- sar2opt:      its own train/test folders; no cdiff split.
+
+A reader picks its pairs with ``select_split``: a release list file (``list_file``), cdiff's own
+split of ``split`` from ``split_dir`` (default ``root/cdiff_split_<reader>``, one folder per
+reader: written there first if absent, refused if stale), or every pair.
 """
 
 from __future__ import annotations
@@ -31,11 +52,12 @@ import json
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
-from cdiff.data.imageio import write_text
+from cdiff.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +91,60 @@ class Grouping:
     reader: str
     rule: str = "one group per pair"
     key: Callable[[str], str] | None = None
+
+
+# --- each reader's scene rule --------------------------------------------------------------------
+
+
+QXS_BLOCK = 100  # consecutive patch numbers per split group (module docstring)
+
+
+def qxs_group(eo_rel: str) -> str:
+    """``opt_256_oc_0.2/1234.png`` -> ``"block12"``: numbers in blocks of QXS_BLOCK."""
+    stem = PurePosixPath(eo_rel).stem
+    return f"block{int(stem) // QXS_BLOCK}" if stem.isdigit() else eo_rel
+
+
+# The SAR strip of a SpaceNet6 tile: its collect's start and end time, before the tile number.
+_SN6_STRIP = re.compile(r"_(\d{14}_\d{14})_tile_\d+\.\w+$")
+
+
+def spacenet6_group(eo_rel: str) -> str:
+    """``..._PS-RGB_20190804111224_20190804111453_tile_8679.tif`` -> ``"20190804111224_20190804111453"``;
+    a name without the strip's timestamps is its own group."""
+    found = _SN6_STRIP.search(eo_rel)
+    return found.group(1) if found else eo_rel
+
+
+def sen12_group(eo_rel: str) -> str:
+    """``ROIs1158_spring/s2_1/ROIs1158_spring_s2_1_p30.png`` -> ``"ROIs1158_spring/s2_1"``: the scene."""
+    return str(PurePosixPath(eo_rel).parent)
+
+
+QXS_GROUPING = Grouping("qxs", f"blocks of {QXS_BLOCK} consecutive patch numbers", qxs_group)
+SPACENET6_GROUPING = Grouping("spacenet6", "the SAR strip (collect timestamps in the tile name)", spacenet6_group)
+SEN12_GROUPING = Grouping("sen12", "the ROIs<season>/s2_N scene folder", sen12_group)
+
+
+def regex_grouping(reader: str, pattern: str | None) -> Grouping:
+    """Group by ``pattern`` searched in the EO file name (first capture group, else the match)."""
+    if pattern is None:
+        return Grouping(reader)
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"group={pattern!r} is not a valid regular expression: {err}") from None
+
+    def key(eo_rel: str) -> str:
+        found = regex.search(PurePosixPath(eo_rel).name)
+        if found is None:
+            raise ValueError(f"group={pattern!r} does not match the EO file name {eo_rel}")
+        return found.group(1) if regex.groups else found.group(0)
+
+    return Grouping(reader, f"regex {pattern!r} on the EO file name", key)
+
+
+# --- making and reading splits ---------------------------------------------------------------------
 
 
 def make_split(
@@ -212,3 +288,37 @@ def _check_split(split_dir: Path, lists: list[Path], record_path: Path, expected
         reasons.append(f"the files changed: {len(added)} added, {len(removed)} removed since (e.g. {examples})")
     if reasons:
         raise ValueError(f"stale split in {split_dir}: {'; '.join(reasons)}. {how}")
+
+
+# --- which pairs a reader takes ------------------------------------------------------------------
+
+
+def split_of_list(split: str | None, list_file) -> str:
+    """The split a list file serves: its name says it, and an explicit ``split`` must agree."""
+    if split is None:
+        return split_from_list_name(list_file)
+    name = Path(list_file).name
+    other = {"train": "test", "test": "train"}.get(split)
+    if other is None:
+        raise ValueError(f"split must be 'train', 'test' or None, got {split!r}")
+    if other in name and split not in name:
+        raise ValueError(f"split={split!r} but the list file {list_file} is named as a {other} list")
+    return split
+
+
+def select_split(
+    root: Path, split: str | None, list_file, split_dir, ratio: int, seed: int, discover: Callable[[], list[str]],
+    grouping: Grouping,
+) -> tuple[str | None, list[str]]:
+    """(split, EO paths relative to root) from a list file, cdiff's own split by ``grouping`` (in
+    ``split_dir``, default ``root/cdiff_split_<reader>``), or everything (``split`` None);
+    ``discover()`` lists the EO paths a reader finds."""
+    if list_file is not None:
+        return split_of_list(split, list_file), read_split(list_file)
+    if split is not None:
+        split_list_name(split, ratio)  # a bad split or ratio fails before anything is read
+    found = discover()
+    if split is None:
+        return None, found
+    split_dir = Path(split_dir) if split_dir is not None else root / f"cdiff_split_{grouping.reader}"
+    return split, load_or_make_split(split_dir, found, split, ratio, seed, grouping)

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cdiff.data.imageio import to_uint8, write_png, write_text
-from cdiff.files import atomic_path, check_output
+from cdiff.data.imageio import to_uint8, write_png
+from cdiff.files import atomic_path, check_output, write_text
 from cdiff.progress import progress
 
 CLASSES = ("water", "vegetation", "fields", "bare_soil", "road", "building")
@@ -291,7 +291,7 @@ def redraw_eo(seed: int, size: int | tuple[int, int], rng: np.random.Generator) 
     cannot show drawn afresh from ``rng``: the colour of each roof and field parcel, the tone,
     the vegetation texture and the sensor noise; no injected objects. A draw from the EO's
     distribution given the scene's layout: what a perfect translator could sample at best
-    (tools/synthetic_report.py measures that ceiling).
+    (studies/synthetic/report.py measures that ceiling).
     """
     h, w, streams = _shape_and_streams(seed, size)
     landcover, colour, height, stripe, group = _scene(streams[0], h, w)

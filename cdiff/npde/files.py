@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
-from cdiff.checkpoint import CheckpointError, WeightFile, check_state_dict, save_safetensors, sniff
 from cdiff.config import config_from_json, config_to_json
+from cdiff.files import save_safetensors
 from cdiff.npde.config import NPDEConfig
 from cdiff.npde.model import NPDEGenerator, NPDEModel
+from cdiff.statedict import check_state_dict
+from cdiff.weightfile import CheckpointError, WeightFile, sniff
 
 FORMAT = "cdiff-s2o-npde"
 VERSION = "1"
@@ -49,9 +51,10 @@ def _open(path) -> tuple[WeightFile, NPDEConfig]:
     if f.metadata.get("format_version") != VERSION:
         raise CheckpointError(f"{path}: S2O-NPDE format version {f.metadata.get('format_version')!r}; "
                               f"this cdiff reads version {VERSION}")
-    config = config_from_json(f.metadata["npde_config"])
-    if not isinstance(config, NPDEConfig):
-        raise CheckpointError(f"{path}: its npde_config is a {type(config).__name__}, not an NPDEConfig")
+    try:
+        config = config_from_json(f.metadata["npde_config"], (NPDEConfig,))
+    except ValueError as err:
+        raise CheckpointError(f"{path}: its npde_config is not an NPDEConfig: {err}") from None
     return f, config
 
 

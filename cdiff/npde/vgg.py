@@ -16,7 +16,8 @@ import re
 import torch
 import torch.nn as nn
 
-from cdiff.checkpoint import CheckpointError, check_state_dict, read_state_dict
+from cdiff.statedict import check_state_dict
+from cdiff.weightfile import CheckpointError, read_state_dict
 
 log = logging.getLogger(__name__)
 

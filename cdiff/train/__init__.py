@@ -1,7 +1,10 @@
 """Training: ``cdiff train`` and ``cdiff cache-latents`` (see README "Fine-tune" and "S2O-NPDE baseline").
 
-    config.py       the run config: frozen dataclasses, TOML files, --set overrides
+    config.py       the run config: one frozen dataclass per section
+    configfile.py   run configs as TOML files, with --set overrides
+    kinds.py        the table of model kinds: [model] section, task, and how cdiff translate opens one
     run.py          train(): start or resume a run, in one process or under torchrun
+    task.py         what a model provides to the loop: the Task protocol and its Phases
     loop.py         the model-agnostic loop: phases, accumulation, precision, clipping, NaN policy,
                     logging, validation and checkpoint schedule
     rundir.py       the run directory: atomic checkpoints, keep-last-N and best, training state
@@ -12,12 +15,14 @@
     logs.py         log.jsonl, TensorBoard, validation grids
     validation.py   held-out PSNR, SSIM, SCC and the grid's columns, for every model
     distributed.py  torch.distributed as torchrun launches it
+    start.py        the model a C-DiffSET run starts from (checkpoint, model.init, or the tiny stack)
     cdiffset.py     the C-DiffSET model: its [model] section, training step and validation
     s2o_npde.py     the S2O-NPDE baseline (cdiff.npde): its [model] section, two phases, validation
     latents.py      the latent cache
 """
 
-from cdiff.train.config import RunConfig, load_config
+from cdiff.train.config import RunConfig
+from cdiff.train.configfile import load_config
 from cdiff.train.run import train
 
 __all__ = ["RunConfig", "load_config", "train"]

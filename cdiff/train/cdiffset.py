@@ -9,8 +9,10 @@ Per sample at stream position g (cdiff.train.data):
 3. the U-Net sees [SAR latent | x_t] (8 channels), t and the model's fixed prompt embedding, and
    returns 4 prediction channels and 1 raw-variance channel;
 4. the loss: ``confidence_nll(target, prediction, raw variance, a_t)`` (the C-Diff beta-NLL) with
-   target = noise (``prediction = "epsilon"``) or the clean EO latent (``"sample"``, the
-   release's x0 option); ``loss = "mse"`` is plain L2 on the 4 channels (the paper's Table 3).
+   target = noise (``prediction = "epsilon"``), the clean EO latent (``"sample"``, the release's
+   x0 option) or v (``"v_prediction"``, cdiff.DDPM.velocity); ``loss = "mse"`` is plain L2 on the
+   4 channels (the paper's Table 3). The checkpoint's native file records the prediction, and
+   sampling reads the output as such (cdiff.schedulers.split_prediction).
 
 Logged terms (means over elements, their sum is the loss): ``loss_residual`` = w (target -
 prediction)^2 / (2 var), the confidence-weighted fit; ``loss_logvar`` = w (log var + log 2 pi) / 2,
@@ -20,29 +22,29 @@ the regulariser that keeps the variance from growing; with w = stopgrad(var)^sqr
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-import cdiff
+from cdiff.load import load_unet
 from cdiff.loss import LOG_2PI, confidence_nll, variance_from_raw
-from cdiff.pipeline import DEFAULT_PROMPT, Pipeline, SampleAsNoise
+from cdiff.native import save_native
+from cdiff.pipeline import DEFAULT_PROMPT, Pipeline
+from cdiff.schedulers import DDPM, PREDICTION_TYPES
 from cdiff.train.config import RunConfig
 from cdiff.train.data import image_augment, image_pairs
 from cdiff.train.ema import EMA
-from cdiff.train.loop import Phase
+from cdiff.train.latents import cached_samples
 from cdiff.train.optim import adamw, lr_schedule
 from cdiff.train.seeds import generator
+from cdiff.train.start import MODEL_FILE, TINY, start_pipeline
+from cdiff.train.task import Phase
 from cdiff.train.validation import score_pairs
 
-PREDICTIONS = ("epsilon", "sample")
 LOSSES = ("cdiff", "mse")
-MODEL_FILE, EMA_FILE = "model.safetensors", "model_ema.safetensors"
-TINY = "tiny"
+EMA_FILE = "model_ema.safetensors"
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,8 @@ class CDiffSETConfig:
     #                 or "tiny": cdiff's tiny stack with seeded random weights (for CPU trials)
     unet: str = ""  # optional: a release U-Net file (8-in/4-out or 8-in/5-out) to start from; VAE and prompt from init
     pad_to_77: bool = False  # init's prompt embedding is SD's 77-token padded one (the release's is unpadded)
-    prediction: str = "epsilon"  # the U-Net predicts the noise (the paper), or "sample": the clean EO latent
+    prediction: str = "epsilon"  # the U-Net predicts the noise (the paper), "sample": the clean EO latent (the
+    #                              release's x0 option), or "v_prediction": sqrt(a_t) noise - sqrt(1 - a_t) x_0
     loss: str = "cdiff"  # "cdiff": the confidence-guided beta-NLL; "mse": L2 on the noise channels (Table 3)
     ema_decay: float = 0.0  # > 0: keep an EMA of the U-Net with this decay, validate and save it too
     gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
@@ -66,49 +69,26 @@ class CDiffSETConfig:
             # The tiny stack brings its own small VAE and prompt embedding, which no release U-Net fits.
             raise ValueError(f"config: model.unet ({self.unet}) needs model.init to be a model file, whose VAE and "
                              "prompt embedding it is used with; model.init = \"tiny\" makes its own U-Net")
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"config: model.prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.prediction not in PREDICTION_TYPES:
+            raise ValueError(f"config: model.prediction must be one of {PREDICTION_TYPES}, got {self.prediction!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"config: model.loss must be one of {LOSSES}, got {self.loss!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"config: model.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
-def start_pipeline(model: CDiffSETConfig, checkpoint: Path | None = None) -> Pipeline:
-    """The model to train, in fp32 on the CPU: a checkpoint's, else ``model.init`` (+ ``model.unet``)."""
-    if checkpoint is not None:
-        return cdiff.load_pipeline(checkpoint / MODEL_FILE, dtype=torch.float32)
-    if model.init == TINY:
-        from cdiff.demo import tiny_pipeline
-
-        return tiny_pipeline(model.tiny_seed)
-    for path in (model.init, model.unet):
-        if path and not Path(path).exists():
-            raise FileNotFoundError(f"model file not found: {path}")
-    return cdiff.load_pipeline(model.init, unet=model.unet or None, pad_to_77=model.pad_to_77, surgery=True,
-                               dtype=torch.float32)
-
-
-def vae_fingerprint(vae: nn.Module) -> str:
-    """SHA-256 of the VAE's weights (names, shapes and bytes): a latent cache records whose VAE made it."""
-    digest = hashlib.sha256()
-    for name, tensor in vae.state_dict().items():
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 class CDiffSETTask:
-    """The C-DiffSET model in training (see cdiff.train.loop for what a task provides)."""
+    """The C-DiffSET model in training (a cdiff.train.task.Task)."""
 
     best_metric = "psnr"
+    single_process = False  # trains under torchrun too (DDP)
 
     def __init__(self, config: RunConfig, device: torch.device, checkpoint: Path | None = None,
                  pipeline: Pipeline | None = None):
         """The model comes from ``checkpoint`` (a resume), else ``pipeline`` (in memory), else model.init."""
         self.config, self.device, self.model = config, device, config.model
         pipeline = pipeline if pipeline is not None and checkpoint is None else start_pipeline(self.model, checkpoint)
-        self.prompt, self.process = pipeline.prompt, cdiff.DDPM()
+        self.prompt, self.process = pipeline.prompt, DDPM()
         self.unet = pipeline.unet.to(device).train().requires_grad_(True)
         self.vae = pipeline.vae.to(device).eval().requires_grad_(False)
         self.context = pipeline.context.to(device, torch.float32)  # (L, context_dim)
@@ -118,7 +98,7 @@ class CDiffSETTask:
         self.unet.to(memory_format=self.memory_format)
         self.ema = EMA(self.unet, self.model.ema_decay) if self.model.ema_decay else None
         if checkpoint is not None and self.ema is not None:
-            self.ema.module.load_state_dict(cdiff.load_unet(checkpoint / EMA_FILE, dtype=torch.float32).state_dict())
+            self.ema.module.load_state_dict(load_unet(checkpoint / EMA_FILE, dtype=torch.float32).state_dict())
         self.modules = {"unet": self.unet}
         self.wrapped = dict(self.modules)
         self.optimizers = {"unet": adamw(self.unet.parameters(), config.optim)}
@@ -131,8 +111,6 @@ class CDiffSETTask:
 
     def training_samples(self):
         if self.config.data.latents:
-            from cdiff.train.latents import cached_samples
-
             return cached_samples(self.config.data, self.vae)
         return image_pairs(self.config.data, "train"), image_augment(self.config.data)
 
@@ -163,13 +141,21 @@ class CDiffSETTask:
         out = self.wrapped["unet"](unet_input, t, context)  # (B, 5, h, w)
         channels = eo_latent.shape[1]
         prediction, raw = out[:, :channels], out[:, channels:]
-        target = noise if self.model.prediction == "epsilon" else eo_latent
+        target = self._target(eo_latent, noise, t)
         alpha_bar = self.process.alpha_bar(t)
         if self.model.loss == "mse":
             loss = F.mse_loss(prediction.float(), target)
             return loss, {"mean_variance": variance_from_raw(raw.detach()).mean()}
         loss = confidence_nll(target, prediction, raw, alpha_bar)
         return loss, self._terms(target, prediction.detach(), raw.detach(), alpha_bar)
+
+    def _target(self, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the U-Net learns to predict (model.prediction): the noise, the clean latent, or v."""
+        if self.model.prediction == "epsilon":
+            return noise
+        if self.model.prediction == "sample":
+            return clean
+        return self.process.velocity(clean, noise, t)
 
     @staticmethod
     def _terms(target, prediction, raw, alpha_bar) -> dict[str, torch.Tensor]:
@@ -190,7 +176,7 @@ class CDiffSETTask:
         padding = "77" if self.context.shape[0] == 77 else "none"
         for name, unet in ((MODEL_FILE, self.unet), (EMA_FILE, self.ema.module if self.ema else None)):
             if unet is not None:
-                cdiff.save_native(folder / name, unet, self.vae, self.context, prompt=self.prompt, padding=padding,
+                save_native(folder / name, unet, self.vae, self.context, prompt=self.prompt, padding=padding,
                                   prediction=self.model.prediction)
 
     @torch.no_grad()
@@ -199,8 +185,8 @@ class CDiffSETTask:
         val = self.config.val
         unet = self.ema.module if self.ema is not None else self.unet
         unet.eval()
-        sampler = SampleAsNoise(unet, self.process) if self.model.prediction == "sample" else unet
-        pipeline = Pipeline(sampler, self.vae, self.context, prompt=self.prompt or DEFAULT_PROMPT, process=self.process)
+        pipeline = Pipeline(unet, self.vae, self.context, prompt=self.prompt or DEFAULT_PROMPT, process=self.process,
+                            prediction_type=self.model.prediction)
 
         def predict(index, sar):
             result = pipeline.translate(sar, steps=val.steps, generator=generator(self.config.train.seed, "val", index))

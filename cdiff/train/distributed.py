@@ -1,7 +1,7 @@
 """Running on several processes with torch.distributed, as torchrun launches them.
 
-torchrun sets RANK, WORLD_SIZE and LOCAL_RANK in each process; without them the run is one
-process. Every process trains on its own share of the data (cdiff.train.data) with
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK in each process (cdiff.torchrun reads them); without
+them the run is one process. Every process trains on its own share of the data (cdiff.train.data) with
 DistributedDataParallel averaging the gradients; only rank 0 writes checkpoints and logs.
 Backend: NCCL on CUDA, gloo on the CPU.
 """
@@ -9,11 +9,12 @@ Backend: NCCL on CUDA, gloo on the CPU.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from cdiff.torchrun import launch
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,11 @@ def _device(choice: str, local_rank: int) -> torch.device:
 
 def setup(device: str = "auto") -> World:
     """The process group from torchrun's environment (or a world of one); the device to use."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    torch_device = _device(device, local_rank)
-    if size > 1 and not dist.is_initialized():
+    here = launch()
+    torch_device = _device(device, here.local_rank)
+    if here.world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch_device.type == "cuda" else "gloo")
-    return World(rank=rank, size=size, device=torch_device)
+    return World(rank=here.rank, size=here.world_size, device=torch_device)
 
 
 def teardown() -> None:

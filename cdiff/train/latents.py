@@ -21,10 +21,12 @@ equivariant), which is why views are encoded: ``flip_error`` measures the differ
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cdiff.data import CenterCrop
@@ -32,6 +34,7 @@ from cdiff.files import atomic_path, check_output
 from cdiff.progress import progress
 from cdiff.train.config import RunConfig, to_dict
 from cdiff.train.data import DEFAULT_CROPS, image_pairs
+from cdiff.train.start import start_pipeline
 
 FORMAT, VERSION = "cdiff-latents", 1
 VIEWS = ("identity", "rot90", "rot180", "rot270", "hflip", "hflip+rot90", "hflip+rot180", "hflip+rot270")
@@ -43,6 +46,15 @@ def dihedral(x: torch.Tensor, view: int) -> torch.Tensor:
     if view >= 4:
         x = x.flip(-1)
     return torch.rot90(x, view % 4, dims=(-2, -1)) if view % 4 else x
+
+
+def vae_fingerprint(vae: nn.Module) -> str:
+    """SHA-256 of the VAE's weights (names, shapes and bytes): a latent cache records whose VAE made it."""
+    digest = hashlib.sha256()
+    for name, tensor in vae.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _rms(x: torch.Tensor) -> float:
@@ -67,8 +79,6 @@ def cache_latents(config: RunConfig, out_dir, dihedral_views: bool = False, batc
                   show_progress: bool = True, overwrite: bool = False) -> Path:
     """Encode the training pairs of ``config`` with its model's VAE into ``out_dir`` (a new or empty
     folder; ``overwrite`` replaces a cache there once the new one is complete)."""
-    from cdiff.train.cdiffset import start_pipeline, vae_fingerprint
-
     if config.model.kind != "cdiffset":
         raise ValueError(f"cache-latents encodes with a C-DiffSET model's VAE; model.kind {config.model.kind!r} "
                          "trains on images (no latents)")
@@ -174,8 +184,6 @@ class LatentPairs(Dataset):
 def cached_samples(data, vae):
     """(LatentPairs, the view-picking augmentation or None) for training; the cache is checked
     against the config and the model's VAE, and a mismatch is an error that says what to change."""
-    from cdiff.train.cdiffset import vae_fingerprint
-
     pairs = LatentPairs(data.latents)
     index, where = pairs.index, f"latent cache {data.latents}"
     if index["vae_sha256"] != vae_fingerprint(vae):

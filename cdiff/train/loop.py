@@ -1,29 +1,13 @@
 """The training loop, the same for every model: steps, accumulation, precision, clipping, the
 non-finite policy, logging, validation and checkpoints.
 
-A model plugs in as a *task* (cdiff.train.cdiffset.CDiffSETTask is one) with these members:
-
-    modules: dict[str, nn.Module]         the trained modules, by name (saved by the task)
-    wrapped: dict[str, nn.Module]         set by the loop: the same modules, in DDP when distributed;
-                                          the phases' losses must call these
-    optimizers, schedulers: dict[str, ...]  by name; saved and restored by name
-    phases: list[Phase]                   run in order each step, each with its own optimiser
-    best_metric: str                      the validation metric to maximise ("psnr")
-    training_samples() -> (Dataset, augment or None)   the items of the data stream
-    after_step()                          after every optimiser step (the EMA)
-    validate(step) -> (metrics, columns)  on rank 0: mean metrics, and image columns for the grid
-    save(folder)                          write the model files of a checkpoint
-    single_process: bool (optional)       True: the model trains in one process; torchrun is refused
-
-One phase is one optimiser's update: C-DiffSET has one; S2O-NPDE, a GAN, has a generator phase
-and a discriminator phase (cdiff.train.s2o_npde). With several phases the log names each one's
-loss and gradient norm ``loss_<phase>``, ``grad_norm_<phase>``, and its terms by their own names.
-Per phase and step: ``train.accumulation`` micro-batches, each forward in the precision's autocast
-and backward through the gradient scaler (fp16), DDP's gradient averaging only on the last;
-unscale; clip the global norm; step. A step whose loss (or, without fp16's scaler, gradient norm)
-is not finite on any process is skipped while fewer than ``train.skip_nonfinite`` were, else the
-run stops with NonFiniteLoss naming the step and the last good checkpoint. Schedulers step every
-step, skipped or not, so the lr is a function of the step.
+A model plugs in as a *task* with its *phases* (cdiff.train.task). Per phase and step:
+``train.accumulation`` micro-batches, each forward in the precision's autocast and backward
+through the gradient scaler (fp16), DDP's gradient averaging only on the last; unscale; clip the
+global norm; step. A step whose loss (or, without fp16's scaler, gradient norm) is not finite on
+any process is skipped while fewer than ``train.skip_nonfinite`` were, else the run stops with
+NonFiniteLoss naming the step and the last good checkpoint. Schedulers step every step, skipped
+or not, so the lr is a function of the step.
 """
 
 from __future__ import annotations
@@ -32,12 +16,11 @@ import contextlib
 import resource
 import signal
 import time
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-import cdiff
+from cdiff import __version__
+from cdiff.config import DTYPES
 from cdiff.progress import Bar
 from cdiff.signals import Interrupted, StopRequests
 from cdiff.train import distributed
@@ -46,14 +29,7 @@ from cdiff.train.data import MicroBatches, StreamSamples, loader
 from cdiff.train.logs import Log, write_grid
 from cdiff.train.rundir import RunDir, read_state, restore_state, stage, step_name, write_state
 from cdiff.train.seeds import capture_rng, restore_rng
-
-
-@dataclass(frozen=True)
-class Phase:
-    name: str
-    optimizer: str  # key of task.optimizers
-    modules: tuple[str, ...]  # keys of task.modules whose gradients this phase makes, clips and steps
-    loss: Callable  # (batch dict) -> (scalar loss, {name: scalar tensor} for the log)
+from cdiff.train.task import Phase, Task
 
 
 class NonFiniteLoss(ValueError):
@@ -63,7 +39,7 @@ class NonFiniteLoss(ValueError):
 def autocast(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+    return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -75,7 +51,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 class Loop:
-    def __init__(self, task, config: RunConfig, rundir: RunDir, world: distributed.World, log: Log):
+    def __init__(self, task: Task, config: RunConfig, rundir: RunDir, world: distributed.World, log: Log):
         self.task, self.config, self.rundir, self.world, self.log = task, config, rundir, world, log
         self.scaler = torch.amp.GradScaler(world.device.type, enabled=config.train.precision == "fp16")
         task.wrapped = {name: distributed.wrap(module, world) for name, module in task.modules.items()}
@@ -102,7 +78,7 @@ class Loop:
             values = {
                 "step": self.step, "samples": self.samples, "world_size": self.world.size,
                 "skipped_nonfinite": self.skipped, "best": self.best, "config": to_dict(self.config),
-                "cdiff_version": cdiff.__version__,
+                "cdiff_version": __version__,
             }
 
             def write(folder):

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from cdiff.signals import StopRequests
 from cdiff.train import distributed
-from cdiff.train.config import RunConfig, differences, load_config, to_toml
+from cdiff.train.config import RunConfig, differences
+from cdiff.train.configfile import load_config, to_toml
+from cdiff.train.kinds import model_kind
 from cdiff.train.logs import Log
 from cdiff.train.loop import Loop
 from cdiff.train.rundir import RunDir, step_of
@@ -91,22 +93,14 @@ def _on_rank0(world: distributed.World, action) -> None:
         raise error
 
 
-def task_class(kind: str):
-    """The task class of ``model.kind``."""
-    from cdiff.train.cdiffset import CDiffSETTask
-    from cdiff.train.s2o_npde import S2ONPDETask
-
-    return {"cdiffset": CDiffSETTask, "s2o_npde": S2ONPDETask}[kind]
-
-
 def build_task(config: RunConfig, world: distributed.World, checkpoint: Path | None):
-    """The task of ``model.kind``."""
-    return task_class(config.model.kind)(config, world.device, checkpoint)
+    """The task of ``model.kind`` (cdiff.train.kinds)."""
+    return model_kind(config.model.kind).task(config, world.device, checkpoint)
 
 
 def _check_before_start(config: RunConfig, world: distributed.World, run_dir) -> None:
     """Refuse what cannot run before anything is written; warn once about what runs but surprises."""
-    if world.size > 1 and getattr(task_class(config.model.kind), "single_process", False):
+    if world.size > 1 and model_kind(config.model.kind).task.single_process:
         raise ValueError(f"model.kind = {config.model.kind!r} trains in one process: run 'cdiff train' without "
                          f"torchrun (nothing was written to {run_dir})")
     optim, steps = config.optim, config.train.steps

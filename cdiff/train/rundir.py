@@ -325,8 +325,8 @@ def write_state(folder: Path, values: dict, optimizers: dict, schedulers: dict, 
 
 def read_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(state.json, state.safetensors tensors) of a checkpoint folder; errors name the folder.
-    The tensors are read as model weights are (cdiff.checkpoint, in aligned memory)."""
-    from cdiff.checkpoint import read_state_dict
+    The tensors are read as model weights are (cdiff.weightfile, in aligned memory)."""
+    from cdiff.weightfile import read_state_dict
 
     try:
         document = json.loads((folder / STATE_JSON).read_text())

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from cdiff.checkpoint import read_state_dict, save_safetensors
+from cdiff.files import save_safetensors
 from cdiff.npde import (
     PAPER_BATCH_SIZE, PAPER_BETAS, PAPER_EPOCHS, PAPER_LR, FakePools, NPDEConfig, NPDELoss, NPDEModel, load_model,
     make_optimizers, save_model,
@@ -46,10 +46,11 @@ from cdiff.npde import (
 from cdiff.npde.training import frozen
 from cdiff.train.config import DataConfig, OptimConfig, RunConfig, TrainConfig
 from cdiff.train.data import DEFAULT_CROPS, image_augment, image_pairs
-from cdiff.train.loop import Phase
 from cdiff.train.optim import lr_schedule
 from cdiff.train.seeds import derive_seed
+from cdiff.train.task import Phase
 from cdiff.train.validation import score_pairs
+from cdiff.weightfile import read_state_dict
 
 MODEL_FILE, POOLS_FILE = "model.safetensors", "pools.safetensors"
 PAPER_PAIRS = 1_600  # the paper's SEN1-2 training pairs (section 4.1, after Guo et al. 2021)
@@ -98,7 +99,7 @@ def fake_pools(network: NPDEConfig, seed: int) -> FakePools:
 
 
 class S2ONPDETask:
-    """S2O-NPDE in training (see cdiff.train.loop for what a task provides)."""
+    """S2O-NPDE in training (a cdiff.train.task.Task)."""
 
     best_metric = "psnr"
     single_process = True  # the paper trains at batch 1 on one GPU: torchrun is refused before anything is written

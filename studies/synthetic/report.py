@@ -1,12 +1,14 @@
-"""Regenerate benchmarks/synthetic_report.md: the C-DiffSET paper's claims measured where the truth is known.
+"""Regenerate studies/synthetic/synthetic_report.md: the C-DiffSET paper's claims measured where the truth is known.
 
-    python tools/synthetic_report.py                    # the bundled model, the l2 arm's file, the S2O-NPDE JSON
-    python tools/synthetic_report.py --train-ablation   # first (re)train the l2 arm (~30-40 min on the CPU)
+    python -m studies.synthetic.report                    # the bundled model, the l2 arm's file, the S2O-NPDE JSON
+    python -m studies.synthetic.report --train-ablation   # first (re)train the l2 arm (~30-40 min on the CPU)
+
+(from the repository's root folder, or with cdiff installed).
 
 Inputs: the bundled demo model (weights/cdiff-demo-tiny.safetensors, C-Diff loss); the Table-3
 arm, the same recipe with plain L2 (``tools/train_demo.py --loss mse --vae <bundled model>``,
 default weights/cdiff-demo-tiny-l2.safetensors, git-ignored: ``--train-ablation`` makes it);
-the S2O-NPDE entry (benchmarks/npde_synthetic.json, from tools/train_npde_demo.py).
+the S2O-NPDE entry (studies/synthetic/npde_synthetic.json, from tools/train_npde_demo.py).
 Outputs: the report, its numbers as JSON beside it, the reliability diagram and a panel of
 example scenes (PNGs, drawn with PIL).
 
@@ -31,23 +33,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout
-
-from cdiff.data.imageio import to_uint8, write_png, write_text  # noqa: E402
-from cdiff.data.synth import _SHIP_COLOUR, _VEHICLE_COLOURS, ROAD, WATER, make_pair, redraw_eo  # noqa: E402
-from cdiff.demo import DEMO_MODEL, HELDOUT_SEED, Protocol, eo_batch, heldout_pairs, mean_eo_image, sar_batch, translate  # noqa: E402
-from cdiff.load import load_pipeline  # noqa: E402
-from cdiff.pipeline import SampleAsNoise  # noqa: E402
-from cdiff.metrics import image_metrics, to_unit  # noqa: E402
-from tools.reliability_plot import draw_reliability  # noqa: E402
-from tools.synthetic_eval import (  # noqa: E402
+from cdiff.data.imageio import to_uint8, write_png
+from cdiff.data.synth import _SHIP_COLOUR, _VEHICLE_COLOURS, ROAD, WATER, make_pair, redraw_eo
+from cdiff.demo import DEMO_MODEL, HELDOUT_SEED, Protocol, eo_batch, heldout_pairs, mean_eo_image, sar_batch, translate
+from cdiff.files import write_text
+from cdiff.load import load_pipeline
+from cdiff.metrics import image_metrics, to_unit
+from studies.synthetic.markdown import render
+from studies.synthetic.measures import (
     auroc, best_constant_variance, bootstrap_auroc, gaussian_nll, hallucinated_objects, latent_mask, masked_scores,
     one_step, reliability_bins, spurious_object_pixels,
 )
-from tools.train_npde_demo import eight_bit  # noqa: E402
+from studies.synthetic.reliability_plot import draw_reliability
+from tools.train_npde_demo import eight_bit
 
-BENCHMARKS = ROOT / "benchmarks"
+ROOT = Path(__file__).resolve().parents[2]
+STUDY = Path(__file__).resolve().parent  # the report, its numbers and pictures, the S2O-NPDE entry
 ABLATION_MODEL = ROOT / "weights" / "cdiff-demo-tiny-l2.safetensors"
 ARMS = ("C-Diff", "l2")  # the bundled model, the Table-3 arm
 COUNTS = ("hallucinated", "eo_only_objects", "spurious_pixels", "spurious_looked_at")  # summed over scenes, not averaged
@@ -250,7 +251,7 @@ def measure(pipelines: dict, data: dict, protocol: ReportProtocol, npde: dict | 
                   "parameters_unet": sum(p.numel() for p in pipelines["C-Diff"].unet.parameters()),
                   "parameters": sum(p.numel() for m in (pipelines["C-Diff"].unet, pipelines["C-Diff"].vae) for p in m.parameters())},
     }
-    results["predicts"] = {arm: "clean latent (x0)" if isinstance(pipe.unet, SampleAsNoise) else "noise"
+    results["predicts"] = {arm: "clean latent (x0)" if pipe.prediction_type == "sample" else "noise"
                            for arm, pipe in pipelines.items()}
     vaes = [pipe.vae.state_dict() for pipe in pipelines.values()]
     results["same_vae"] = all(torch.equal(vaes[0][k], other[k]) for other in vaes[1:] for k in vaes[0])
@@ -289,10 +290,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the plain-L2 arm, a native file (default: %(default)s)")
     parser.add_argument("--train-ablation", action="store_true",
                         help="first train the L2 arm into --ablation: tools/train_demo.py --loss mse --vae MODEL")
-    parser.add_argument("--npde", default=str(BENCHMARKS / "npde_synthetic.json"),
+    parser.add_argument("--npde", default=str(STUDY / "npde_synthetic.json"),
                         help="the S2O-NPDE entry of tools/train_npde_demo.py ('': none; default: %(default)s)")
     parser.add_argument("--scenes", type=int, default=ReportProtocol.scenes, help="held-out scenes (default: %(default)s)")
-    parser.add_argument("--out", default=str(BENCHMARKS / "synthetic_report.md"), help="the report (default: %(default)s); "
+    parser.add_argument("--out", default=str(STUDY / "synthetic_report.md"), help="the report (default: %(default)s); "
                         "its .json and PNGs are written beside it")
     parser.add_argument("--note", default="", help="a paragraph to put under the report's title (e.g. which models it used and why)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads; the numbers depend on it (default: %(default)s)")
@@ -333,8 +334,6 @@ def describe_model(path: Path) -> dict:
 def write_report(out: Path, data: dict, results: dict, protocol: ReportProtocol, sources: dict, threads: int, seconds: float,
                  note: str = "") -> None:
     """The markdown report, its numbers as JSON, the reliability diagram and the example panel, beside ``out``."""
-    from tools.synthetic_markdown import render
-
     stem = out.with_suffix("")
     plot = Path(f"{stem}_reliability.png")
     examples = Path(f"{stem}_examples.png")

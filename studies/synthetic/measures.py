@@ -1,6 +1,6 @@
 """Measures of the paper's claims on synthetic pairs, where the truth is known.
 
-Used by tools/synthetic_report.py; each function states its protocol. The measures are pure
+Used by studies/synthetic/report.py; each function states its protocol. The measures are pure
 functions of tensors (tested by hand in tests/test_demo_eval.py); ``one_step`` is the one that
 runs a model.
 """
@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from cdiff.loss import LOG_2PI, variance_from_raw
 from cdiff.metrics import ssim_map
-from cdiff.pipeline import SampleAsNoise
 
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -180,18 +179,18 @@ def one_step(pipeline, sar: torch.Tensor, eo: torch.Tensor, t: int, seed: int) -
 
     sar, eo: (B, 3, H, W) in [-1, 1]. Latents are the VAE's scaled posterior means; the noise
     is N(0, I) from ``seed``. Returns "target" and "prediction" (B, 4, h, w), the quantity whose
-    error the variance describes: the noise for a noise-predicting U-Net, the clean EO latent for
-    one that predicts it (prediction = "sample", loaded as cdiff.pipeline.SampleAsNoise); and
-    "variance" (B, 1, h, w), the predicted variance (its inverse is the confidence map).
+    error the variance describes, as ``pipeline.prediction_type`` says: the noise, the clean EO
+    latent ("sample") or v; and "variance" (B, 1, h, w), the predicted variance (its inverse is the
+    confidence map).
     """
     sar_latent, eo_latent = pipeline.vae.encode_latent(sar), pipeline.vae.encode_latent(eo)
     noise = torch.randn(eo_latent.shape, generator=torch.Generator().manual_seed(seed))
     timestep = torch.full((len(sar),), t, dtype=torch.long)
     noisy = pipeline.process.add_noise(eo_latent, noise, timestep)
     context = pipeline.context.expand(len(sar), -1, -1)  # (B, L, context_dim)
-    predicts_sample = isinstance(pipeline.unet, SampleAsNoise)
-    unet = pipeline.unet.unet if predicts_sample else pipeline.unet
-    out = unet(torch.cat([sar_latent, noisy], dim=1), timestep, context)  # (B, 5, h, w)
+    out = pipeline.unet(torch.cat([sar_latent, noisy], dim=1), timestep, context)  # (B, 5, h, w)
     channels = eo_latent.shape[1]
-    return {"target": eo_latent if predicts_sample else noise, "prediction": out[:, :channels].float(),
+    velocity = pipeline.process.velocity(eo_latent, noise, timestep)
+    targets = {"epsilon": noise, "sample": eo_latent, "v_prediction": velocity}
+    return {"target": targets[pipeline.prediction_type], "prediction": out[:, :channels].float(),
             "variance": variance_from_raw(out[:, channels:])}

@@ -1,26 +1,15 @@
-"""Reading and writing checkpoint files: formats, layouts, clear errors, atomic writes.
+"""What a weights file holds, read safely: format sniffing and lazy reading.
 
 Formats read: ``.safetensors`` (lazily, one prefix at a time, so loading the U-Net of a
 5 GB single file does not read its VAE and text encoder), and pickled ``.ckpt`` / ``.bin``
 / ``.pt`` / ``.pth`` files through ``torch.load(..., weights_only=True)`` only. The first
 bytes decide (``sniff``), not the name: safetensors bytes are read whatever the extension,
 and a file that holds no weights at all (an HTML login page, a git-LFS pointer, JSON, plain
-text, an empty file) is reported for what it is.
+text, an empty file) is reported for what it is. Every error names the file and says what is
+wrong with it, in one line.
 
-Layouts recognised (``detect_layout``):
-
-- ``"native"``    cdiff's own file: one ``.safetensors`` with ``unet.*``, ``vae.*``,
-                  ``context`` and the configs in its metadata (see cdiff.native).
-- ``"original"``  Stability's single file: ``model.diffusion_model.*``,
-                  ``first_stage_model.*``, ``cond_stage_model.model.*``.
-- ``"diffusers"`` a model folder with ``model_index.json`` or ``unet/`` and ``vae/``.
-- ``"diffusers-unet"`` / ``"diffusers-vae"`` / ``"diffusers-text"``: one component
-                  folder of that layout (``config.json`` + weights), or a bare weights file
-                  keyed the diffusers way. The official C-DiffSET release's
-                  ``model.safetensors`` is a ``"diffusers-unet"`` file whose keys may carry a
-                  ``module.`` or ``unet.`` prefix (``strip_wrapper``).
-
-Every error names the file and says what is wrong with it, in one line.
+Which model layout a file or folder is: cdiff.layouts.detect. Whether tensors fit a model:
+cdiff.statedict. Writing safetensors atomically: cdiff.files.save_safetensors.
 """
 
 from __future__ import annotations
@@ -33,31 +22,9 @@ from pathlib import Path
 
 import torch
 
-from cdiff.files import atomic_path
-
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
-
-NATIVE_FORMAT = "cdiff"  # metadata "format" of a native file
-
-# Prefixes of the original single-file layout, by component.
-ORIGINAL_PREFIXES = {
-    "unet": "model.diffusion_model.",
-    "vae": "first_stage_model.",
-    "text": "cond_stage_model.model.",
-}
-# Prefixes that wrappers (DDP's ``module.``, accelerate's saved ``unet.``) put before
-# diffusers U-Net keys in the release's files.
-WRAPPER_PREFIXES = ("module.", "unet.")
-
-# Weight file names of a diffusers component folder, in the order diffusers prefers them.
-DIFFUSERS_WEIGHT_NAMES = (
-    "diffusion_pytorch_model.safetensors",
-    "model.safetensors",
-    "diffusion_pytorch_model.bin",
-    "pytorch_model.bin",
-)
 
 
 class CheckpointError(ValueError):
@@ -319,170 +286,3 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
 def read_state_dict(path: str | os.PathLike, prefix: str = "") -> dict[str, torch.Tensor]:
     """All tensors of one weights file under ``prefix`` (stripped)."""
     return WeightFile(path).load(prefix)
-
-
-# --- layouts ----------------------------------------------------------------------------
-
-
-def _component_of_keys(keys: list[str]) -> str | None:
-    """Which diffusers component a bare diffusers-keyed state dict is, or None."""
-    keys = [strip_wrapper(k) for k in keys]
-    if any(k.startswith("conv_in.") for k in keys) and any(k.startswith("down_blocks.") for k in keys):
-        return "diffusers-unet"
-    if any(k.startswith("encoder.down_blocks.") for k in keys) and any(k.startswith("decoder.") for k in keys):
-        return "diffusers-vae"
-    if any(k.startswith(("text_model.", "embeddings.token_embedding.")) for k in keys):
-        return "diffusers-text"
-    return None
-
-
-def strip_wrapper(key: str) -> str:
-    """``key`` without a DDP/accelerate wrapper prefix (WRAPPER_PREFIXES), if it has one."""
-    for p in WRAPPER_PREFIXES:
-        if key.startswith(p):
-            return key[len(p) :]
-    return key
-
-
-def find_weights(folder: Path) -> Path:
-    """The weights file of a diffusers component folder (``unet/``, ``vae/``, ``text_encoder/``)."""
-    for name in DIFFUSERS_WEIGHT_NAMES:
-        for candidate in (folder / name, folder / f"{name}.index.json"):
-            if candidate.is_file():
-                return candidate
-    found = sorted(p.name for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
-    if len(found) == 1:
-        return folder / found[0]
-    if found:
-        raise CheckpointError(f"{folder}: several weight files and none with a standard name: {found}")
-    raise CheckpointError(
-        f"{folder}: no weights found (expected {' or '.join(DIFFUSERS_WEIGHT_NAMES[:3])})"
-    )
-
-
-def detect_layout(source: str | os.PathLike) -> str:
-    """The layout of ``source`` (a file or folder); see the module docstring for the names."""
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    if path.is_dir():
-        if (path / "model_index.json").is_file() or ((path / "unet").is_dir() and (path / "vae").is_dir()):
-            return "diffusers"
-        if (path / "unet").is_dir() or (path / "vae").is_dir():
-            return "diffusers"
-        config = path / "config.json"
-        kind = None
-        if config.is_file():
-            try:
-                cls = json.loads(config.read_text()).get("_class_name", "")
-            except json.JSONDecodeError as err:
-                raise CheckpointError(f"{config}: not valid JSON: {err}") from None
-            kind = {
-                "UNet2DConditionModel": "diffusers-unet",
-                "AutoencoderKL": "diffusers-vae",
-            }.get(cls)
-            if kind is None and "architectures" in json.loads(config.read_text()):
-                kind = "diffusers-text"
-        weights = find_weights(path)  # raises for a folder without weights
-        if kind is None:
-            kind = _component_of_keys(WeightFile(weights).keys())
-        if kind is None:
-            raise CheckpointError(f"{path}: unknown layout (not a diffusers model or component folder)")
-        return kind
-    f = WeightFile(path)
-    if f.metadata.get("format") == NATIVE_FORMAT:
-        return "native"
-    keys = f.keys()
-    if any(k.startswith(tuple(ORIGINAL_PREFIXES.values())) for k in keys):
-        return "original"
-    kind = _component_of_keys(keys)
-    if kind is None:
-        if not keys:
-            raise CheckpointError(f"{path}: holds no tensors")
-        raise CheckpointError(
-            f"{path}: unknown layout: its {len(keys)} keys (first: {keys[:3]}) are neither cdiff's "
-            f"native format, the original SD single file (model.diffusion_model.*), nor a "
-            f"diffusers U-Net/VAE state dict"
-        )
-    return kind
-
-
-# --- matching tensors to models ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    """How a checkpoint's tensors met a model's parameters and buffers, by name and shape."""
-
-    loaded: tuple[str, ...]  # taken from the checkpoint
-    missing: tuple[str, ...]  # the model's, absent from the checkpoint: left as they were
-    unexpected: tuple[str, ...]  # the checkpoint's, absent from the model: ignored
-    mismatched: tuple[tuple[str, tuple, tuple], ...]  # (name, checkpoint shape, model shape): left as they were
-
-    @property
-    def exact(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def __str__(self) -> str:
-        def first(names):
-            return f" (first: {', '.join(names[:5])})" if names else ""
-
-        shapes = [f"{k} {tuple(a)} in the checkpoint, {tuple(b)} in the model" for k, a, b in self.mismatched]
-        return (
-            f"{len(self.loaded)} tensors loaded; {len(self.missing)} missing, left at their initialisation"
-            f"{first(self.missing)}; {len(self.unexpected)} unexpected, ignored{first(self.unexpected)}; "
-            f"{len(self.mismatched)} of another shape, left at their initialisation{first(shapes)}"
-        )
-
-
-def compare_state_dicts(expected: dict, state: dict) -> LoadReport:
-    """Match ``state`` (a checkpoint's tensors) against ``expected`` (a model's state dict)."""
-    fits, mismatched = [], []
-    for key, value in state.items():
-        if key in expected:
-            if value.shape == expected[key].shape:
-                fits.append(key)
-            else:
-                mismatched.append((key, tuple(value.shape), tuple(expected[key].shape)))
-    return LoadReport(
-        loaded=tuple(fits),
-        missing=tuple(k for k in expected if k not in state),
-        unexpected=tuple(k for k in state if k not in expected),
-        mismatched=tuple(mismatched),
-    )
-
-
-def check_state_dict(expected: dict, state: dict, where, what: str) -> None:
-    """Raise CheckpointError unless ``state`` has exactly ``expected``'s keys and shapes.
-
-    Lists the first missing and unexpected keys with their counts, or names the key whose
-    shape differs with both shapes.
-    """
-    report = compare_state_dicts(expected, state)
-    missing, unexpected = list(report.missing), list(report.unexpected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{where}: {what} state does not match: {len(missing)} missing keys "
-            f"(first: {missing[:5]}), {len(unexpected)} unexpected keys (first: {unexpected[:5]})"
-        )
-    for key, stored, wanted in report.mismatched[:1]:
-        raise CheckpointError(f"{where}: {key} has shape {stored} in the checkpoint, {what} expects {wanted}")
-
-
-# --- writing ----------------------------------------------------------------------------
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` atomically (contiguous CPU copies; shared storage is split)."""
-    from safetensors.torch import save_file
-
-    plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    # safetensors refuses tensors that share storage (e.g. tied views); clone those.
-    seen: set[int] = set()
-    for k, v in plain.items():
-        ptr = v.untyped_storage().data_ptr()
-        if ptr in seen and v.numel():
-            plain[k] = v.clone()
-        seen.add(ptr)
-    with atomic_path(path) as tmp:
-        save_file(plain, str(tmp), metadata=metadata)

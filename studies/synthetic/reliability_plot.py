@@ -1,7 +1,7 @@
 """A reliability diagram as a PNG, drawn with PIL alone (no matplotlib).
 
 Log-log axes: mean predicted variance (x) against mean squared error (y) per bin of
-tools.synthetic_eval.reliability_bins; the diagonal is perfect calibration, a horizontal
+studies.synthetic.measures.reliability_bins; the diagonal is perfect calibration, a horizontal
 dashed line the best constant variance's error level.
 """
 
