@@ -76,10 +76,10 @@ def same_host(url: str, base: str) -> bool:
 
 def request(method: str, url: str, headers: dict[str, str]):
     """One request, redirects not followed: the response (an HTTPError for a 3xx/4xx/5xx)."""
-    import cdiff
+    from cdiff import __version__
 
     # identity: the bytes counted are the file's bytes, never a compressed stream of them
-    fixed = {"Accept-Encoding": "identity", "User-Agent": f"cdiff/{cdiff.__version__}"}
+    fixed = {"Accept-Encoding": "identity", "User-Agent": f"cdiff/{__version__}"}
     prepared = urllib.request.Request(url, method=method, headers={**fixed, **headers})
     try:
         return _OPENER.open(prepared, timeout=TIMEOUT)

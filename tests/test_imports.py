@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "base": {
         "cdiff.flags", "cdiff.files", "cdiff.progress", "cdiff.config", "cdiff.graphs", "cdiff.metrics",
-        "cdiff.confidence_map", "cdiff.imagefiles", "cdiff.torchrun",
+        "cdiff.confidence_map", "cdiff.imagefiles", "cdiff.torchrun", "cdiff.signals", "cdiff.download",
+        "cdiff.hub", "cdiff.zoo", "cdiff.protocol", "cdiff.published",
     },
     "model": {
         "cdiff.layers", "cdiff.attention", "cdiff.unet", "cdiff.vae", "cdiff.loss", "cdiff.schedulers",
@@ -23,17 +24,18 @@ LAYERS = {
         "cdiff.weightfile", "cdiff.statedict", "cdiff.layouts", "cdiff.layouts.diffusers",
         "cdiff.layouts.diffusers_config", "cdiff.layouts.original", "cdiff.layouts.detect", "cdiff.infer_config",
         "cdiff.native", "cdiff.load", "cdiff.surgery", "cdiff.prompt", "cdiff.perceptual", "cdiff.testing",
+        "cdiff.networks",
     },
     "data": {
         "cdiff.data", "cdiff.data.imageio", "cdiff.data.split", "cdiff.data.transforms", "cdiff.data.datasets",
-        "cdiff.data.synth", "cdiff.geo",
+        "cdiff.data.synth", "cdiff.geo", "cdiff.data.frozen", "cdiff.data.spacenet6_chips", "cdiff.matching",
     },
     "npde": {
         "cdiff.npde", "cdiff.npde.config", "cdiff.npde.pde", "cdiff.npde.model", "cdiff.npde.vgg",
         "cdiff.npde.losses", "cdiff.npde.training", "cdiff.npde.files", "cdiff.npde.inference",
     },
     "commands": {
-        "cdiff.convert", "cdiff.export", "cdiff.evaluate", "cdiff.translators", "cdiff.translate", "cdiff.demo",
+        "cdiff.convert", "cdiff.export", "cdiff.evaluate", "cdiff.scoring", "cdiff.report", "cdiff.fetch", "cdiff.translators", "cdiff.translate", "cdiff.demo",
         "cdiff.train", "cdiff.train.task", "cdiff.train.config", "cdiff.train.seeds", "cdiff.train.ema",
         "cdiff.train.distributed", "cdiff.train.rundir", "cdiff.train.logs", "cdiff.train.validation",
         "cdiff.train.data", "cdiff.train.optim", "cdiff.train.start", "cdiff.train.latents", "cdiff.train.cdiffset",
