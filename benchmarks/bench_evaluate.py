@@ -50,7 +50,7 @@ def write_inputs(folder: Path, images: int, size: int, seed: int = 0) -> None:
 
 
 def write_networks(folder: Path, dino: bool) -> dict:
-    """Random weights in each library's file layout; the keyword arguments of run_evaluate."""
+    """Random weights in each library's file layout; their EvaluationOptions fields."""
     import torchvision.models as models
     from torchvision.models import vgg
 
@@ -62,7 +62,8 @@ def write_networks(folder: Path, dino: bool) -> dict:
             torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     torch.save(inception.state_dict(), folder / "inception.pth")
     torch.save({k: torch.rand(1, 1475, 1, 1) * 0.2 + 0.01 for k in ("alpha", "beta")}, folder / "dists.pt")
-    files = dict(lpips_vgg=folder / "vgg.pth", fid_weights=folder / "inception.pth", dists_weights=folder / "dists.pt")
+    files = dict(lpips_vgg=str(folder / "vgg.pth"), fid_weights=str(folder / "inception.pth"),
+                 dists_weights=str(folder / "dists.pt"))
     if dino:
         from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
@@ -70,7 +71,7 @@ def write_networks(folder: Path, dino: bool) -> dict:
         config = DINOv3ViTConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                                  num_register_tokens=4, patch_size=16)
         DINOv3ViTModel(config).save_pretrained(folder / "dino")
-        files["dino"] = folder / "dino"
+        files["dino"] = str(folder / "dino")
     return files
 
 
@@ -142,7 +143,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     clock_name = args.clock or ("thread" if device.type == "cpu" and args.threads == 1 else "wall")
     clock = CLOCKS[clock_name]
-    from cdiff.evaluate import run_evaluate
+    from cdiff.evaluate import EvaluationOptions, run_evaluate
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -151,8 +152,8 @@ def main(argv=None) -> dict:
 
         def evaluate():
             with contextlib.redirect_stdout(io.StringIO()):
-                return run_evaluate(folder / "pred", folder / "target", device=str(device), batch_size=args.batch_size,
-                                    report_dir=folder, show_progress=False, **files)
+                options = EvaluationOptions(batch_size=args.batch_size, report_dir=str(folder), **files)
+                return run_evaluate(folder / "pred", folder / "target", options, device=str(device), show_progress=False)
 
         result = evaluate()  # warm-up: first calls, allocator, caches
         totals, parts = [], Timers(device, clock)

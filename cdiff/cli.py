@@ -269,7 +269,8 @@ def _add_translate(sub) -> None:
                    "channels-last (NHWC) memory, the fast layout of GPU tensor cores; same results")
     p.add_argument("--compile", action="store_true", help="C-DiffSET: torch.compile the U-Net (each new image size "
                    "compiles once, tens of seconds; pays off over many images); same results")
-    p.add_argument("--skip-bad", action="store_true", help="log and count unreadable inputs instead of stopping")
+    p.add_argument("--skip-bad", action="store_true", help="log and count unreadable inputs instead of stopping; "
+                   "with --target, also the images the evaluation cannot score (see 'cdiff evaluate --help')")
     _add_overwrite(p, "translate again images whose outputs exist (default: skip them)")
     p.add_argument("--target", metavar="DIR", help="true EO images of the same names: evaluate the outputs "
                    "(see 'cdiff evaluate')")
@@ -312,25 +313,30 @@ def _add_metric_options(p) -> None:
     p.add_argument("--metrics", metavar="LIST", help="comma-separated metrics, each of which must then be computed "
                    f"(from {','.join(METRICS)}; default: the protocol's set, leaving out those whose weights are "
                    "missing)")
-    p.add_argument("--split-list", metavar="FILE", help="the test items: a text file of names or paths, one per line "
+    p.add_argument("--split-list", metavar="FILE", help="the test items: a text file of names or paths, one per line, "
+                   f"or a benchmark's name ({', '.join(BENCHMARKS)}) for its frozen test list shipped with cdiff "
                    "(default: every image of --target)")
     p.add_argument("--dataset", choices=tuple(BENCHMARKS), help="a published benchmark: predictions must have its "
                    "evaluation size, and its published C-DiffSET and stage-1 rows are printed beside this run's")
     p.add_argument("--sar", metavar="DIR", help="the SAR inputs, same names: adds the identity-collapse ratio "
                    "mean|gen - SAR| / mean|gen - GT| (flagged below 1)")
     p.add_argument("--lpips-vgg", metavar="FILE", help="torchvision's vgg16-397923af.pth, for LPIPS and DISTS "
-                   "(default: $CDIFF_LPIPS_VGG, then torch's hub cache; 'cdiff fetch lpips-vgg')")
+                   "(default: $CDIFF_LPIPS_VGG, then where 'cdiff fetch lpips-vgg' puts it: $CDIFF_CACHE_DIR/checkpoints, "
+                   "torch's hub cache)")
     p.add_argument("--fid-weights", metavar="FILE", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth, for "
-                   "FID and KID (default: $CDIFF_FID_INCEPTION, then torch's hub cache; 'cdiff fetch fid-inception')")
+                   "FID and KID (default: $CDIFF_FID_INCEPTION, then where 'cdiff fetch fid-inception' puts it)")
     p.add_argument("--dists-weights", metavar="FILE", help="DISTS's alpha/beta (the authors' weights.pt) "
-                   "(default: $CDIFF_DISTS, torch's hub cache, then the dists-pytorch package; 'cdiff fetch dists')")
+                   "(default: $CDIFF_DISTS, then where 'cdiff fetch dists' puts it, then the dists-pytorch package)")
     p.add_argument("--dino", metavar="DIR", help="DINOv3-SAT ViT-L/16 in the transformers layout, for DINO "
-                   "(default: $CDIFF_DINO; 'cdiff fetch dino-sat'); without it DINO is left out")
+                   "(default: $CDIFF_DINO, then where 'cdiff fetch dino-sat' puts it in the Hugging Face cache); "
+                   "without it DINO is left out")
     p.add_argument("--report-dir", metavar="DIR", help="where evaluation.json and evaluation.md go "
                    "(default: the prediction folder)")
 
 
 def _add_evaluate(sub) -> None:
+    from cdiff.evaluate import SKIP_BAD_HELP
+
     p = sub.add_parser(
         "evaluate",
         help="score translated images against the ground truth as the published tables do (FID, DISTS, KID, "
@@ -351,8 +357,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--batch-size", dest="eval_batch_size", type=int, default=16,
                    help="images per network call (default: %(default)s)")
     p.add_argument("--device", help="torch device for the networks (default: cuda if available, else cpu)")
-    p.add_argument("--skip-bad", action="store_true", help="log and count unreadable or mismatched images instead "
-                   "of stopping")
+    p.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
 
     def run(a):
         from cdiff.evaluate import run_evaluate

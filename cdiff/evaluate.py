@@ -20,14 +20,15 @@ protocol for the paper's own numbers (its utils.py and test.py); it is the code 
   computes it from image folders, so the scaling option does not change it.
 
 Pairs are matched by their path relative to each folder, without the suffix
-(``pred/a/b.png`` with ``target/a/b.jpg``; cdiff.imagefiles); both folders must hold the same names.
+(``pred/a/b.png`` with ``target/a/b.jpg``; cdiff.imagefiles); both folders must hold the same names
+(with ``skip_bad``, a file without its counterpart is logged, counted and left out).
 What to score and how: ``EvaluationOptions``, the same for ``cdiff evaluate`` and ``cdiff
 translate --target``.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,23 +38,31 @@ import torch
 
 from cdiff import metrics as image_metrics
 from cdiff.data.imageio import read_image, to_unit_range
-from cdiff.files import write_text
+from cdiff.files import check_output
 from cdiff.imagefiles import list_images, skip_or_raise
 from cdiff.progress import progress
 from cdiff import matching, published, scoring
 from cdiff.protocol import METRICS as METRIC_TABLE
-from cdiff.protocol import PROTOCOLS, RELEASE_METRICS, label
+from cdiff.protocol import PROTOCOLS, RELEASE_METRICS, check_size, label
 from cdiff.protocol import parse_metrics as parse_field_metrics
 from cdiff.protocol import protocol as find_protocol
-from cdiff.report import FieldReport
+from cdiff.report import REPORT_NAMES, FieldReport, standard_json, write_reports
+
+log = logging.getLogger(__name__)
 
 METRICS = RELEASE_METRICS
 PER_IMAGE = tuple(m for m in METRICS if METRIC_TABLE[m].per_image)
 LABELS = {m: label(m) for m in METRICS}
 SCALINGS = {False: "(x + 1) / 2", True: "(x + 0.5).clamp(0, 1), the release's (--protocol release)"}
 LPIPS_CONVENTIONS = {False: PROTOCOLS["field"].lpips, True: PROTOCOLS["release"].lpips}
-REPORT_NAMES = ("evaluation.json", "evaluation.md")
 SCORES = {"psnr": image_metrics.psnr, "ssim": image_metrics.ssim, "scc": image_metrics.scc}
+SKIP_BAD_HELP = (
+    "log, count and leave out, instead of stopping, the images that cannot be scored: unreadable files, predictions "
+    "of the wrong size (field: not the evaluation size; release: not their target's, or too small for a metric), "
+    "ground truths smaller than the prediction (field), and with --protocol release predictions without a target "
+    "of the same name and targets without a prediction. Test items without a prediction, and under the field "
+    "protocol predictions that are no test item, are always counted and named in the report"
+)
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,7 @@ class EvaluationOptions:
     sar_dir: str | None = None  # the SAR inputs: adds the identity-collapse ratio (field protocol)
     dataset: str | None = None  # a published benchmark (cdiff.published): its size and rows (field protocol)
     batch_size: int = 16  # images per network call (field protocol)
-    skip_bad: bool = False  # log and count pairs that cannot be read or whose sizes differ, instead of stopping
+    skip_bad: bool = False  # log and count bad images instead of stopping (SKIP_BAD_HELP says which)
     report_dir: str | None = None  # where evaluation.json / .md go; None: the prediction folder
 
     def __post_init__(self):
@@ -92,28 +101,71 @@ class EvaluationOptions:
                 raise ValueError(f"{extra[0]} applies to the field protocol only, not to --protocol release")
             if self.metrics is not None:
                 parse_metrics(self.metrics)
-        elif "identity" in self.field_metrics and self.sar_dir is None:
-            raise ValueError("--metrics identity: the identity-collapse ratio needs the SAR inputs (--sar DIR)")
+        elif self.metrics is not None:
+            parse_field_metrics(self.metrics)  # an unknown name raises now
 
     @property
     def field_metrics(self) -> tuple[str, ...]:
         """The field protocol's metrics named in ``metrics`` (each required); () when none are named."""
         return parse_field_metrics(self.metrics) if self.metrics is not None else ()
 
+    def check(self, pred_dir, target_dir) -> None:
+        """Everything that can be checked before any image is scored (or, for ``cdiff translate
+        --target``, translated), each failure one error naming the folder or file: the
+        predictions and the ground truth are two folders; the report folder can be written
+        (``cdiff.files.check_output``) and is not the ground truth's; the split list exists;
+        the identity-collapse ratio has its SAR images; and the network files (``check_networks``)."""
+        if _same_folder(pred_dir, target_dir):
+            raise ValueError(f"--pred and --target are the same folder ({pred_dir}): a folder scored against itself "
+                             "gives an infinite PSNR; give the ground truth's folder as --target")
+        report = Path(self.report_dir or pred_dir)
+        if _same_folder(report, target_dir):
+            raise ValueError(f"--report-dir {report} is the ground truth's folder {target_dir}; write the reports "
+                             "elsewhere")
+        check_output(report, "folder", overwrite=True)  # overwrite: the folder holds the predictions
+        for name in REPORT_NAMES:
+            check_output(report / name, "file", overwrite=True)  # a rerun replaces the reports
+        if self.split_list is not None:
+            matching.split_list_path(self.split_list)
+        if self.protocol == "field" and "identity" in self.field_metrics and self.sar_dir is None:
+            raise ValueError("--metrics identity: the identity-collapse ratio needs the SAR inputs (--sar DIR)")
+        self.check_networks()
+
     def check_networks(self) -> None:
-        """Fail now, not after hours of translation, when a named metric's network weights are missing."""
+        """Fail now, not after hours of translation, when a named metric's network weights are
+        missing, or a weights file given by its option is not there."""
         if self.metrics is None:
-            return  # the protocol's set: metrics without weights are left out, with one line each
-        if self.protocol == "release":
+            # The protocol's set: metrics without weights are left out, with one line each; a
+            # file given by its option that is not there is a mistake all the same.
+            from cdiff import networks, perceptual
+
+            given = ((perceptual.LPIPS_VGG, self.lpips_vgg), (perceptual.FID_INCEPTION, self.fid_weights),
+                     (perceptual.DISTS_ALPHA_BETA, self.dists_weights))
+            for weights, path in given:
+                if path is not None:
+                    perceptual.find_weights(weights, path)
+            if self.dino is not None:
+                networks.find_dino(self.dino)
+        elif self.protocol == "release":
             Networks.check(parse_metrics(self.metrics), self.lpips_vgg, self.fid_weights)
         else:
             files = scoring.NetworkFiles(self.lpips_vgg, self.fid_weights, self.dists_weights, self.dino)
             scoring.check_networks(self.field_metrics, files)
 
 
-def match_pairs(pred_dir, target_dir, names: list[str] | None = None) -> list[ImagePair]:
+def _same_folder(a, b) -> bool:
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)  # also through links
+    return a.resolve() == b.resolve()
+
+
+def match_pairs(pred_dir, target_dir, names: list[str] | None = None, skip_bad: bool = False,
+                skipped: list[str] | None = None) -> list[ImagePair]:
     """Pairs of same-named predictions and targets. With ``names``, only those predictions
-    (each must have a target); without, both folders must hold exactly the same names."""
+    (each must have a target); without, both folders must hold exactly the same names. A
+    prediction without a target, or a target without a prediction, raises naming it; with
+    ``skip_bad`` each is logged and appended to ``skipped`` instead, and the rest are paired."""
     targets = list_images(target_dir, "target")
     preds = list_images(pred_dir, "prediction")
     if names is not None:
@@ -122,18 +174,33 @@ def match_pairs(pred_dir, target_dir, names: list[str] | None = None) -> list[Im
             raise ValueError(f"prediction folder {pred_dir}: no image named {unknown[0]!r}")
         preds = {n: preds[n] for n in names}
     no_target = [n for n in preds if n not in targets]
+    no_pred = [n for n in targets if n not in preds] if names is None else []
+    if skip_bad:
+        for n in no_target:
+            _skip(f"{preds[n]}: no target of the same name in {target_dir}", skipped)
+        for n in no_pred:
+            _skip(f"{targets[n]}: no prediction of the same name in {pred_dir}", skipped)
+        pairs = [ImagePair(n, preds[n], targets[n]) for n in sorted(preds) if n in targets]
+        if not pairs:
+            raise ValueError(f"no prediction in {pred_dir} has a target of the same name in {target_dir}")
+        return pairs
     if no_target:
         raise ValueError(
             f"{len(no_target)} predictions have no target of the same name in {target_dir}, "
-            f"e.g. {preds[no_target[0]]} (expected {Path(target_dir) / no_target[0]}.*)"
+            f"e.g. {preds[no_target[0]]} (expected {Path(target_dir) / no_target[0]}.*); --skip-bad leaves them out"
         )
-    if names is None:
-        no_pred = [n for n in targets if n not in preds]
-        if no_pred:
-            raise ValueError(
-                f"{len(no_pred)} targets have no prediction of the same name in {pred_dir}, e.g. {targets[no_pred[0]]}"
-            )
+    if no_pred:
+        raise ValueError(
+            f"{len(no_pred)} targets have no prediction of the same name in {pred_dir}, e.g. {targets[no_pred[0]]}; "
+            "--skip-bad leaves them out"
+        )
     return [ImagePair(n, preds[n], targets[n]) for n in sorted(preds)]
+
+
+def _skip(line: str, skipped: list[str] | None) -> None:
+    log.warning("skipped %s", line)
+    if skipped is not None:
+        skipped.append(line)
 
 
 def read_metric_image(path: Path) -> torch.Tensor:
@@ -145,13 +212,15 @@ def read_metric_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(unit)).permute(2, 0, 1)[None]
 
 
-def read_pair(pair: ImagePair) -> tuple[torch.Tensor, torch.Tensor]:
+def read_pair(pair: ImagePair, metrics: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair's images; sizes that differ, or too small for one of ``metrics``, raise naming the file."""
     pred, target = read_metric_image(pair.pred), read_metric_image(pair.target)
     if pred.shape != target.shape:
         raise ValueError(
             f"prediction {pair.pred} is {pred.shape[-1]}x{pred.shape[-2]} but its target {pair.target} "
             f"is {target.shape[-1]}x{target.shape[-2]}"
         )
+    check_size(metrics, *pred.shape[-2:], pair.pred)
     return pred, target
 
 
@@ -181,7 +250,7 @@ class Evaluation:
         return out
 
     def to_json(self) -> str:
-        return json.dumps(
+        return standard_json(
             {
                 "pred": self.pred_dir,
                 "target": self.target_dir,
@@ -194,9 +263,8 @@ class Evaluation:
                 "skipped": self.skipped,
                 "left_out": self.left_out,
                 "per_image": self.per_image,
-            },
-            indent=2,
-        ) + "\n"
+            }
+        )
 
     def table(self) -> str:
         """The means as a plain-text table, for the terminal."""
@@ -231,10 +299,7 @@ class Evaluation:
 
     def write(self, folder: str | os.PathLike) -> list[Path]:
         """Write evaluation.json and evaluation.md into ``folder`` (atomically); their paths."""
-        paths = [Path(folder) / name for name in REPORT_NAMES]
-        write_text(paths[0], self.to_json())
-        write_text(paths[1], self.to_markdown())
-        return paths
+        return write_reports(folder, self.to_json(), self.to_markdown())
 
 
 class Networks:
@@ -284,9 +349,10 @@ def evaluate(
     result = Evaluation(str(pred_dir), str(target_dir), metrics, paper_scaling)
     networks = Networks(result.metrics, device, options.lpips_vgg, options.fid_weights)
     fid_pred, fid_target = [], []
+    per_image_metrics = tuple(m for m in result.metrics if m in PER_IMAGE)
     for pair in progress(pairs, desc="evaluate", enabled=show_progress):
         try:
-            pred, target = read_pair(pair)
+            pred, target = read_pair(pair, per_image_metrics)
         except ValueError as err:
             skip_or_raise(err, pair.name, skip_bad, result.skipped)
             continue
@@ -326,18 +392,20 @@ def _fid(inception, preds: list[torch.Tensor], targets: list[torch.Tensor]) -> f
 
 def run_evaluate(pred_dir, target_dir, options: EvaluationOptions = EvaluationOptions(), device=None,
                  names: list[str] | None = None, show_progress: bool = True):
-    """The ``cdiff evaluate`` command: match, score, print the table, write the reports.
+    """The ``cdiff evaluate`` command: check, match, score, print the table, write the reports.
 
     ``options.metrics`` None: the protocol's set, each metric whose network weights are missing
-    left out with one line; metrics named there must all be computed. ``names`` (release
-    protocol): only these predictions (``cdiff translate --target``: the ones it wrote).
+    left out with one line; metrics named there must all be computed. ``names``: only these
+    predictions, by relative path without suffix (``cdiff translate --target``: the ones it
+    wrote); the other files of ``pred_dir`` are not looked at.
     """
+    options.check(pred_dir, target_dir)
     if options.protocol == "release":
         return _run_release(pred_dir, target_dir, options, device, names)
     required = options.field_metrics
     chosen = required or PROTOCOLS["field"].metrics + (("identity",) if options.sar_dir is not None else ())
     size = published.benchmark(options.dataset).size if options.dataset is not None else None
-    found = matching.match(pred_dir, target_dir, options.split_list, options.sar_dir, options.dataset)
+    found = matching.match(pred_dir, target_dir, options.split_list, options.sar_dir, options.dataset, only=names)
     files = scoring.NetworkFiles(options.lpips_vgg, options.fid_weights, options.dists_weights, options.dino)
     networks = scoring.Networks(chosen, files, device, required=required)
     scores = scoring.score(found, chosen, networks, scoring.evaluation_size(found, size), options.batch_size, device,
@@ -373,8 +441,10 @@ def _run_release(pred_dir, target_dir, options: EvaluationOptions, device, names
                     raise
                 left_out.append(f"{METRIC_TABLE[name].label} left out: {err}")
         chosen = tuple(chosen)
-    pairs = match_pairs(pred_dir, target_dir, names=names)
+    unmatched: list[str] = []
+    pairs = match_pairs(pred_dir, target_dir, names=names, skip_bad=options.skip_bad, skipped=unmatched)
     result = evaluate(pairs, pred_dir, target_dir, chosen, options, device)
+    result.skipped[:0] = unmatched
     result.left_out.extend(left_out)
     print(result.table())
     for path in result.write(options.report_dir or pred_dir):

@@ -74,11 +74,14 @@ def _fetch_model(model: zoo.Model, convert: bool, overwrite: bool, options: dict
     if model.convert is None:
         for remote, path in paths.items():
             echo(f"  {path}")
-        if any(isinstance(remote, hub.WebFile) for remote in paths):
-            if cache_dir is None and flags.get_path("CDIFF_CACHE_DIR") is None:
-                echo("  (torch's hub cache: cdiff evaluate, torchvision, lpips and pytorch-fid find the files there)")
-            else:
-                echo("  (give these files to cdiff evaluate: --lpips-vgg / --fid-weights PATH)")
+        from_env = flags.get_path("CDIFF_CACHE_DIR")
+        if cache_dir is not None and (from_env is None or Path(cache_dir).resolve() != Path(from_env).resolve()):
+            echo(f"  (cdiff evaluate finds these files when CDIFF_CACHE_DIR={cache_dir} is set; or give them with "
+                 "--lpips-vgg / --fid-weights / --dists-weights / --dino)")
+        elif from_env is None and any(isinstance(remote, hub.WebFile) for remote in paths):
+            echo("  (torch's hub cache: cdiff evaluate, torchvision, lpips and pytorch-fid find the files there)")
+        else:
+            echo("  (cdiff evaluate finds these files there)")
         if convert:
             echo(f"  {model.name}: a network file, nothing to convert")
         return paths[model.files[0]]

@@ -14,7 +14,8 @@ CDIFF_FID_INCEPTION   pytorch-fid's Inception, pt_inception-2015-12-05-6726825d.
 CDIFF_DISTS           DISTS's alpha/beta, the authors' DISTS_pytorch/weights.pt (cdiff.networks).
 CDIFF_DINO            the DINOv3-SAT ViT-L/16 folder in the transformers layout (the DINO metric).
 CDIFF_CACHE_DIR       one folder for everything `cdiff fetch` downloads and converts (its --cache-dir):
-                      hub/ (Hugging Face layout), checkpoints/ (web files), models/ (native files).
+                      hub/ (Hugging Face layout), checkpoints/ (web files), models/ (native files);
+                      `cdiff evaluate` looks there for the metric networks.
                       Unset: the Hugging Face cache, torch's hub cache and ~/.cache/cdiff (see cdiff.hub).
 
 Read by `cdiff fetch` (cdiff.hub), with the meaning huggingface_hub and torch give them:

@@ -6,7 +6,8 @@ As GeoSET's ``scripts/evaluate.py`` (and ReFlowSET's) do:
   goes with ``eo/12.jpg``; pix2pix-family test scripts name their outputs ``<stem>_fake_B.png``,
   and that suffix is dropped from prediction names;
 - the test items are the names of a **split list** when one is given (one name per line; a line
-  may be a path relative to the dataset, ``opt_256_oc_0.2/12.png``: its stem counts), otherwise
+  may be a path relative to the dataset, ``opt_256_oc_0.2/12.png``: its stem counts; a
+  benchmark's name, ``qxs-saropt``, stands for its test list shipped with cdiff), otherwise
   every image of the target folder;
 - a test item without a prediction is **missing**: counted and named in the report, never
   silently left out; the row is then not comparable with a complete one;
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from cdiff.published import BENCHMARKS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 FAKE_B = "_fake_B"  # pytorch-CycleGAN-and-pix2pix's test.py: <stem>_fake_B.png
@@ -62,14 +65,30 @@ def stem_of(path: str | os.PathLike, prediction: bool = False) -> str:
     return stem
 
 
+def split_list_path(value: str | os.PathLike) -> Path:
+    """``--split-list``: a file, else the name of a published benchmark (``qxs-saropt``,
+    cdiff.published), which stands for its frozen test list shipped with cdiff
+    (cdiff/data/splits/, checked against its published hash)."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    if os.fspath(value) in BENCHMARKS:
+        from cdiff.data import frozen
+
+        return frozen.shipped_path(frozen.frozen_list(BENCHMARKS[os.fspath(value)].reader, "test"))
+    raise FileNotFoundError(f"split list {path}: no such file (a benchmark's name, one of {', '.join(BENCHMARKS)}, "
+                            "gives its test list shipped with cdiff)")
+
+
 def read_split_list(path: str | os.PathLike, dataset: str | None = None) -> list[str]:
-    """The test item names of a split list: one per line, a stem or a path (its stem is taken
-    when it ends in an image suffix); blank lines and ``#`` comments skipped. With ``dataset``
-    "spacenet6", GeoSET's rule maps a raw tile name to its chip (``_PS-RGB`` dropped). An empty
-    list or a name listed twice is an error naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"split list {path}: no such file")
+    """The test item names of a split list (``split_list_path``): one per line, a stem or a path
+    (its stem is taken when it ends in an image suffix); blank lines and ``#`` comments skipped.
+    With ``dataset`` "spacenet6" (or the list named "spacenet6"), GeoSET's rule maps a raw tile
+    name to its chip (``_PS-RGB`` dropped). An empty list or a name listed twice is an error
+    naming the file and line."""
+    if dataset is None and os.fspath(path) in BENCHMARKS and not Path(path).is_file():
+        dataset = os.fspath(path)
+    path = split_list_path(path)
     names: dict[str, int] = {}
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         line = line.split("#", 1)[0].strip()
@@ -88,8 +107,10 @@ def read_split_list(path: str | os.PathLike, dataset: str | None = None) -> list
     return list(names)
 
 
-def images_by_stem(folder: str | os.PathLike, what: str, prediction: bool = False) -> dict[str, Path]:
-    """The image files under ``folder`` (recursive, hidden ones skipped) by stem (``stem_of``).
+def images_by_stem(folder: str | os.PathLike, what: str, prediction: bool = False,
+                   only: set[str] | None = None) -> dict[str, Path]:
+    """The image files under ``folder`` (recursive, hidden ones skipped) by stem (``stem_of``);
+    with ``only``, just the files whose relative path without suffix (``scene/12``) it holds.
     A missing or empty folder, or two files of one stem, is an error naming them."""
     root = Path(folder)
     if not root.is_dir():
@@ -99,7 +120,7 @@ def images_by_stem(folder: str | os.PathLike, what: str, prediction: bool = Fals
         relative = path.relative_to(root)
         if path.suffix.lower() not in IMAGE_SUFFIXES or any(p.startswith(".") for p in relative.parts):
             continue
-        if not path.is_file():
+        if not path.is_file() or (only is not None and relative.with_suffix("").as_posix() not in only):
             continue
         stem = stem_of(path, prediction)
         if stem in found:
@@ -111,12 +132,15 @@ def images_by_stem(folder: str | os.PathLike, what: str, prediction: bool = Fals
     return found
 
 
-def match(pred_dir, target_dir, split_list=None, sar_dir=None, dataset: str | None = None) -> Matching:
+def match(pred_dir, target_dir, split_list=None, sar_dir=None, dataset: str | None = None,
+          only: list[str] | None = None) -> Matching:
     """Match predictions to test items by stem (module docstring). Every test item needs a
     ground truth (and, with ``sar_dir``, every scored item a SAR image): one missing is an
-    error naming it. No prediction of any test item is an error too."""
+    error naming it. No prediction of any test item is an error too. ``only``: the
+    predictions to consider, by relative path without suffix (the images ``cdiff translate``
+    wrote); the other files of ``pred_dir`` are not looked at."""
     targets = images_by_stem(target_dir, "target")
-    preds = images_by_stem(pred_dir, "prediction", prediction=True)
+    preds = images_by_stem(pred_dir, "prediction", prediction=True, only=None if only is None else set(only))
     if split_list is not None:
         names = read_split_list(split_list, dataset)
         no_target = [n for n in names if n not in targets]

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 SSIM_SIGMA = 1.5  # Gaussian window of SSIM (Wang et al. 2004), 11 x 11 taps
 SSIM_K1, SSIM_K2 = 0.01, 0.03
+SSIM_MIN_SIDE = 6  # the 11-tap window is reflect-padded by 5 pixels, which needs 6 (as torchmetrics)
 SCC_WINDOW = 8  # local window of the spatial correlation coefficient (Zhou et al. 1998)
 # KID as GeoSET's scripts/evaluate.py computes it: 50 random subsets of min(500, n) features
 # each side, drawn without replacement by numpy's default_rng(0), the predictions' subset first.
@@ -87,6 +88,10 @@ def ssim_map(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) 
     For scores over a region (e.g. inside a mask): average the map over that region.
     """
     _check(pred, target, "ssim")
+    height, width = pred.shape[-2:]
+    if min(height, width) < SSIM_MIN_SIDE:
+        raise ValueError(f"ssim: images must be at least {SSIM_MIN_SIDE}x{SSIM_MIN_SIDE} (the 11 x 11 window), "
+                         f"got {width}x{height}")
     dtype = _compute_dtype(pred)
     pred, target = pred.to(dtype), target.to(dtype)
     batch, channels = pred.shape[:2]

@@ -14,7 +14,8 @@
   from a local folder in the transformers layout (``cdiff fetch dino-sat``).
 
 The weights are found as every metric network's are (cdiff.perceptual.find_weights), except
-DINO's folder, which is given (``--dino`` or ``CDIFF_DINO``).
+DINO's folder: ``--dino``, ``CDIFF_DINO``, else where ``cdiff fetch dino-sat`` put it in the
+Hugging Face cache (``find_dino``).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from cdiff import flags
+from cdiff.hub import hub_cache, locate
 from cdiff.weightfile import CheckpointError
-from cdiff.perceptual import DISTS_ALPHA_BETA, LPIPS_VGG, find_weights
+from cdiff.zoo import MODELS
+from cdiff.perceptual import DISTS_ALPHA_BETA, LPIPS_VGG, Weights, find_weights, read_weights
 
 # --- DISTS --------------------------------------------------------------------------------
 
@@ -122,7 +125,7 @@ def load_dists(alpha_beta_path: str | os.PathLike | None = None, vgg_path: str |
     its trunk is then used and no VGG16 file is needed.
     """
     path = find_weights(DISTS_ALPHA_BETA, alpha_beta_path)
-    state = _load_state(path)
+    state = _load_state(path, DISTS_ALPHA_BETA)
     if not all(isinstance(state.get(k), torch.Tensor) for k in ("alpha", "beta")):
         raise CheckpointError(f"DISTS weights {path}: no 'alpha' and 'beta' tensors (found {sorted(state)[:4]})")
     # pyiqa names the trunk by stage (stage2.5.weight): the index after the stage is torchvision's.
@@ -130,7 +133,7 @@ def load_dists(alpha_beta_path: str | os.PathLike | None = None, vgg_path: str |
     trunk = {k: v for k, v in trunk.items() if k.endswith((".weight", ".bias"))}
     if not trunk:
         vgg = find_weights(LPIPS_VGG, vgg_path)
-        trunk = {k: v for k, v in _load_state(vgg).items() if k.startswith("features.")}
+        trunk = {k: v for k, v in _load_state(vgg, LPIPS_VGG).items() if k.startswith("features.")}
         path = vgg
     model = DISTS()
     wanted = model.state_dict()
@@ -144,34 +147,43 @@ def load_dists(alpha_beta_path: str | os.PathLike | None = None, vgg_path: str |
     return model.eval().requires_grad_(False).to(device)
 
 
-def _load_state(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises many types for damaged or non-tensor files
-        raise CheckpointError(f"weights {path}: cannot read ({type(err).__name__}: {err})") from err
-    if not isinstance(state, dict):
-        raise CheckpointError(f"weights {path}: not a dictionary of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+def _load_state(path: Path, weights: Weights) -> dict:
+    return {k.removeprefix("module."): v for k, v in read_weights(path, weights).items()}
 
 
 # --- DINO ---------------------------------------------------------------------------------
 
 DINO_SIZE = 224  # GeoSET resizes both images to 224 x 224 (bilinear, antialiased) for DINOv3
 DINO_MEAN, DINO_STD = (0.430, 0.411, 0.296), (0.213, 0.156, 0.143)  # DINOv3-SAT's normalisation
-DINO_HINT = ("`cdiff fetch dino-sat` (Meta's facebook/dinov3-vitl16-pretrain-sat493m, gated), then pass --dino "
-             "FOLDER or set CDIFF_DINO=FOLDER")
+DINO_FETCH = "dino-sat"  # its name in cdiff.zoo
+DINO_HINT = (f"get them with `cdiff fetch {DINO_FETCH}` (Meta's facebook/dinov3-vitl16-pretrain-sat493m, gated), "
+             "or pass --dino FOLDER or set CDIFF_DINO=FOLDER")
 
 
 def find_dino(path: str | os.PathLike | None = None) -> Path:
     """The DINOv3 folder (transformers layout: config.json + model.safetensors): ``path``, else
-    ``CDIFF_DINO``; an error naming what is missing otherwise."""
+    ``CDIFF_DINO``, else the snapshot folder ``cdiff fetch dino-sat`` filled in the Hugging Face
+    cache (cdiff.hub.hub_cache: ``$CDIFF_CACHE_DIR/hub`` when set, else ``HF_HUB_CACHE``...); an
+    error naming what is missing otherwise."""
     given = path if path is not None else flags.get_path("CDIFF_DINO")
     if given is None:
-        raise FileNotFoundError(f"DINO needs the DINOv3-SAT ViT-L/16 weights: {DINO_HINT}")
+        cached = _fetched_dino()
+        if cached is not None:
+            return cached
+        raise FileNotFoundError(f"DINO needs the DINOv3-SAT ViT-L/16 weights, not found in {hub_cache()}: {DINO_HINT}")
     folder = Path(given)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"DINO weights {folder}: no config.json there (a transformers model folder; {DINO_HINT})")
     return folder
+
+
+def _fetched_dino() -> Path | None:
+    """The snapshot folder of ``cdiff fetch dino-sat`` when all its files are cached, else None."""
+    paths = [locate(remote) for remote in MODELS[DINO_FETCH].files]
+    if any(p is None for p in paths):
+        return None
+    folders = {p.parent for p in paths}
+    return folders.pop() if len(folders) == 1 else None
 
 
 class DinoPatchTokens(torch.nn.Module):

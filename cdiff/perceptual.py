@@ -12,14 +12,19 @@ Neither library may download anything here: the network weights come from local 
 found in this order (``find_weights``):
 1. the path given by the caller (``--lpips-vgg`` / ``--fid-weights`` / ``--dists-weights``);
 2. the environment variable ``CDIFF_LPIPS_VGG`` / ``CDIFF_FID_INCEPTION`` / ``CDIFF_DISTS`` (cdiff.flags);
-3. torch's hub cache, ``$TORCH_HOME/hub/checkpoints/<file>``, where torchvision, pytorch-fid
-   and ``cdiff fetch NAME`` put them;
+3. where ``cdiff fetch NAME`` puts them (cdiff.hub.web_cache): ``$CDIFF_CACHE_DIR/checkpoints/<file>``
+   when that variable is set, and torch's hub cache, ``$TORCH_HOME/hub/checkpoints/<file>``, where
+   torchvision and pytorch-fid put them too;
 4. for DISTS's alpha/beta only: the copy inside the DISTS_pytorch package, when it is installed.
+
+The files are read with ``torch.load(weights_only=True)`` only (``read_weights``): a file that
+holds pickled Python objects is refused, never unpickled.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from cdiff import flags
+from cdiff.hub import web_cache
 from cdiff.metrics import to_unit
 from cdiff.weightfile import CheckpointError
 
@@ -88,16 +94,24 @@ def find_weights(weights: Weights, path: str | os.PathLike | None = None) -> Pat
         if not Path(from_env).is_file():
             raise FileNotFoundError(f"{weights.what} weights {from_env} (from {weights.env}): no such file ({_where(weights)})")
         return Path(from_env)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / weights.file_name
-    if cached.is_file():
-        return cached
+    folders = cache_folders()
+    for folder in folders:
+        if (folder / weights.file_name).is_file():
+            return folder / weights.file_name
     packaged = _package_file(weights)
     if packaged is not None:
         return packaged
     raise FileNotFoundError(
-        f"{weights.what} weights {weights.file_name} not found in {cached.parent}: {_where(weights)}; "
-        f"or pass {weights.option} FILE or set {weights.env}=FILE"
+        f"{weights.what} weights {weights.file_name} not found in {' or '.join(map(str, folders))}: "
+        f"{_where(weights)}; or pass {weights.option} FILE or set {weights.env}=FILE"
     )
+
+
+def cache_folders() -> list[Path]:
+    """Where ``cdiff fetch`` puts the metric networks: ``$CDIFF_CACHE_DIR/checkpoints`` when that
+    is set, then torch's hub cache (``$TORCH_HOME/hub/checkpoints``)."""
+    folders = [web_cache(), Path(torch.hub.get_dir()) / "checkpoints"]
+    return list(dict.fromkeys(folders))  # one entry when CDIFF_CACHE_DIR is not set
 
 
 def _where(weights: Weights) -> str:
@@ -125,11 +139,26 @@ def _import(module: str):
         raise ImportError(f"LPIPS and FID need {module.split('.')[0]}: pip install cdiff[metrics]") from err
 
 
-def _load_state(path: Path, what: str) -> dict:
+def read_weights(path: str | os.PathLike, weights: Weights) -> dict:
+    """The dictionary of tensors in ``path``, a file of ``weights``, read with
+    ``torch.load(weights_only=True)``. A file that holds pickled Python objects (code could run
+    when they are unpickled) is refused in one line saying how to get the right file; so is a
+    damaged file, or one that holds no dictionary."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{weights.what} weights {path}: not a plain tensor file (it holds pickled Python objects, and cdiff "
+            f"never unpickles untrusted code); {_where(weights)}"
+        ) from None
     except Exception as err:  # torch.load raises many types for damaged or non-tensor files
-        raise CheckpointError(f"{what} weights {path}: cannot read ({type(err).__name__}: {err})") from err
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{weights.what} weights {path}: cannot read ({type(err).__name__}: {first}); "
+                              f"{_where(weights)}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{weights.what} weights {path}: holds a {type(state).__name__}, not a dictionary of "
+                              f"tensors; {_where(weights)}")
+    return state
 
 
 def _load_exactly(module: torch.nn.Module, state: dict, path: Path, what: str) -> None:
@@ -152,12 +181,12 @@ def load_lpips(vgg_path: str | os.PathLike | None = None, device=None) -> torch.
     from torchvision's ImageNet file (``features.N.*`` keys), in eval mode."""
     path = find_weights(LPIPS_VGG, vgg_path)
     lpips = _import("lpips")
+    state = read_weights(path, LPIPS_VGG)  # first: a bad file is refused before the network is built
     with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=`
         warnings.simplefilter("ignore", UserWarning)
         model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
     # lpips cuts VGG16's `features` into slices that keep the layer indices: slice2.5 is features.5.
     trunk_keys = {key: "features." + key.split(".", 1)[1] for key in model.net.state_dict()}
-    state = _load_state(path, LPIPS_VGG.what)
     renamed = {ours: state[theirs] for ours, theirs in trunk_keys.items() if theirs in state}
     _load_exactly(model.net, renamed, path, LPIPS_VGG.what)
     return model.eval().requires_grad_(False).to(device)
@@ -220,7 +249,7 @@ def load_fid_inception(weights_path: str | os.PathLike | None = None, device=Non
     net.Mixed_6e = fid.FIDInceptionC(768, channels_7x7=192)
     net.Mixed_7b = fid.FIDInceptionE_1(1280)
     net.Mixed_7c = fid.FIDInceptionE_2(2048)
-    _load_exactly(net, _load_state(path, FID_INCEPTION.what), path, FID_INCEPTION.what)
+    _load_exactly(net, read_weights(path, FID_INCEPTION), path, FID_INCEPTION.what)
     return FIDInception(net).eval().requires_grad_(False).to(device)
 
 

@@ -14,6 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cdiff.metrics import SCC_WINDOW, SSIM_MIN_SIDE
+
+# LPIPS's VGG16 halves the image four times (2 x 2 max pools) before its last stage.
+LPIPS_MIN_SIDE = 16
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -23,6 +28,7 @@ class Metric:
     digits: int  # decimals printed, as in the published tables
     per_image: bool  # a mean of per-image scores; otherwise one number for the set
     network: str | None  # the network it needs: "lpips", "dists", "inception", "dino"; None: none
+    min_side: int = 1  # the smallest image side (pixels) it can be computed on
 
 
 _ALL = (
@@ -30,10 +36,10 @@ _ALL = (
     Metric("dists", "DISTS", True, 4, True, "dists"),
     Metric("kid", "KID", True, 5, False, "inception"),
     Metric("dino", "DINO", False, 4, True, "dino"),
-    Metric("lpips", "LPIPS", True, 4, True, "lpips"),
-    Metric("ssim", "SSIM", False, 4, True, None),
+    Metric("lpips", "LPIPS", True, 4, True, "lpips", LPIPS_MIN_SIDE),
+    Metric("ssim", "SSIM", False, 4, True, None, SSIM_MIN_SIDE),
     Metric("psnr", "PSNR (dB)", False, 3, True, None),
-    Metric("scc", "SCC", False, 4, True, None),
+    Metric("scc", "SCC", False, 4, True, None, SCC_WINDOW),
     Metric("identity", "identity-collapse ratio", None, 3, False, None),  # needs --sar
 )
 METRICS: dict[str, Metric] = {m.name: m for m in _ALL}
@@ -92,3 +98,13 @@ def parse_metrics(text: str, protocol_name: str = "field") -> tuple[str, ...]:
         raise ValueError(f"--metrics: unknown metric {unknown[0] if unknown else text!r} for the "
                          f"{protocol_name} protocol; choose from {','.join(known)}")
     return tuple(m for m in known if m in names)
+
+
+def check_size(metrics: tuple[str, ...], height: int, width: int, path) -> None:
+    """Raise, naming ``path`` and the smallest size, when an image of ``height`` x ``width`` is
+    too small for one of ``metrics`` (SSIM's 11 x 11 window, SCC's, LPIPS's pooling)."""
+    small = [m for m in metrics if min(height, width) < METRICS[m].min_side]
+    if small:
+        needs = ", ".join(f"{METRICS[m].label} at least {METRICS[m].min_side}x{METRICS[m].min_side}" for m in small)
+        raise ValueError(f"{path} is {width}x{height}: too small to score ({needs} pixels); leave "
+                         f"{'that metric' if len(small) == 1 else 'those metrics'} out with --metrics")

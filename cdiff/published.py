@@ -22,13 +22,14 @@ class Benchmark:
     size: int  # the evaluation size: predictions are size x size, the ground truth centre-cropped to it
     test_pairs: int
     test_list: str  # the frozen list GeoSET scores (its splits/<dataset>/<list>.txt)
+    reader: str  # the dataset's reader kind, whose shipped "test" list is that list (cdiff.data.frozen)
 
 
 BENCHMARKS = {
-    "qxs-saropt": Benchmark("QXS-SAROPT", 256, 3999, "test"),
-    "sar2opt": Benchmark("SAR2Opt", 512, 627, "test"),  # 600-px tiles, centre 512 crop
-    "sar2eo": Benchmark("SAR2EO", 256, 4000, "test_first4000"),  # the first 4,000 of 21,260
-    "spacenet6": Benchmark("SpaceNet6", 256, 495, "test"),
+    "qxs-saropt": Benchmark("QXS-SAROPT", 256, 3999, "test", "qxs"),
+    "sar2opt": Benchmark("SAR2Opt", 512, 627, "test", "sar2opt"),  # 600-px tiles, centre 512 crop
+    "sar2eo": Benchmark("SAR2EO", 256, 4000, "test_first4000", "sar2eo"),  # the first 4,000 of 21,260
+    "spacenet6": Benchmark("SpaceNet6", 256, 495, "test", "spacenet6"),
 }
 
 

@@ -3,24 +3,31 @@ table. Each names the protocol and the LPIPS convention, lists the metrics left 
 each) and the test items without a prediction, flags an identity-collapse ratio below 1, and,
 for a known benchmark, sets the published rows (cdiff.published) beside the run's numbers with
 the differences (this run minus the published value).
+
+Both protocols write their reports through ``write_reports``: standard JSON only (a non-finite
+number, such as the infinite PSNR of a prediction equal to its ground truth, is written as null
+and listed under "non_finite"), and a full disk named in one line.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cdiff.files import write_text
+from cdiff.files import out_of_space, write_text
 from cdiff.protocol import METRICS, PROTOCOLS, label
 from cdiff.published import BENCHMARKS, COLUMNS, PUBLISHED, SOURCE
 from cdiff.scoring import Scores
 
 REPORT_NAMES = ("evaluation.json", "evaluation.md")
 SHOWN_NAMES = 10  # missing items named in the table and the markdown (all of them in the JSON)
+NON_FINITE_NOTE = ("JSON has no infinity or NaN: these values are written as null (an infinite PSNR means a "
+                   "prediction equal to its ground truth)")
 IDENTITY_FLAG = ("below 1: the outputs are closer to their SAR inputs than to the ground truth "
                  "(identity collapse, as ReFlowSET flags it)")
 
@@ -132,7 +139,7 @@ class FieldReport:
 
     def to_json(self) -> str:
         protocol = PROTOCOLS["field"]
-        return json.dumps(
+        return standard_json(
             {
                 "protocol": "field",
                 "protocol_title": protocol.title,
@@ -155,13 +162,45 @@ class FieldReport:
                 "skipped": self.scores.skipped_items,
                 "published": {"source": SOURCE, "rows": PUBLISHED[self.dataset]} if self.dataset else None,
                 "per_image": self.scores.per_image,
-            },
-            indent=2,
-        ) + "\n"
+            }
+        )
 
     def write(self, folder: str | os.PathLike) -> list[Path]:
         """Write evaluation.json and evaluation.md into ``folder`` (atomically); their paths."""
-        paths = [Path(folder) / name for name in REPORT_NAMES]
-        write_text(paths[0], self.to_json())
-        write_text(paths[1], self.to_markdown())
-        return paths
+        return write_reports(folder, self.to_json(), self.to_markdown())
+
+
+def standard_json(data: dict) -> str:
+    """``data`` as standard JSON, indented: every non-finite float becomes null, and the key
+    "non_finite" lists where each was ("means.psnr: inf") under a note saying why."""
+    replaced = []
+
+    def finite(value, where: str):
+        if isinstance(value, float) and not math.isfinite(value):
+            replaced.append(f"{where}: {value}")
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item, f"{where}.{key}" if where else str(key)) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item, f"{where}[{index}]") for index, item in enumerate(value)]
+        return value
+
+    cleaned = finite(data, "")
+    if replaced:
+        cleaned["non_finite"] = {"note": NON_FINITE_NOTE, "values": replaced}
+    return json.dumps(cleaned, indent=2, allow_nan=False) + "\n"
+
+
+def write_reports(folder: str | os.PathLike, json_text: str, markdown: str) -> list[Path]:
+    """Write evaluation.json and evaluation.md into ``folder``, each atomically; their paths. A
+    full disk raises one line naming the file that could not be written."""
+    paths = [Path(folder) / name for name in REPORT_NAMES]
+    for path, text in zip(paths, (json_text, markdown)):
+        try:
+            write_text(path, text)
+        except OSError as err:
+            if not out_of_space(err):
+                raise
+            raise OSError(f"no space left on the device of {path.parent}: {path} was not written (the numbers are "
+                          "printed above); free some space, or write the reports elsewhere with --report-dir") from None
+    return paths

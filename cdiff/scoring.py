@@ -25,7 +25,7 @@ from cdiff import metrics as formulas
 from cdiff.data.imageio import read_image, to_unit_range
 from cdiff.matching import Matching, centre_crop
 from cdiff.progress import progress
-from cdiff.protocol import METRICS
+from cdiff.protocol import METRICS, check_size
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,7 @@ def score(
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     scores = Scores(size=size, skipped_metrics=dict(networks.skipped))
     wanted = tuple(m for m in metrics if m not in networks.skipped)
+    check_size(wanted, *size, matching.items[0].pred)  # every prediction has this size (or is refused)
     inception = networks.get("inception") if ("fid" in wanted or "kid" in wanted) else None
     pred_features, target_features = [], {}
     to_sar, to_target = [], []

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ from cdiff.evaluate import EvaluationOptions, run_evaluate
 from cdiff.files import check_output
 from cdiff.geo import SarScene, read_sar, write_eo_geotiff
 from cdiff.imagefiles import TIFF_SUFFIXES, list_images, skip_or_raise
+from cdiff.matching import stem_of
 from cdiff.progress import progress
 from cdiff.torchrun import Launch, launch
 from cdiff.translators import Sampling, Translator
@@ -176,15 +177,19 @@ def run_translate(
     compile_unet: bool = False,
 ) -> Tally:
     """The ``cdiff translate`` command (module docstring). With a ``target`` folder, the outputs
-    are then scored against it as ``evaluation`` says (cdiff.evaluate)."""
+    are then scored against it as ``evaluation`` says (cdiff.evaluate), as ``cdiff evaluate``
+    would score them: only the images of this run's inputs (the other files of ``output_dir``
+    are not looked at), with the input folder as the SAR images of the identity-collapse ratio
+    (``with_sar_inputs``); what can be checked is checked before translating."""
     here = launch()
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    all_jobs = plan_jobs(input_path, output_dir, conf_dir)
     if target is not None:
-        evaluation.check_networks()
+        evaluation = with_sar_inputs(evaluation, input_path, all_jobs)
+        evaluation.check(output_dir, target)  # now, not after hours of translation
         if here.world_size > 1:
             _join_ranks(here)  # now, so a launch without torchrun's rendezvous fails before the work
-    all_jobs = plan_jobs(input_path, output_dir, conf_dir)
     jobs = shard(all_jobs, here.rank, here.world_size)
     device = torch.device(device or (f"cuda:{here.local_rank}" if torch.cuda.is_available() else "cpu"))
     translate, path = open_model(model, sampling, conf_dir, device, dtype, prompt, channels_last, compile_unet)
@@ -230,6 +235,19 @@ def run_translate(
     if target is not None:
         _evaluate_outputs(all_jobs, output_dir, target, evaluation, here, device)
     return tally
+
+
+def with_sar_inputs(evaluation: EvaluationOptions, input_path, jobs: list[Job]) -> EvaluationOptions:
+    """``evaluation`` with the input folder as its SAR folder (the identity-collapse ratio of the
+    field's protocol), when no SAR folder is given, the ratio is wanted, and every output's stem
+    is its input's (as the evaluation matches them); otherwise ``evaluation`` as it is."""
+    wanted = evaluation.metrics is None or "identity" in evaluation.field_metrics
+    if evaluation.protocol != "field" or evaluation.sar_dir is not None or not wanted or not Path(input_path).is_dir():
+        return evaluation
+    stems = [Path(job.source).stem for job in jobs]
+    if len(set(stems)) != len(stems) or any(stem_of(job.eo, prediction=True) != Path(job.source).stem for job in jobs):
+        return evaluation
+    return replace(evaluation, sar_dir=str(input_path))
 
 
 def _join_ranks(here: Launch) -> None:

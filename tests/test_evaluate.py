@@ -160,7 +160,8 @@ def test_missing_network_weights_give_one_message_naming_the_file(tmp_path, monk
     monkeypatch.delenv("CDIFF_LPIPS_VGG", raising=False)
     monkeypatch.delenv("CDIFF_FID_INCEPTION", raising=False)
     write_images(tmp_path / "pred", ["a"])
-    argv = ["evaluate", "--pred", str(tmp_path / "pred"), "--target", str(tmp_path / "pred"), "--metrics", "lpips"]
+    write_images(tmp_path / "target", ["a"])
+    argv = ["evaluate", "--pred", str(tmp_path / "pred"), "--target", str(tmp_path / "target"), "--metrics", "lpips"]
     assert main(argv + ["--protocol", "release"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "vgg16-397923af.pth" in err and "cdiff fetch lpips-vgg" in err

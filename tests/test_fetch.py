@@ -407,3 +407,34 @@ def test_metric_network_lands_where_evaluate_looks(fake_hub, tmp_path, monkeypat
     [path] = run_fetch(["lpips-vgg"], **QUIET)
     assert path == tmp_path / "torch" / "hub" / "checkpoints" / LPIPS_VGG.file_name
     assert find_weights(LPIPS_VGG) == path and path.read_bytes() == data
+
+
+def test_fetched_metric_networks_are_found_by_evaluate_in_the_cache_folder(fake_hub, tmp_path, monkeypatch):
+    """With CDIFF_CACHE_DIR set, `cdiff fetch lpips-vgg` writes DIR/checkpoints and `cdiff fetch
+    dino-sat` the hub layout under DIR/hub: cdiff.perceptual and cdiff.networks (and so `cdiff
+    evaluate` without flags) find both there."""
+    from cdiff.networks import find_dino
+    from cdiff.perceptual import LPIPS_VGG, find_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # empty: only the cache folder holds them
+    for name in ("CDIFF_LPIPS_VGG", "CDIFF_DINO"):
+        monkeypatch.delenv(name, raising=False)
+    data = random_bytes(30_000, seed=7)
+    fake_hub.web[LPIPS_VGG.file_name] = data
+    table = dict(zoo.MODELS)
+    table["lpips-vgg"] = dataclasses.replace(table["lpips-vgg"], files=(
+        WebFile(f"{fake_hub.url}/web/{LPIPS_VGG.file_name}", LPIPS_VGG.file_name, hashlib.sha256(data).hexdigest()),))
+    monkeypatch.setattr(zoo, "MODELS", table)
+    dino = {path: random_bytes(2_000, seed=i) for i, path in enumerate(f.path for f in zoo.MODELS["dino-sat"].files)}
+    fake_hub.add_repo(zoo.DINO_REPO, dino)
+    with pytest.raises(FileNotFoundError, match="cdiff fetch lpips-vgg"):
+        find_weights(LPIPS_VGG)
+    with pytest.raises(FileNotFoundError, match="cdiff fetch dino-sat"):
+        find_dino()
+
+    [vgg] = run_fetch(["lpips-vgg"], **QUIET)
+    assert vgg == cache(tmp_path) / "checkpoints" / LPIPS_VGG.file_name and find_weights(LPIPS_VGG) == vgg
+    run_fetch(["dino-sat"], **QUIET)
+    folder = find_dino()
+    assert folder.is_relative_to(cache(tmp_path) / "hub") and folder.parent.name == "snapshots"
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == dino

@@ -118,7 +118,8 @@ def test_two_ranks_shard_the_folder_and_match_a_single_run(model, inputs, tmp_pa
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "cdiff", "translate", "--model", str(model), "--input", str(inputs), "--output", str(sharded),
-               "--steps", "2", "--target", str(target), "--metrics", "psnr,ssim"]
+               "--steps", "2", "--target", str(target), "--metrics", "psnr,ssim",
+               "--protocol", "release"]  # the images differ in size: the release pairs them by name
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0/2: 2 translated" in result.stdout and "rank 1/2: 1 translated" in result.stdout
@@ -126,6 +127,7 @@ def test_two_ranks_shard_the_folder_and_match_a_single_run(model, inputs, tmp_pa
         np.testing.assert_array_equal(read(sharded / f"{name}.png"), read(single / f"{name}.png"), err_msg=name)
     report = json.loads((sharded / "evaluation.json").read_text())
     assert report["images"] == 3 and report["means"]["ssim"] == pytest.approx(1.0)
+    assert report["means"]["psnr"] is None and "means.psnr: inf" in report["non_finite"]["values"]
 
 
 def test_confidence_maps_are_saved_as_the_release_saves_them():
@@ -343,3 +345,51 @@ def test_a_geotiff_scene_becomes_a_georeferenced_eo_geotiff(model, tmp_path):
         assert f.crs == CRS.from_epsg(32631) and f.transform == transform and f.nodata == 0
         mask = f.dataset_mask()
     assert (mask[:, :16] == 0).all() and (mask[:, 16:] == 255).all()
+
+
+def test_target_scores_the_run_as_cdiff_evaluate_does(tmp_path, monkeypatch, capsys):
+    """`translate --target` under the field protocol: only this run's images are scored (not an
+    older image of the output folder), the input folder gives the identity-collapse ratio, and
+    the numbers are those of `cdiff evaluate --sar INPUT` on the same images; what can be checked
+    is checked before anything is translated."""
+    from cdiff.testing import micro_model
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no metric network anywhere
+    monkeypatch.setenv("CDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    for name in ("CDIFF_LPIPS_VGG", "CDIFF_FID_INCEPTION", "CDIFF_DISTS", "CDIFF_DINO"):
+        monkeypatch.delenv(name, raising=False)
+    model = micro_model(tmp_path / "micro.safetensors")
+    sar = tmp_path / "sar"
+    for seed, name in enumerate(("a", "b")):
+        sar_png(sar / f"{name}.png", 64, seed=seed)
+    rng = np.random.default_rng(0)
+    target = tmp_path / "eo"
+    for name in ("a", "b", "c", "old"):
+        write_png(target / f"{name}.png", rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    out = tmp_path / "out"
+    write_png(out / "old.png", rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))  # not of this run's inputs
+
+    # Checked before translating: a weights file given that is not there, the output as the ground truth.
+    missing = tmp_path / "missing.pth"
+    assert run("--model", model, "--input", sar, "--output", out, "--steps", 1, "--target", target,
+               "--lpips-vgg", missing) == 2
+    assert f"{missing}: no such file" in capsys.readouterr().err
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    assert run("--model", model, "--input", sar, "--output", target, "--steps", 1, "--target", target) == 2
+    assert "same folder" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["old.png"]  # nothing translated so far
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+    assert run("--model", model, "--input", sar, "--output", out, "--steps", 1, "--target", target) == 0
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["protocol"] == "field" and report["sar"] == str(sar)
+    assert [row["name"] for row in report["per_image"]] == ["a", "b"] and report["missing"] == ["c", "old"]
+    assert set(report["means"]) == {"psnr", "ssim", "identity"}
+
+    # `cdiff evaluate` on the same two images, with the inputs as --sar: the same numbers.
+    alone = tmp_path / "alone"
+    for name in ("a", "b"):
+        write_png(alone / f"{name}.png", read(out / f"{name}.png"))
+    assert main(["evaluate", "--pred", str(alone), "--target", str(target), "--sar", str(sar)]) == 0
+    assert json.loads((alone / "evaluation.json").read_text())["means"] == report["means"]
