@@ -238,6 +238,7 @@ def _checkpoint(stage_dir: Path, step: int) -> tuple[dict, dict]:
     return tensors, state
 
 
+@pytest.mark.slow  # three cdiff train processes and a reference run: 30 s at a load average of 5
 def test_both_stages_resume_bit_exactly_after_kill_9(tmp_path, sd_file, small_config):
     """kill -9 in stage 1 after its checkpoint 4; resume; kill -9 in stage 2 before its first
     checkpoint; resume; kill -9 in stage 2 after its checkpoint 4; resume to the end: both stages'
