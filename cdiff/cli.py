@@ -124,6 +124,9 @@ def _add_export(sub) -> None:
     p.set_defaults(run=run)
 
 
+STAGE_CHOICES = {"1": "[1]", "2": "[2]", "both": "[1, 2]"}  # cdiff train --stage -> model.stages
+
+
 def _train_config(a, resume_dir=None):
     """The run config of ``cdiff train`` / ``cache-latents`` arguments: --config (or the run's own
     config.toml) with the shorthand flags and every --set applied; None to resume unchanged."""
@@ -133,6 +136,8 @@ def _train_config(a, resume_dir=None):
     for flag, key in (("prediction", "model.prediction"), ("loss", "model.loss"), ("skip_nonfinite", "train.skip_nonfinite")):
         if getattr(a, flag, None) is not None:
             sets.append(f"{key}={getattr(a, flag)}")
+    if getattr(a, "stage", None) is not None:
+        sets.append(f"model.stages={STAGE_CHOICES[a.stage]}")
     if resume_dir is not None and a.config is None:
         if not sets:
             return None
@@ -157,7 +162,11 @@ def _add_train(sub) -> None:
         help="fine-tune a C-DiffSET model, or train the S2O-NPDE baseline, on paired SAR-EO data (resumable)",
         description="Fine-tune the U-Net with the C-Diff loss as the official release does, from any model "
         "cdiff.load_pipeline reads (a native file from 'cdiff convert', or a release U-Net with --set "
-        "model.unet=FILE). The run directory receives config.toml, log.jsonl, validation grids in val/ and "
+        "model.unet=FILE). The dataset configs (configs/qxs-saropt.toml, sar2opt.toml, sar2eo.toml, "
+        "spacenet6.toml) train the release's two stages in order with the field's settings: stage 1 (SD 2.1, "
+        "conv_in widened to 8 channels, 4 outputs, MSE) in RUN_DIR/stage1, then stage 2 (+ the variance "
+        "channel, the C-Diff loss) in RUN_DIR/stage2 (docs/training.md). "
+        "The run directory receives config.toml, log.jsonl, validation grids in val/ and "
         "checkpoints in checkpoints/step-N/ (model.safetensors is a native model file; 'latest' and 'best' "
         "link to them). Configs: configs/*.toml; every key can be overridden with --set. Several GPUs: "
         "torchrun --nproc-per-node N -m cdiff train ... (the global batch is train.batch_size x N x "
@@ -168,7 +177,8 @@ def _add_train(sub) -> None:
         "once); continue with --resume. One process trains in a run directory at a time (it holds RUN_DIR/.lock). "
         f"model.kind is one of {', '.join(KINDS)} (default {DEFAULT_KIND}).",
     )
-    p.add_argument("--config", metavar="TOML", help="the run config (e.g. configs/qxs.toml); with --resume, replaces the run's own")
+    p.add_argument("--config", metavar="TOML", help="the run config (e.g. configs/qxs-saropt.toml); with --resume, "
+                   "replaces the run's own")
     p.add_argument("--run-dir", metavar="DIR", help="a new folder for the run's outputs")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint, exactly")
     p.add_argument("--force", action="store_true",
@@ -177,9 +187,13 @@ def _add_train(sub) -> None:
     _add_set_option(p)
     p.add_argument("--prediction", choices=PREDICTION_TYPES, help="what the U-Net predicts: the noise (the paper's), "
                    "the clean EO latent, or v (sets model.prediction)")
-    p.add_argument("--loss", choices=LOSSES, help="the C-Diff loss, or plain L2 (sets model.loss)")
+    p.add_argument("--loss", choices=LOSSES, help="stage 2's loss: the C-Diff loss, or plain L2 (sets model.loss)")
+    p.add_argument("--stage", choices=tuple(STAGE_CHOICES), help="train stage 1 (SD 2.1 -> 8-in/4-out, MSE), stage 2 "
+                   "(+ variance channel, C-Diff loss, from model.init: e.g. a released sd21ft-<dataset>) or both in "
+                   "order (sets model.stages)")
     p.add_argument("--skip-nonfinite", type=int, metavar="N", help="skip up to N steps with a NaN/Inf loss (sets train.skip_nonfinite)")
-    p.add_argument("--stop-at", type=int, metavar="STEP", help="stop after STEP with a checkpoint (continue later with --resume)")
+    p.add_argument("--stop-at", type=int, metavar="STEP", help="stop after STEP with a checkpoint (continue later with --resume); in a run of two "
+                   "stages, after STEP of the stage in progress, without starting the next")
 
     def run(a):
         from cdiff.torchrun import launch
@@ -244,7 +258,9 @@ def _add_translate(sub) -> None:
     )
     p.add_argument("--model", required=True, metavar="M", help="a C-DiffSET model (a cdiff native file from 'cdiff "
                    "convert'), a name fetched with 'cdiff fetch NAME --convert' (e.g. cdiffset-qxs-saropt), an S2O-NPDE "
-                   "model file, or a 'cdiff train' run directory (its best checkpoint, else its newest)")
+                   "model file, or a 'cdiff train' run directory (its best checkpoint, else its newest; of a "
+                   "two-stage run, stage 2's); RUN_DIR@step-N takes the checkpoint of step N (runs/qxs@step-40000: "
+                   "the step the field's tables publish)")
     p.add_argument("--input", required=True, metavar="SAR", help="a SAR image file or a folder of them")
     p.add_argument("--output", required=True, metavar="OUT_DIR", help="folder for the EO images")
     p.add_argument("--conf-dir", metavar="DIR", help="also save confidence maps here: <name>.png (grey, as the "

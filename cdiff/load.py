@@ -96,7 +96,7 @@ def load_pipeline(
     unet=None,
     prompt: str | None = None,
     pad_to_77: bool = False,
-    surgery: bool = False,
+    surgery: bool | Callable = False,
     dtype: torch.dtype | None = None,
     device=None,
 ):
@@ -106,14 +106,15 @@ def load_pipeline(
     A native file needs nothing else. From an SD 2.1 source the prompt is encoded (needs
     open_clip). ``prompt`` None: the prompt (and padding) a model without a text encoder was
     converted with, else ``DEFAULT_PROMPT``; a prompt given for such a model must be its own.
-    ``surgery=True`` applies ``cdiffset_surgery`` to a 4- or 5-out U-Net first; without it a
-    plain SD 2.1 U-Net (4 in) is refused, as it cannot take a SAR latent. ``source`` may be a
+    ``surgery=True`` applies ``cdiffset_surgery`` to a 4- or 5-out U-Net first, a function
+    ``surgery(unet) -> unet`` (cdiff.surgery's steps) that function; without it a plain SD 2.1
+    U-Net (4 in) is refused, as it cannot take a SAR latent. ``source`` may be a
     name of ``cdiff fetch`` (e.g. "cdiffset-qxs-saropt"), once fetched with ``--convert``.
     """
     source = resolve(source)
     model = load_unet(unet if unet is not None else source, dtype, device)
     if surgery:
-        model = cdiffset_surgery(model)
+        model = surgery(model) if callable(surgery) else cdiffset_surgery(model)
     vae = load_vae(source, dtype, device)
     if model.config.in_channels != 2 * vae.config.latent_channels:
         raise ValueError(

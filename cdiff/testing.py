@@ -109,13 +109,19 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
-def tiny_pipeline(seed: int) -> Pipeline:
-    """The tiny C-DiffSET stack (8-in/5-out U-Net, tiny VAE) with seeded random weights."""
+def tiny_stack(seed: int, in_channels: int = 8, out_channels: int = 5) -> tuple[UNet, VAE, torch.Tensor]:
+    """(U-Net, VAE, prompt embedding) of the tiny presets with seeded random weights; 4-in/4-out is
+    the tiny stand-in for SD 2.1 that training's stage 1 widens (cdiff.train.start)."""
     torch.manual_seed(seed)
-    unet = UNet(UNetConfig.tiny(in_channels=8, out_channels=5)).eval()
+    unet = UNet(UNetConfig.tiny(in_channels=in_channels, out_channels=out_channels)).eval()
     vae = VAE(VAEConfig.tiny()).eval()
     context = torch.randn(PROMPT_TOKENS, unet.config.context_dim, generator=torch.Generator().manual_seed(seed))
-    return Pipeline(unet, vae, context)
+    return unet, vae, context
+
+
+def tiny_pipeline(seed: int) -> Pipeline:
+    """The tiny C-DiffSET stack (8-in/5-out U-Net, tiny VAE) with seeded random weights."""
+    return Pipeline(*tiny_stack(seed))
 
 
 def micro_model(path, out_channels: int = 4, seed: int = 0, config: dict | None = None) -> Path:
@@ -131,11 +137,12 @@ def micro_model(path, out_channels: int = 4, seed: int = 0, config: dict | None 
 
 
 # The small training run of the training tests: 64x64 synthetic pairs (8x8 latents), 6 steps of
-# batch 2, a checkpoint and a validation every 3 steps.
+# batch 2, a checkpoint and a validation (on 2 of the 16 pairs, held out of training) every 3 steps.
 SMALL_RUN = [
     "data.kind=synthetic", "data.count=16", "data.size=64", "data.workers=0", "optim.lr=1e-3",
     "optim.warmup_steps=2", "train.steps=6", "train.batch_size=2", "train.precision=fp32", "train.device=cpu",
-    "train.log_every=2", "train.save_every=3", "train.keep_last=1", "val.every=3", "val.images=2", "val.steps=2",
+    "train.log_every=2", "train.save_every=3", "train.keep_last=1", "val.every=3", "val.holdout=2", "val.images=2",
+    "val.steps=2",
     "val.batch_size=2", "val.grid_images=2",
 ]
 

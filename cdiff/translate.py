@@ -21,12 +21,14 @@ at a barrier (gloo) and rank 0 evaluates every output.
 Models (``open_model``): any model file of a kind in cdiff.train.kinds (a C-DiffSET model: anything
 cdiff.load_pipeline reads; an S2O-NPDE model file, recognised by its metadata), or a ``cdiff
 train`` run directory, which stands for its best checkpoint's ``model.safetensors`` (else its
-newest). What each kind does with the images, any size, padded and tiled: cdiff.translators.
+newest; of a run of two stages, its last stage's), or ``RUN_DIR@step-N`` for the checkpoint of
+step N. What each kind does with the images, any size, padded and tiled: cdiff.translators.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -107,14 +109,39 @@ def shard(jobs: list[Job], rank: int, world: int) -> list[Job]:
     return jobs[rank::world]
 
 
+_AT_STEP = re.compile(r"^(?P<run>.+)@step-?(?P<step>\d+)$")
+
+
+def _run_of(path: Path) -> Path | None:
+    """The run directory that holds the checkpoints of ``path``: ``path`` itself (config.toml and
+    checkpoints/), the last stage folder of a run of several stages that has checkpoints, or None."""
+    from cdiff.train.rundir import stage_dirs
+
+    if not (path.is_dir() and (path / "config.toml").is_file()):
+        return None
+    if (path / "checkpoints").is_dir():
+        return path
+    stages = [stage for stage in stage_dirs(path) if (stage / "checkpoints").is_dir()]
+    return stages[-1] if stages else None
+
+
 def model_file(model) -> Path:
-    """``--model`` as a path: a run directory (config.toml and checkpoints/) gives its best
-    checkpoint's model.safetensors, else its newest; anything else is returned as it is."""
+    """``--model`` as a path: a run directory (config.toml and checkpoints/; of a run of several
+    stages, its last stage's folder) gives its best checkpoint's model.safetensors, else its
+    newest; ``RUN_DIR@step-N`` the checkpoint of step N (e.g. ``runs/qxs@step-40000``, the field's
+    published one); anything else is returned as it is."""
     path = Path(model)
-    if not (path.is_dir() and (path / "config.toml").is_file() and (path / "checkpoints").is_dir()):
+    at = _AT_STEP.match(str(model)) if not path.exists() else None
+    if at is not None:
+        return _checkpoint_at(Path(at["run"]), int(at["step"]))
+    run = _run_of(path)
+    if run is None:
         return path
     from cdiff.train.rundir import RunDir
 
+    if run != path and os.environ.get("RANK", "0") == "0":
+        print(f"cdiff translate: run {path}: its last stage, {run.name}")
+    path = run
     newest, best = RunDir(path).latest_checkpoint(), path / "best"
     checkpoint = best if best.is_dir() else newest
     if checkpoint is None:
@@ -128,6 +155,24 @@ def model_file(model) -> Path:
     if os.environ.get("RANK", "0") == "0":
         print(f"cdiff translate: run {path}: checkpoint {name}, the run's {which}")
     return checkpoint / "model.safetensors"
+
+
+def _checkpoint_at(path: Path, step: int) -> Path:
+    """The model file of ``path``'s checkpoint of ``step`` (``--model RUN_DIR@step-N``)."""
+    from cdiff.train.rundir import RunDir, step_name
+
+    run = _run_of(path)
+    if run is None:
+        raise ValueError(f"--model {path}@step-{step}: {path} is not a training run directory (config.toml and "
+                         "checkpoints/)")
+    steps = RunDir(run).steps()
+    if step not in steps:
+        kept = ", ".join(str(s) for s in steps) or "none"
+        raise ValueError(f"--model {path}@step-{step}: {run} holds no checkpoint of step {step} (it keeps: {kept}; "
+                         "train.keep_every keeps every N-th step)")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"cdiff translate: run {path}: checkpoint {step_name(step)} of {run}")
+    return run / "checkpoints" / step_name(step) / "model.safetensors"
 
 
 def open_model(model, sampling: Sampling, conf_dir, device, dtype: str, prompt: str | None,

@@ -15,7 +15,7 @@ from cdiff.npde import TABLE2_ROWS, NPDEConfig, NPDELoss, lr_factor, make_optimi
 from cdiff.testing import one_thread
 from cdiff.train import load_config, train
 from cdiff.train.configfile import from_dict, to_toml
-from cdiff.train.data import StreamSamples, image_augment, image_pairs
+from cdiff.train.data import StreamSamples, image_augment, training_split
 from cdiff.train.optim import WarmupLinearDecay
 from cdiff.train.s2o_npde import fake_pools, initial_model
 
@@ -89,7 +89,7 @@ def test_the_loops_two_phases_equal_training_step(tmp_path):
     network, seed = config.model.network(), config.train.seed
     model, pools = initial_model(network, seed), fake_pools(network, seed)
     optimizers = make_optimizers(model, lr=config.optim.lr, betas=config.optim.betas)
-    stream = StreamSamples(image_pairs(config.data, "train"), seed, image_augment(config.data))
+    stream = StreamSamples(training_split(config.data, config.val)[0], seed, image_augment(config.data))
     losses = NPDELoss(network)
     for step in range(6):
         for optimizer in optimizers:

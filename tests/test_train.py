@@ -14,15 +14,27 @@ ROOT = Path(__file__).resolve().parents[1]
 # --- the config -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, batch, crop", [("qxs", 64, 0), ("sar2opt", 16, 512), ("spacenet6", 16, 512)])
-def test_dataset_configs_hold_the_paper_settings(name, batch, crop):
+# The field's settings (KAIST-VICLab/GeoSET baselines/sd21-ft and baselines/c-diffset configs): data kind,
+# batch, crop, steps per stage.
+FIELD = [("qxs-saropt", "qxs", 64, 0, 50_000), ("sar2opt", "sar2opt", 16, 512, 50_000),
+         ("sar2eo", "sar2eo", 64, 0, 40_000), ("spacenet6", "spacenet6_chips", 64, 0, 40_000)]
+
+
+@pytest.mark.parametrize("name, kind, batch, crop, steps", FIELD)
+def test_dataset_configs_hold_the_fields_settings(name, kind, batch, crop, steps):
     config = load_config(ROOT / "configs" / f"{name}.toml")
-    assert (config.train.batch_size, config.data.crop, config.data.kind) == (batch, crop, name)
+    assert (config.data.kind, config.train.batch_size, config.data.crop, config.train.steps) == (kind, batch, crop, steps)
     assert (config.optim.lr, config.optim.weight_decay, config.optim.warmup_steps) == (3e-5, 0.01, 100)
-    assert (config.optim.schedule, config.train.steps, config.train.seed) == ("cosine", 50_000, 2025)
-    assert (config.optim.clip_grad_norm, config.val.steps) == (1.0, 20)
-    assert config.data.hflip and config.data.vflip and config.data.rot90
-    assert config.model.prediction == "epsilon" and config.model.loss == "cdiff"
+    assert (config.optim.schedule, config.optim.betas, config.optim.clip_grad_norm) == ("cosine", (0.9, 0.999), 0.0)
+    assert (config.train.precision, config.train.seed, config.train.accumulation) == ("fp32", 2024, 1)
+    assert config.data.hflip and config.data.vflip and config.data.rot90 and config.data.random_crop
+    assert config.data.train_list == "" and not config.data.force  # the frozen list, checked
+    assert config.model.stages == (1, 2) and config.model.stage1_steps == 0  # both stages, equally long
+    assert (config.model.prediction, config.model.loss, config.model.ema_decay) == ("epsilon", "cdiff", 0.0)
+    assert config.train.keep_every and 40_000 % config.train.keep_every == 0  # the published step-040000 is kept
+    assert config.val.every == 0 and config.val.holdout == 0  # the whole training list; never the test split
+    text = (ROOT / "configs" / f"{name}.toml").read_text()
+    assert "GPU-HOURS: AN ESTIMATE" in text and "bf16" in text
 
 
 def test_tiny_config_parses():
@@ -31,15 +43,16 @@ def test_tiny_config_parses():
 
 
 def test_set_overrides_parse_toml_values_and_bare_strings():
-    config = load_config(ROOT / "configs" / "qxs.toml", [
+    config = load_config(ROOT / "configs" / "qxs-saropt.toml", [
         "optim.lr=1e-5", "optim.betas=[0.9, 0.99]", "data.root=/data/QXS SAROPT", "train.precision=fp16",
-        "model.ema_decay=0.999", "data.hflip=false", "optim.clip_grad_norm=0",
+        "model.ema_decay=0.999", "data.hflip=false", "optim.clip_grad_norm=1", "model.stages=[2]",
     ])
     assert config.optim.lr == 1e-5 and config.optim.betas == (0.9, 0.99)
     assert config.data.root == "/data/QXS SAROPT" and config.train.precision == "fp16"
-    assert config.model.ema_decay == 0.999 and config.data.hflip is False and config.optim.clip_grad_norm == 0.0
-    changed = differences(load_config(ROOT / "configs" / "qxs.toml"), config)
-    assert len(changed) == 7 and "data.hflip: True -> False" in changed
+    assert config.model.ema_decay == 0.999 and config.data.hflip is False and config.optim.clip_grad_norm == 1.0
+    assert config.model.stages == (2,)
+    changed = differences(load_config(ROOT / "configs" / "qxs-saropt.toml"), config)
+    assert len(changed) == 8 and "data.hflip: True -> False" in changed
 
 
 @pytest.mark.parametrize("sets, message", [

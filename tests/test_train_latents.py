@@ -15,6 +15,7 @@ from cdiff.train.latents import VIEWS, LatentPairs, cache_latents, dihedral, fli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PLAIN = ("data.hflip=false", "data.vflip=false", "data.rot90=false")
+NO_VAL = ("val.every=0", "val.holdout=0")  # every pair of the list is trained on (and cached)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_flip_error_of_the_tiny_vae():
 
 
 def test_cache_holds_the_vae_latents_and_training_reads_them(tmp_path, model_file, capsys, small_config):
-    config = small_config(model_file, "data.count=6", *PLAIN)
+    config = small_config(model_file, "data.count=6", *PLAIN, *NO_VAL)
     code = main(["cache-latents", str(tmp_path / "cache"), "--config", _toml(tmp_path, config), "--batch-size", "4"])
     assert code == 0 and "hflip" in capsys.readouterr().out
     shards = json.loads((tmp_path / "cache" / "index.json").read_text())["shards"]
@@ -61,7 +62,7 @@ def test_cache_holds_the_vae_latents_and_training_reads_them(tmp_path, model_fil
     assert stored["sar"].shape == (6, 1, 4, 8, 8) and LatentPairs(tmp_path / "cache")[5]["name"] == pairs[5]["name"]
 
     # Training from the cache follows training from the images (no augmentation: the same latents).
-    steps = ("train.steps=3", "train.log_every=1", "val.every=0")
+    steps = ("train.steps=3", "train.log_every=1", *NO_VAL)
     from_images = train(small_config(model_file, "data.count=6", *PLAIN, *steps), tmp_path / "images")
     from_cache = train(small_config(model_file, "data.count=6", *PLAIN, *steps, f"data.latents={tmp_path / 'cache'}"),
                        tmp_path / "latents")
@@ -78,7 +79,7 @@ def _toml(tmp_path, config) -> str:
 
 
 def test_cache_mismatches_are_refused(tmp_path, model_file, small_config):
-    cache = cache_latents(small_config(model_file, "data.count=2", "data.crop=32", *PLAIN), tmp_path / "c",
+    cache = cache_latents(small_config(model_file, "data.count=2", "data.crop=32", *PLAIN, *NO_VAL), tmp_path / "c",
                           show_progress=False)
     cases = [
         ((f"model.init={micro_model(tmp_path / 'other.safetensors', seed=1)}", "data.crop=32", *PLAIN),
@@ -86,10 +87,12 @@ def test_cache_mismatches_are_refused(tmp_path, model_file, small_config):
         (("data.crop=32", "data.random_crop=true", *PLAIN), "holds the centre crop only"),
         (("data.crop=32", "data.random_crop=false"), "flips and rotations need"),
         (PLAIN, "at crop 32, the config asks for synthetic at crop 0"),
+        # A cache of every pair would train on the pair the config holds out for validation.
+        (("data.crop=32", *PLAIN, "val.holdout=1"), "made with val.holdout = 0 pairs held out .* holds out 1"),
     ]
     for sets, message in cases:
         with pytest.raises(ValueError, match=message):
-            train(small_config(model_file, "data.count=2", f"data.latents={cache}", *sets), tmp_path / "r")
+            train(small_config(model_file, "data.count=2", f"data.latents={cache}", *NO_VAL, *sets), tmp_path / "r")
     with pytest.raises(FileNotFoundError, match="no index.json"):
         LatentPairs(tmp_path)
     with pytest.raises(FileExistsError, match="is a folder that is not empty; pass --overwrite"):

@@ -223,7 +223,8 @@ def test_tiny_config_and_a_folder_dataset_run_from_the_cli(tmp_path, capsys):
     """configs/synthetic-tiny.toml (model.init = "tiny"), and pairs on disk read by cdiff.open_dataset."""
     from cdiff.data import write_synthetic
 
-    short = ["--set", "train.steps=1", "--set", "val.every=1", "--set", "val.images=1", "--set", "val.steps=1"]
+    short = ["--set", "train.steps=1", "--set", "val.every=1", "--set", "val.holdout=1", "--set", "val.images=1",
+             "--set", "val.steps=1"]
     code, err = _cli(capsys, "train", "--config", ROOT / "configs" / "synthetic-tiny.toml", "--run-dir", tmp_path / "tiny", *short)
     assert code == 0, err
     assert (tmp_path / "tiny" / "val" / "step-000001.png").is_file()

@@ -55,6 +55,7 @@ those too. A dataset with no pair left is an error.
 from __future__ import annotations
 
 import csv
+import inspect
 import logging
 import re
 from dataclasses import dataclass
@@ -631,6 +632,9 @@ READERS = {
     "csv": csv_pairs,
 }
 DATASET_KINDS = tuple(READERS)  # the names open_dataset takes, as cdiff.train's data.kind does
+# The kinds whose readers check a given list_file against the field's published lists, and take
+# ``force`` to use another one (cdiff.train's data.force).
+FORCE_KINDS = tuple(kind for kind, reader in READERS.items() if "force" in inspect.signature(reader).parameters)
 
 
 def open_dataset(kind: str, root, **kwargs) -> PairedImages:

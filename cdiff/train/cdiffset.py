@@ -1,5 +1,19 @@
-"""The C-DiffSET training step, as the official release trains: the ``[model]`` section and the task
-that cdiff.train.loop runs.
+"""The C-DiffSET training step, as the official release trains: the ``[model]`` section, its two
+stages, and the task that cdiff.train.loop runs.
+
+The stages (``model.stages``; the release trains them as two runs, GeoSET's ``baselines/sd21-ft``
+and ``baselines/c-diffset``):
+
+    stage 1   "SD2.1 FT": SD 2.1's U-Net with conv_in widened to 8 channels (both halves the
+              original x 0.5), 4 outputs, plain MSE on the prediction (cdiff.train.start)
+    stage 2   C-DiffSET: stage 1's final U-Net + the variance channel (zero weights: variance
+              exactly 1), the C-Diff loss (``model.loss``)
+
+``stages = [1, 2]`` runs both in one run directory, each in a folder of its own (``stage_runs``):
+``RUN_DIR/stage1`` and ``RUN_DIR/stage2``, each a complete run directory (cdiff.train.rundir) with
+its own optimiser, warm-up and cosine schedule over its steps; stage 2 starts from the model file
+of stage 1's last checkpoint. ``[1]`` or ``[2]`` runs one stage in the run directory itself;
+``[2]`` (the default) from ``model.init`` is cdiff's one-step fine-tune.
 
 Per sample at stream position g (cdiff.train.data):
 1. SAR and EO are encoded by the frozen VAE as the scaled posterior mean (or read from a latent
@@ -7,12 +21,13 @@ Per sample at stream position g (cdiff.train.data):
 2. t ~ U{0..999} and noise ~ N(0, I) are drawn from a generator seeded by (seed, g); the EO
    latent is noised: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise (cdiff.DDPM);
 3. the U-Net sees [SAR latent | x_t] (8 channels), t and the model's fixed prompt embedding, and
-   returns 4 prediction channels and 1 raw-variance channel;
-4. the loss: ``confidence_nll(target, prediction, raw variance, a_t)`` (the C-Diff beta-NLL) with
-   target = noise (``prediction = "epsilon"``), the clean EO latent (``"sample"``, the release's
-   x0 option) or v (``"v_prediction"``, cdiff.DDPM.velocity); ``loss = "mse"`` is plain L2 on the
-   4 channels (the paper's Table 3). The checkpoint's native file records the prediction, and
-   sampling reads the output as such (cdiff.schedulers.split_prediction).
+   returns 4 prediction channels (and, in stage 2, 1 raw-variance channel);
+4. the loss: stage 1, plain L2 on the 4 channels; stage 2, ``confidence_nll(target, prediction,
+   raw variance, a_t)`` (the C-Diff beta-NLL), or with ``loss = "mse"`` plain L2 on the 4 channels
+   (the paper's Table 3); target = noise (``prediction = "epsilon"``), the clean EO latent
+   (``"sample"``, the release's x0 option) or v (``"v_prediction"``, cdiff.DDPM.velocity). The
+   checkpoint's native file records the prediction, and sampling reads the output as such
+   (cdiff.schedulers.split_prediction).
 
 Logged terms (means over elements, their sum is the loss): ``loss_residual`` = w (target -
 prediction)^2 / (2 var), the confidence-weighted fit; ``loss_logvar`` = w (log var + log 2 pi) / 2,
@@ -22,7 +37,7 @@ the regulariser that keeps the variance from growing; with w = stopgrad(var)^sqr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,10 +49,11 @@ from cdiff.native import save_native
 from cdiff.pipeline import DEFAULT_PROMPT, Pipeline
 from cdiff.schedulers import DDPM, PREDICTION_TYPES
 from cdiff.train.config import RunConfig
-from cdiff.train.data import image_augment, image_pairs
+from cdiff.train.data import image_augment, training_split
 from cdiff.train.ema import EMA
 from cdiff.train.latents import cached_samples
 from cdiff.train.optim import adamw, lr_schedule
+from cdiff.train.rundir import CHECKPOINTS, step_name
 from cdiff.train.seeds import generator
 from cdiff.train.start import MODEL_FILE, TINY, start_pipeline
 from cdiff.train.task import Phase
@@ -45,6 +61,7 @@ from cdiff.train.validation import score_pairs
 
 LOSSES = ("cdiff", "mse")
 EMA_FILE = "model_ema.safetensors"
+STAGE_RECIPES = ((1,), (2,), (1, 2))  # model.stages: stage 1 alone, stage 2 alone, or both in order
 
 
 @dataclass(frozen=True)
@@ -54,9 +71,13 @@ class CDiffSETConfig:
     #                 or "tiny": cdiff's tiny stack with seeded random weights (for CPU trials)
     unet: str = ""  # optional: a release U-Net file (8-in/4-out or 8-in/5-out) to start from; VAE and prompt from init
     pad_to_77: bool = False  # init's prompt embedding is SD's 77-token padded one (the release's is unpadded)
+    stages: tuple[int, ...] = (2,)  # [1, 2]: the release's two stages in order (stage 1, 8-in/4-out with MSE, then
+    #                                 stage 2 from its final U-Net); [1] or [2]: one stage. See the module docstring
+    stage1_steps: int = 0  # with stages = [1, 2]: stage 1's optimiser steps; 0 = train.steps (as stage 2)
     prediction: str = "epsilon"  # the U-Net predicts the noise (the paper), "sample": the clean EO latent (the
     #                              release's x0 option), or "v_prediction": sqrt(a_t) noise - sqrt(1 - a_t) x_0
-    loss: str = "cdiff"  # "cdiff": the confidence-guided beta-NLL; "mse": L2 on the noise channels (Table 3)
+    loss: str = "cdiff"  # stage 2's: "cdiff", the confidence-guided beta-NLL; "mse": L2 on the noise channels
+    #                      (Table 3). Stage 1 has no variance channel and always trains with "mse"
     ema_decay: float = 0.0  # > 0: keep an EMA of the U-Net with this decay, validate and save it too
     gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
     channels_last: bool = False  # U-Net weights and activations NHWC (tensor-core convolutions' layout); same results
@@ -69,6 +90,12 @@ class CDiffSETConfig:
             # The tiny stack brings its own small VAE and prompt embedding, which no release U-Net fits.
             raise ValueError(f"config: model.unet ({self.unet}) needs model.init to be a model file, whose VAE and "
                              "prompt embedding it is used with; model.init = \"tiny\" makes its own U-Net")
+        if self.stages not in STAGE_RECIPES:
+            raise ValueError(f"config: model.stages must be one of {[list(r) for r in STAGE_RECIPES]}, "
+                             f"got {list(self.stages)}")
+        if self.stage1_steps < 0 or (self.stage1_steps and self.stages != (1, 2)):
+            raise ValueError(f"config: model.stage1_steps ({self.stage1_steps}) sets stage 1's length in a run of both "
+                             "stages (model.stages = [1, 2]); a run of one stage lasts train.steps")
         if self.prediction not in PREDICTION_TYPES:
             raise ValueError(f"config: model.prediction must be one of {PREDICTION_TYPES}, got {self.prediction!r}")
         if self.loss not in LOSSES:
@@ -77,8 +104,25 @@ class CDiffSETConfig:
             raise ValueError(f"config: model.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
+def stage_runs(config: RunConfig, run_dir) -> list[tuple[str, RunConfig]]:
+    """The runs that train ``config``, in order, as (folder, config of that run): ``[("", config)]``
+    for one stage, trained in ``run_dir`` itself; for ``model.stages = [1, 2]``, ``("stage1", ...)``
+    (``model.stage1_steps`` or train.steps long) and ``("stage2", ...)``, which starts from the model
+    file of stage 1's last checkpoint in ``run_dir``."""
+    model = config.model
+    if len(model.stages) == 1:
+        return [("", config)]
+    steps1 = model.stage1_steps or config.train.steps
+    stage1 = replace(config, model=replace(model, stages=(1,), stage1_steps=0),
+                     train=replace(config.train, steps=steps1))
+    final = Path(run_dir).resolve() / "stage1" / CHECKPOINTS / step_name(steps1) / MODEL_FILE
+    stage2 = replace(config, model=replace(model, stages=(2,), stage1_steps=0, init=str(final), unet="",
+                                           pad_to_77=False, tiny_seed=0))
+    return [("stage1", stage1), ("stage2", stage2)]
+
+
 class CDiffSETTask:
-    """The C-DiffSET model in training (a cdiff.train.task.Task)."""
+    """The C-DiffSET model in training, one stage of it (a cdiff.train.task.Task)."""
 
     best_metric = "psnr"
     single_process = False  # trains under torchrun too (DDP)
@@ -87,6 +131,10 @@ class CDiffSETTask:
                  pipeline: Pipeline | None = None):
         """The model comes from ``checkpoint`` (a resume), else ``pipeline`` (in memory), else model.init."""
         self.config, self.device, self.model = config, device, config.model
+        if len(self.model.stages) != 1:
+            raise ValueError(f"model.stages = {list(self.model.stages)}: a task trains one stage; cdiff.train.run "
+                             "trains each in its own folder (stage_runs)")
+        self.stage = self.model.stages[0]
         pipeline = pipeline if pipeline is not None and checkpoint is None else start_pipeline(self.model, checkpoint)
         self.prompt, self.process = pipeline.prompt, DDPM()
         self.unet = pipeline.unet.to(device).train().requires_grad_(True)
@@ -104,15 +152,18 @@ class CDiffSETTask:
         self.optimizers = {"unet": adamw(self.unet.parameters(), config.optim)}
         self.schedulers = {"unet": lr_schedule(self.optimizers["unet"], config.optim, config.train.steps)}
         self.phases = [Phase("unet", "unet", ("unet",), self.loss)]
-        # Opened now, so that a missing held-out split is an error at the start, not at step val.every.
-        self.val_pairs = image_pairs(config.data, "test", config.val.images) if config.val.every else None
+        # Opened now, so that a missing file is an error at the start. Validation reads pairs held out of
+        # the training list (val.holdout), never the test split.
+        self.train_pairs = self.val_pairs = None
+        if not config.data.latents or config.val.every:
+            self.train_pairs, self.val_pairs = training_split(config.data, config.val)
 
     # --- training ------------------------------------------------------------------------
 
     def training_samples(self):
         if self.config.data.latents:
-            return cached_samples(self.config.data, self.vae)
-        return image_pairs(self.config.data, "train"), image_augment(self.config.data)
+            return cached_samples(self.config, self.vae)
+        return self.train_pairs, image_augment(self.config.data)
 
     @torch.no_grad()
     def _latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,11 +189,13 @@ class CDiffSETTask:
         noisy = self.process.add_noise(eo_latent, noise, t)  # (B, 4, h, w)
         context = self.context.expand(len(t), -1, -1)  # (B, L, context_dim)
         unet_input = torch.cat([sar_latent, noisy], dim=1).contiguous(memory_format=self.memory_format)  # (B, 8, h, w)
-        out = self.wrapped["unet"](unet_input, t, context)  # (B, 5, h, w)
+        out = self.wrapped["unet"](unet_input, t, context)  # (B, 4 or 5, h, w): stage 1 or 2
         channels = eo_latent.shape[1]
-        prediction, raw = out[:, :channels], out[:, channels:]
+        prediction, raw = out[:, :channels], out[:, channels:]  # raw: (B, 1, h, w), or (B, 0, h, w) in stage 1
         target = self._target(eo_latent, noise, t)
         alpha_bar = self.process.alpha_bar(t)
+        if self.stage == 1:
+            return F.mse_loss(prediction.float(), target), {}
         if self.model.loss == "mse":
             loss = F.mse_loss(prediction.float(), target)
             return loss, {"mean_variance": variance_from_raw(raw.detach()).mean()}
@@ -181,7 +234,7 @@ class CDiffSETTask:
 
     @torch.no_grad()
     def validate(self, step: int):
-        """DDIM on the first val.images held-out pairs: mean PSNR, SSIM, SCC; grid columns."""
+        """DDIM on the first val.images pairs held out of the training list: mean PSNR, SSIM, SCC; grid columns."""
         val = self.config.val
         unet = self.ema.module if self.ema is not None else self.unet
         unet.eval()

@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, fields
 
 from cdiff.config import DTYPES
-from cdiff.data.datasets import DATASET_KINDS
+from cdiff.data.datasets import DATASET_KINDS, FORCE_KINDS
 
 SCHEDULES = ("cosine", "constant", "linear_decay")
 PRECISIONS = tuple(DTYPES)  # fp32, or autocast to fp16 (with a gradient scaler) or bf16
@@ -32,10 +32,12 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    kind: str = "synthetic"  # qxs, sar2opt, spacenet6, sen12, folders, csv (cdiff.open_dataset), or synthetic
+    kind: str = "synthetic"  # qxs, sar2opt, sar2eo, spacenet6, spacenet6_chips, sen12, folders, csv
+    #                          (cdiff.open_dataset), or synthetic
     root: str = ""  # the dataset's folder (for csv: the pairs CSV file); unused for synthetic
-    train_list: str = ""  # the release's list of training pairs (train_eo_list_080.txt); "" = cdiff's 80/20 split
-    test_list: str = ""  # ... of held-out pairs, for validation
+    train_list: str = ""  # a list of training pairs; "" = the field's frozen list for qxs, sar2opt, sar2eo,
+    #                       spacenet6(_chips) (docs/datasets.md), cdiff's 80/20 split by scene for the others
+    force: bool = False  # use a train_list that is not the published one (its numbers then compare with no table)
     crop: int = 0  # square crop side in px; 0 = the dataset's own (512 for sar2opt and spacenet6, else none)
     random_crop: bool = True  # training crops at random places (validation: the centre)
     hflip: bool = True  # random horizontal flips (the release: on)
@@ -43,12 +45,14 @@ class DataConfig:
     rot90: bool = True  # random rotations by multiples of 90 degrees (the release: on)
     latents: str = ""  # a folder written by `cdiff cache-latents`: train from it instead of encoding images
     workers: int = 4  # DataLoader worker processes per rank (0: load in the training process)
-    count: int = 1000  # synthetic only: training pairs (pair i from seed i); held-out pairs come after them
+    count: int = 1000  # synthetic only: pairs of the training list (pair i from seed i)
     size: int = 256  # synthetic only: image side in px
 
     def __post_init__(self):
         _require(self.kind in DATA_KINDS, "data.kind", f"must be one of {DATA_KINDS}, got {self.kind!r}")
         _require(self.kind == "synthetic" or bool(self.root), "data.root", f"is needed for data.kind = {self.kind!r}")
+        _require(not self.force or self.kind in FORCE_KINDS, "data.force",
+                 f"applies to the datasets with published lists ({', '.join(FORCE_KINDS)}), not {self.kind!r}")
         _require(self.crop >= 0, "data.crop", f"must be >= 0, got {self.crop}")
         _require(self.workers >= 0, "data.workers", f"must be >= 0, got {self.workers}")
         _require(self.count >= 1, "data.count", f"must be >= 1, got {self.count}")
@@ -88,10 +92,14 @@ class TrainConfig:
     log_every: int = 100  # steps per line of log.jsonl (averages over those steps)
     save_every: int = 2000  # steps between checkpoints (the release: 2000)
     keep_last: int = 3  # checkpoints kept besides the best one
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (a multiple of save_every;
+    #                      10000 keeps step-040000, the field's published one); 0 = none
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "accumulation", "log_every", "save_every", "keep_last"):
             _require(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _require(self.keep_every >= 0 and self.keep_every % self.save_every == 0, "train.keep_every",
+                 f"must be 0 or a multiple of train.save_every ({self.save_every}), got {self.keep_every}")
         _require(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
         _require(self.device in DEVICES, "train.device", f"must be one of {DEVICES}, got {self.device!r}")
         _require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
@@ -100,17 +108,28 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ValConfig:
-    every: int = 2000  # steps between validations on the held-out split; 0 = never
-    images: int = 100  # held-out pairs validated (the release: 100)
+    """Validation, which picks the ``best`` checkpoint, reads pairs held out of the TRAINING list, never
+    the test split (cdiff.train.data.training_split): no model is selected on test data."""
+
+    every: int = 0  # steps between validations; 0 = never
+    holdout: int = 0  # pairs taken out of the training list for validation (the same ones in every run on the
+    #                   list); they are not trained on. 0 = none (validation needs some)
+    images: int = 100  # held-out pairs validated, the first of the holdout (the release validates 100)
     steps: int = 20  # sampler steps per image
     batch_size: int = 8
     grid_images: int = 4  # rows of the PNG grid (SAR | prediction | target | confidence)
 
     def __post_init__(self):
         _require(self.every >= 0, "val.every", f"must be >= 0, got {self.every}")
+        _require(self.holdout >= 0, "val.holdout", f"must be >= 0, got {self.holdout}")
         for key in ("images", "steps", "batch_size"):
             _require(getattr(self, key) >= 1, f"val.{key}", f"must be >= 1, got {getattr(self, key)}")
         _require(self.grid_images >= 0, "val.grid_images", f"must be >= 0, got {self.grid_images}")
+        if self.every:
+            _require(self.holdout > 0, "val.every", f"= {self.every} needs val.holdout > 0: validation reads pairs "
+                     "held out of the training list, never the test split (or set val.every = 0)")
+            _require(self.images <= self.holdout, "val.images",
+                     f"({self.images}) must be <= val.holdout ({self.holdout}), the pairs held out to validate on")
 
 
 @dataclass(frozen=True)

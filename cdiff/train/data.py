@@ -1,4 +1,9 @@
-"""The training data stream: which sample each process reads at each step, and its augmentation.
+"""The training data: the training list and the pairs held out of it for validation, the stream of
+samples each process reads at each step, and its augmentation.
+
+Validation never reads the test split: ``val.holdout`` pairs are taken out of the training list
+(``holdout_indices``: a seeded choice that depends only on the list's length, so every run on
+the list holds out the same pairs) and validated on; the rest is trained on.
 
 The samples of a run form one endless stream of global positions g = 0, 1, 2, ...; position g
 is dataset item ``order(g)``: epoch g // N is a seeded permutation of the N items. Process r of
@@ -19,10 +24,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from cdiff.data import CenterCrop, PairAugment, SyntheticPairs, open_dataset
-from cdiff.train.config import DataConfig
+from cdiff.data.datasets import FORCE_KINDS
+from cdiff.train.config import DataConfig, ValConfig
 from cdiff.train.seeds import derive_seed, generator
 
-DEFAULT_CROPS = {"sar2opt": 512, "spacenet6": 512}  # the release's crop sides; other datasets are used whole
+# The release's crop sides (random crops in training, the centre crop for validation: SAR2Opt's
+# 600-px tiles at offset 44); other datasets are used whole.
+DEFAULT_CROPS = {"sar2opt": 512, "spacenet6": 512}
 KEEP = ("sar", "eo", "sar_latent", "eo_latent", "name")
 
 
@@ -105,17 +113,49 @@ def image_augment(data: DataConfig) -> ImageAugment | None:
     return ImageAugment(random, centre)
 
 
-def image_pairs(data: DataConfig, split: str, count: int | None = None) -> Dataset:
-    """The un-augmented pairs of ``split`` ("train" or "test"; "test" centre-cropped); at most ``count``."""
+def image_pairs(data: DataConfig) -> Dataset:
+    """The un-augmented pairs of the training list (``data.train_list``, else the dataset's: the
+    field's frozen list where one exists, cdiff's split by scene otherwise), held-out ones included."""
     if data.kind == "synthetic":
-        if split == "train":
-            return SyntheticPairs(data.count, size=data.size, seed=0)
-        return SyntheticPairs(count or 1, size=data.size, seed=data.count)  # the pairs after the training ones
+        return SyntheticPairs(data.count, size=data.size, seed=0)
+    force = {"force": data.force} if data.kind in FORCE_KINDS else {}
+    return open_dataset(data.kind, data.root, split="train", list_file=data.train_list or None, transform=None,
+                        **force)
+
+
+def holdout_indices(size: int, count: int) -> list[int]:
+    """The ``count`` indices of a training list of ``size`` pairs that validation holds out: a seeded
+    choice that depends on ``size`` alone, in the list's order."""
+    if not 0 < count < size:
+        raise ValueError(f"val.holdout = {count}: the training list has {size} pairs; hold out fewer")
+    chosen = torch.randperm(size, generator=generator("val.holdout", size))[:count]
+    return sorted(chosen.tolist())
+
+
+class _Transformed(Dataset):
+    def __init__(self, items: Dataset, transform: Callable):
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.transform(self.items[index])
+
+
+def training_split(data: DataConfig, val: ValConfig) -> tuple[Dataset, Dataset | None]:
+    """(the pairs to train on, the first ``val.images`` of the ``val.holdout`` pairs held out of the
+    training list, centre-cropped, or None when validation is off). Both are un-augmented."""
+    pairs = image_pairs(data)
+    if not val.holdout:
+        return pairs, None
+    held = holdout_indices(len(pairs), val.holdout)
+    kept = sorted(set(range(len(pairs))) - set(held))
+    if not val.every:
+        return Subset(pairs, kept), None
     crop = data.crop or DEFAULT_CROPS.get(data.kind)
-    list_file = (data.train_list if split == "train" else data.test_list) or None
-    transform = CenterCrop(crop) if split == "test" and crop else None
-    pairs = open_dataset(data.kind, data.root, split=split, list_file=list_file, transform=transform)
-    return Subset(pairs, range(min(count, len(pairs)))) if count is not None else pairs
+    validated = Subset(pairs, held[: val.images])
+    return Subset(pairs, kept), (_Transformed(validated, CenterCrop(crop)) if crop else validated)
 
 
 def loader(samples: StreamSamples, batches: MicroBatches, workers: int, pin: bool, seed: int) -> DataLoader:

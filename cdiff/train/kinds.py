@@ -1,8 +1,8 @@
 """The model kinds cdiff trains and translates, one row each: adding a kind is one entry here.
 
-    kind        [model] section (run config)        training task             cdiff translate
-    cdiffset    cdiff.train.cdiffset.CDiffSETConfig  CDiffSETTask              translators.open_cdiffset
-    s2o_npde    cdiff.train.s2o_npde.S2ONPDEConfig   S2ONPDETask               translators.open_s2o_npde
+    kind        [model] section (run config)        training task   its runs (stages)   cdiff translate
+    cdiffset    cdiff.train.cdiffset.CDiffSETConfig  CDiffSETTask    cdiffset.stage_runs  translators.open_cdiffset
+    s2o_npde    cdiff.train.s2o_npde.S2ONPDEConfig   S2ONPDETask     one                  translators.open_s2o_npde
 
 ``model.kind`` of a run config picks the row for ``cdiff train`` (cdiff.train.configfile,
 cdiff.train.run). ``cdiff translate`` picks it from the model file: the row whose ``recognises``
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from cdiff.npde.files import is_model_file as is_npde_model_file
-from cdiff.train.cdiffset import CDiffSETConfig, CDiffSETTask
+from cdiff.train.cdiffset import CDiffSETConfig, CDiffSETTask, stage_runs
 from cdiff.train.s2o_npde import S2ONPDEConfig, S2ONPDETask
 from cdiff.translators import open_cdiffset, open_s2o_npde
 
@@ -30,12 +30,14 @@ class ModelKind:
     open_translator: Callable  # (model file, Sampling, conf_dir, device, dtype, prompt, ...) -> a Translator
     #                            (cdiff.translators)
     recognises: Callable[[Path], bool] | None  # whether a model file is of this kind; None: the default kind
+    stages: Callable | None = None  # (run config, run dir) -> [(folder, config)]: the runs that train a config in
+    #                                 order, each in its folder of the run dir ("" = the run dir itself); None: one
 
 
 KINDS = {
     kind.name: kind
     for kind in (
-        ModelKind("cdiffset", CDiffSETConfig, CDiffSETTask, open_cdiffset, None),
+        ModelKind("cdiffset", CDiffSETConfig, CDiffSETTask, open_cdiffset, None, stage_runs),
         ModelKind("s2o_npde", S2ONPDEConfig, S2ONPDETask, open_s2o_npde, is_npde_model_file),
     )
 }

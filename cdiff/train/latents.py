@@ -3,7 +3,8 @@
 The VAE is frozen, so its latents never change, and at 512 px encoding a SAR-EO pair costs about
 as much as the U-Net's forward and backward. The cache is a folder:
 
-    index.json                the count, views, latent shape, crop, the data section, the model file
+    index.json                the count, views, latent shape, crop, the data section, val.holdout (the
+                              pairs held out of the training list are not cached), the model file
                               and the SHA-256 of its VAE's weights, and the measured flip error
     shard-00000.safetensors   "sar", "eo": (n, views, 4, h, w) scaled posterior means (fp32);
                               metadata "names": the pairs' names (JSON)
@@ -33,7 +34,7 @@ from cdiff.data import CenterCrop
 from cdiff.files import atomic_path, check_output
 from cdiff.progress import progress
 from cdiff.train.config import RunConfig, to_dict
-from cdiff.train.data import DEFAULT_CROPS, image_pairs
+from cdiff.train.data import DEFAULT_CROPS, training_split
 from cdiff.train.start import start_pipeline
 
 FORMAT, VERSION = "cdiff-latents", 1
@@ -77,8 +78,9 @@ def flip_error(vae, images: torch.Tensor) -> dict[str, float]:
 @torch.no_grad()
 def cache_latents(config: RunConfig, out_dir, dihedral_views: bool = False, batch_size: int = 8,
                   show_progress: bool = True, overwrite: bool = False) -> Path:
-    """Encode the training pairs of ``config`` with its model's VAE into ``out_dir`` (a new or empty
-    folder; ``overwrite`` replaces a cache there once the new one is complete)."""
+    """Encode the training pairs of ``config`` (without the val.holdout pairs held out for validation)
+    with its model's VAE into ``out_dir`` (a new or empty folder; ``overwrite`` replaces a cache there
+    once the new one is complete)."""
     if config.model.kind != "cdiffset":
         raise ValueError(f"cache-latents encodes with a C-DiffSET model's VAE; model.kind {config.model.kind!r} "
                          "trains on images (no latents)")
@@ -88,13 +90,14 @@ def cache_latents(config: RunConfig, out_dir, dihedral_views: bool = False, batc
         raise ValueError("data.latents is set: cache-latents reads images; unset it (--set data.latents=\"\")")
     device = torch.device("cuda" if torch.cuda.is_available() and config.train.device != "cpu" else "cpu")
     vae = start_pipeline(config.model).vae.to(device).eval()
-    pairs = image_pairs(data, "train")
+    pairs = training_split(data, config.val)[0]
     crop = data.crop or DEFAULT_CROPS.get(data.kind)
     views = len(VIEWS) if dihedral_views else 1
     shard_size = max(1, 4096 // views)
     index = {
         "format": FORMAT, "version": VERSION, "views": views, "crop": crop or 0, "cropped": False,
-        "data": to_dict(config)["data"], "model": config.model.init, "vae_sha256": vae_fingerprint(vae),
+        "data": to_dict(config)["data"], "holdout": config.val.holdout, "model": config.model.init,
+        "vae_sha256": vae_fingerprint(vae),
         "shards": [],
     }
     with atomic_path(out_dir, is_dir=True, overwrite=overwrite, sync=True) as tmp:
@@ -181,11 +184,16 @@ class LatentPairs(Dataset):
         return {**self.__dict__, "_files": {}, "_names": {}}
 
 
-def cached_samples(data, vae):
+def cached_samples(config: RunConfig, vae):
     """(LatentPairs, the view-picking augmentation or None) for training; the cache is checked
     against the config and the model's VAE, and a mismatch is an error that says what to change."""
+    data = config.data
     pairs = LatentPairs(data.latents)
     index, where = pairs.index, f"latent cache {data.latents}"
+    if index.get("holdout", 0) != config.val.holdout:
+        raise ValueError(f"{where} was made with val.holdout = {index.get('holdout', 0)} pairs held out of the "
+                         f"training list, the config holds out {config.val.holdout}: re-run cache-latents with "
+                         "this config, so that no validation pair is trained on")
     if index["vae_sha256"] != vae_fingerprint(vae):
         raise ValueError(f"{where} was made with another VAE than this model's ({index['model']}); re-run cache-latents")
     crop = data.crop or DEFAULT_CROPS.get(data.kind) or 0

@@ -87,7 +87,8 @@ class Loop:
                 write_state(folder, values, self.task.optimizers, self.task.schedulers, self.scaler, capture_rng())
 
             best = self.best["step"] if self.best else None
-            folder = self.rundir.save(self.step, write, self.config.train.keep_last, best)
+            train = self.config.train
+            folder = self.rundir.save(self.step, write, train.keep_last, best, train.keep_every)
             self.log.write("event", event="checkpoint", step=self.step, path=str(folder.relative_to(self.rundir.path)))
         distributed.barrier()
 
@@ -152,7 +153,8 @@ class Loop:
         raise NonFiniteLoss(
             f"step {step}: the {phase.name} loss is {float(loss)} (or its gradient is not finite) and "
             f"{self.skipped} of --skip-nonfinite {self.config.train.skip_nonfinite} skips are used; {where}. "
-            f"Resume with 'cdiff train --resume {self.rundir.path}' (e.g. with a lower optim.lr or --skip-nonfinite N)"
+            f"Resume with 'cdiff train --resume {self.rundir.resume_path}' (e.g. with a lower optim.lr or "
+            "--skip-nonfinite N)"
         )
 
     # --- logging and validation ------------------------------------------------------------
@@ -208,7 +210,7 @@ class Loop:
         self.log.write("event", event="interrupted", step=self.step, signal=name)
         checkpoint = self.rundir.checkpoints / step_name(self.step)
         return Interrupted(f"stopped by {name} after step {self.step}, saved in {checkpoint}; continue with "
-                           f"'cdiff train --resume {self.rundir.path}'", signum)
+                           f"'cdiff train --resume {self.rundir.resume_path}'", signum)
 
     def run(self, samples: tuple, stop_at: int | None = None, stops: StopRequests | None = None) -> None:
         """Train from the current step to train.steps (or ``stop_at``) on ``samples``: the task's

@@ -15,6 +15,11 @@
       latest -> checkpoints/step-000200   (symbolic links, replaced atomically)
       best -> checkpoints/step-000200
 
+A run of several stages (C-DiffSET's ``model.stages = [1, 2]``, cdiff.train.cdiffset.stage_runs)
+holds ``.lock`` and ``config.toml`` (the whole recipe) at its top, and one such folder per stage,
+``RUN_DIR/stage1/`` and ``RUN_DIR/stage2/`` (``stage_dirs``); ``--resume RUN_DIR`` continues
+whichever stage was in progress.
+
 One process trains in a run directory at a time: it holds ``.lock`` (under torchrun, rank 0 for
 all). A second one is refused with the owner's pid and host; a lock whose owner died (kill -9, a
 power cut) is reported as stale and taken over only when asked (``--force``): on a shared file
@@ -25,8 +30,8 @@ flushed to disk, and renamed to ``step-NNNNNN`` in one step; old ones are rename
 they are deleted. So a process killed at any moment leaves every ``step-*`` folder complete, and
 ``latest_checkpoint`` finds the newest one even if the ``latest`` link was not updated yet; the
 next run removes the temporaries it left (``clean``). A save that fails (a full disk) removes its
-folder and leaves the previous checkpoint the newest. The last ``keep_last`` checkpoints and the
-best one are kept.
+folder and leaves the previous checkpoint the newest. The last ``keep_last`` checkpoints, the
+best one and, with ``keep_every`` N, those of every N-th step are kept.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ CHECKPOINTS = "checkpoints"
 STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
 LOCK = ".lock"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_STAGE_DIR = re.compile(r"^stage(\d+)$")
 _STEP_PNG = re.compile(r"^step-\d+\.png$")
 # Temporaries of cdiff's own naming that files.leftovers does not know: the probe of
 # check_writable, and those of earlier cdiff versions (pid-named files, .tmp-/.trash- folders).
@@ -75,6 +81,16 @@ def step_of(checkpoint: Path) -> int:
     return int(_STEP_DIR.match(checkpoint.name).group(1))
 
 
+def stage_dirs(path) -> list[Path]:
+    """The stage folders (``stage1``, ``stage2``...) of a run directory of several stages, in order;
+    [] for a run of one stage."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    found = [p for p in path.iterdir() if _STAGE_DIR.match(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(_STAGE_DIR.match(p.name).group(1)))
+
+
 def _remove(folder: Path) -> None:
     """Delete a folder so that no half-deleted ``step-*`` folder is ever visible: rename, then delete."""
     trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
@@ -89,18 +105,21 @@ class SaveFailed(OSError):
 class RunDir:
     """One run's folder (see the module docstring). Only rank 0 writes to it."""
 
-    def __init__(self, path):
+    def __init__(self, path, resume_path=None):
         self.path = Path(path)
+        # What 'cdiff train --resume' takes to continue this run: the run directory of a stage's folder.
+        self.resume_path = Path(resume_path) if resume_path is not None else self.path
         self.checkpoints = self.path / CHECKPOINTS
         self.config_file = self.path / "config.toml"
         self.log_file = self.path / "log.jsonl"
         self.val_dir = self.path / "val"
         self.lock_file = self.path / LOCK
 
-    def check_writable(self) -> None:
-        """Create the folders and write a probe file; an error names the folder if that fails."""
+    def check_writable(self, checkpoints: bool = True) -> None:
+        """Create the folder (and, ``checkpoints``, its checkpoints/) and write a probe file; an error
+        names the folder if that fails."""
         try:
-            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            (self.checkpoints if checkpoints else self.path).mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.path, prefix=".probe-"):
                 pass
         except OSError as err:
@@ -139,10 +158,12 @@ class RunDir:
         steps = self.steps()
         return self.checkpoints / step_name(steps[-1]) if steps else None
 
-    def save(self, step: int, write: Callable[[Path], None], keep_last: int, best_step: int | None) -> Path:
+    def save(self, step: int, write: Callable[[Path], None], keep_last: int, best_step: int | None,
+             keep_every: int = 0) -> Path:
         """Write checkpoint ``step`` with ``write(folder)``, atomically; update the links; prune.
 
-        ``best_step`` is the step of the best checkpoint so far (kept, linked as ``best``). A full
+        ``best_step`` is the step of the best checkpoint so far (kept, linked as ``best``); with
+        ``keep_every`` N every checkpoint of a step that is a multiple of N is kept too. A full
         disk raises SaveFailed naming the folder, with nothing of this checkpoint left behind.
         """
         target = self.checkpoints / step_name(step)
@@ -156,13 +177,14 @@ class RunDir:
             kept = f"the newest checkpoint is still {newest}" if newest else "no checkpoint was saved yet"
             raise SaveFailed(f"no space left on the device of {self.checkpoints}: checkpoint {target.name} was not "
                              f"written (nothing of it is left); {kept}. Free space, then continue with "
-                             f"'cdiff train --resume {self.path}'") from None
+                             f"'cdiff train --resume {self.resume_path}'") from None
         stage("renamed")
         replace_link(self.path / "latest", f"{CHECKPOINTS}/{step_name(step)}")
         if best_step is not None and (self.checkpoints / step_name(best_step)).is_dir():
             replace_link(self.path / "best", f"{CHECKPOINTS}/{step_name(best_step)}")
         stage("linked")
         keep = set(self.steps()[-keep_last:]) | ({best_step} if best_step is not None else set())
+        keep |= {s for s in self.steps() if keep_every and s % keep_every == 0}
         for old in self.steps():
             if old not in keep:
                 _remove(self.checkpoints / step_name(old))

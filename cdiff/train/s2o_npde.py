@@ -45,7 +45,7 @@ from cdiff.npde import (
 )
 from cdiff.npde.training import frozen
 from cdiff.train.config import DataConfig, OptimConfig, RunConfig, TrainConfig
-from cdiff.train.data import DEFAULT_CROPS, image_augment, image_pairs
+from cdiff.train.data import DEFAULT_CROPS, image_augment, training_split
 from cdiff.train.optim import lr_schedule
 from cdiff.train.seeds import derive_seed
 from cdiff.train.task import Phase
@@ -139,13 +139,14 @@ class S2ONPDETask:
             Phase("generator", "generator", ("generator", "reverse"), self.generator_loss),
             Phase("discriminator", "discriminator", ("disc_eo", "disc_sar"), self.discriminator_loss),
         ]
-        # Opened now, so that a missing held-out split is an error at the start, not at step val.every.
-        self.val_pairs = image_pairs(config.data, "test", config.val.images) if config.val.every else None
+        # Opened now, so that a missing file is an error at the start. Validation reads pairs held out of
+        # the training list (val.holdout), never the test split.
+        self.train_pairs, self.val_pairs = training_split(config.data, config.val)
 
     # --- training ------------------------------------------------------------------------
 
     def training_samples(self):
-        return image_pairs(self.config.data, "train"), image_augment(self.config.data)
+        return self.train_pairs, image_augment(self.config.data)
 
     def _images(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(SAR, EO), each (B, 3, H, W) in [-1, 1], on the device."""
@@ -175,7 +176,8 @@ class S2ONPDETask:
 
     @torch.no_grad()
     def validate(self, step: int):
-        """The generator on the first val.images held-out pairs: mean PSNR, SSIM, SCC; grid columns."""
+        """The generator on the first val.images pairs held out of the training list: mean PSNR, SSIM, SCC;
+        grid columns."""
         val, generator = self.config.val, self.model.generator
         generator.eval()
 

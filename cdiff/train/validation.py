@@ -29,7 +29,10 @@ def score_pairs(pairs: Dataset, predict: Callable, batch_size: int, grid_images:
     (prediction (B, 3, H, W) in [-1, 1], extra map (B, C, h, w) or None).
     """
     scores, columns = {}, []
-    for index, batch in enumerate(DataLoader(pairs, batch_size=batch_size)):
+    # A generator of its own: a DataLoader without one draws its base seed from torch's global RNG,
+    # whose state the checkpoints record (a run resumed in a new process would then differ).
+    batches = DataLoader(pairs, batch_size=batch_size, generator=torch.Generator().manual_seed(0))
+    for index, batch in enumerate(batches):
         sar, eo = batch["sar"].to(device), batch["eo"].to(device)
         prediction, extra = predict(index, sar)
         prediction = prediction.float()
