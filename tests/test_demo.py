@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from cdiff.cli import main
-from cdiff.demo import DEMO_MODEL, DEMO_RECORD, SYNTHETIC_ONLY, Protocol, load_demo_model, measure
+from cdiff.demo import DEMO_MODEL, DEMO_RECORD, SCORE_PROTOCOLS, SYNTHETIC_ONLY, Protocol, load_demo_model, measure
 from cdiff.data.synth import make_pair
+from cdiff.native import native_prediction
 
 from .helpers import one_thread
 
@@ -30,6 +31,10 @@ def test_demo_writes_scenes_panel_and_table(tmp_path, capsys):
     out = tmp_path / "cdiff-demo"
     assert main(["demo", "--out", str(out)]) == 0  # the README's first command, into a temporary folder
     printed = capsys.readouterr().out
+    first = printed.splitlines()[:3]  # what the model is comes first, before any number
+    assert "synthetic scenes only" in first[0] and "from scratch" in first[0] and "tiny" in first[0]
+    assert "random" in first[1] and "seeded" in first[1]
+    assert first[2] == "objective: the noise (epsilon) and a variance, with the C-Diff loss: the paper's objective"
     names = [f"synth_{1_000_000 + i}" for i in range(4)]
     expected = {f"{n}_{kind}.png" for n in names for kind in ("sar", "eo", "target", "confidence")}
     assert {p.name for p in out.iterdir()} == expected | {"panel.png", "metrics.md", "metrics.json"}
@@ -47,15 +52,36 @@ def test_demo_writes_scenes_panel_and_table(tmp_path, capsys):
         assert psnr == pytest.approx(saved[name]["psnr"], abs=0.006)
         assert ssim == pytest.approx(saved[name]["ssim"], abs=6e-4) and scc == pytest.approx(saved[name]["scc"], abs=6e-4)
     assert rows["mean"][0] == pytest.approx(np.mean([rows[n][0] for n in names]), abs=0.01)
-    header, table = (out / "metrics.md").read_text().split("\n\n")
+    description, header, table, verdict = (out / "metrics.md").read_text().split("\n\n")
+    assert description.splitlines() == first
     assert "held-out" in header and f"{Protocol().steps} DDIM steps" in header and table in printed
+    # The claim names only the metrics where the mean beats both baselines, from the printed table.
+    beaten = [m for i, m in enumerate(("PSNR", "SSIM", "SCC"))
+              if rows["mean"][i] > max(rows["baseline: SAR as RGB"][i], rows["baseline: mean training EO"][i])]
+    assert verdict.startswith(f"On these 4 scenes the model beats both baselines in {' and '.join(beaten)}")
+    assert verdict.strip() in printed
+    for metric in {"PSNR", "SSIM", "SCC"} - set(beaten):
+        assert f"; not in {metric} (" in verdict
 
 
-def test_bundled_model_reproduces_its_recorded_scores():
+def test_bundled_model_predicts_the_noise():
+    """The bundled model has the paper's objective: the file's metadata (what sampling reads) and its record."""
     record = json.loads(DEMO_RECORD.read_text())
-    entry = record["scores"]["demo"]
+    assert native_prediction(DEMO_MODEL) == "epsilon"
+    assert record["objective"] == {"prediction": "epsilon", "variance": True,
+                                   "loss": "C-Diff (confidence-guided beta-NLL)"}
+    assert record["training"]["config"]["model"]["prediction"] == "epsilon"
+    assert record["training"]["config"]["model"]["loss"] == "cdiff"
+    assert load_demo_model().unet.config.out_channels == 5  # 4 noise channels + the variance
+
+
+@pytest.mark.parametrize("name", ["demo", "heldout"])
+def test_bundled_model_reproduces_its_recorded_scores(name):
+    """The scores the record holds (written when the model was trained) come out again, measured now:
+    the demo's 4 scenes and the 64 held-out scenes of the claim."""
+    entry = json.loads(DEMO_RECORD.read_text())["scores"][name]
     protocol = Protocol(**entry["protocol"])
-    assert protocol == Protocol()  # the protocol `cdiff demo` prints
+    assert protocol == SCORE_PROTOCOLS[name]  # "demo": the protocol `cdiff demo` prints
     assert DEMO_MODEL.stat().st_size < 20 * 2**20  # a few MB, committed
     with one_thread():
         scores = measure(load_demo_model(), protocol)

@@ -76,7 +76,7 @@ def entry(record_file: Path, arm: str, seed: int) -> dict:
     return {
         "arm": arm, "seed": seed, "file": str(record_file.with_suffix(".safetensors").relative_to(ROOT))
         if record_file.is_relative_to(ROOT) else str(record_file.with_suffix(".safetensors")),
-        "objective": record["objective"], "command": training["command"],
+        "objective": record["objective"], "command": training["command"].replace(f"{ROOT}/", ""),
         "cpu_seconds": training["cpu_seconds"], "vae_cpu_seconds": training["vae_cpu_seconds"],
         "threads": training["threads"], "heldout": {m: heldout["model"][m] for m in METRICS},
     }
