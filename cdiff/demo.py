@@ -325,9 +325,11 @@ def run_demo_on_file(sar_path: str, out_dir: str = "cdiff-demo", steps: int = Pr
         raise ValueError(f"--sar {sar_path}: sides must be multiples of 64 for the demo, got {height}x{width} "
                          f"(cdiff translate pads any size)")
     grey = torch.from_numpy(np.ascontiguousarray(image.mean(axis=2))).float()  # (H, W)
+    pipeline = load_demo_model(model)
+    for line in describe_model(model, pipeline):
+        echo(line)
     with one_thread():
-        result = translate(load_demo_model(model), grey.expand(1, 3, -1, -1), Protocol(steps=steps, seed=seed),
-                           show_progress=True)
+        result = translate(pipeline, grey.expand(1, 3, -1, -1), Protocol(steps=steps, seed=seed), show_progress=True)
     stem = Path(sar_path).stem
     paths = {"eo": out / f"{stem}_eo.png", "confidence": out / f"{stem}_confidence.png"}
     write_png(paths["eo"], to_uint8(result.eo[0].permute(1, 2, 0).numpy()))

@@ -97,6 +97,7 @@ def test_demo_translates_a_file_with_a_warning(tmp_path, capsys):
     assert main(["demo", "--sar", str(tmp_path / "mine.png"), "--out", str(out), "--steps", "2"]) == 0
     captured = capsys.readouterr()
     assert SYNTHETIC_ONLY in captured.err
+    assert "synthetic scenes only" in captured.out.splitlines()[0] and "objective: the noise" in captured.out
     assert sorted(p.name for p in out.iterdir()) == ["mine_confidence.png", "mine_eo.png"]
     assert np.asarray(Image.open(out / "mine_eo.png")).shape == (64, 128, 3)
     assert np.asarray(Image.open(out / "mine_confidence.png")).shape == (64, 128)
