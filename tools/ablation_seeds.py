@@ -1,7 +1,7 @@
 """The demo recipe's loss ablation over training seeds: C-Diff against plain L2 (the paper's Table 3).
 
     nice -n 10 python tools/ablation_seeds.py                  # trains what is missing, one run at a time
-    python tools/ablation_seeds.py --collect                   # train nothing: rewrite the summary only
+    python tools/ablation_seeds.py --collect --summary weights/ablation-seeds.json   # the committed summary
 
 Each run is tools/train_demo.py with ``--loss cdiff`` or ``--loss mse`` and ``--seed N`` (the
 U-Net's initialisation and train.seed; see there), the VAE and prompt embedding of the bundled
@@ -12,7 +12,8 @@ trains only what is missing. The C-Diff arm's seed 0 is the bundled model itself
 recipe is the runs' (checked: the same config but for paths, the same U-Net seed), so it is not
 trained twice.
 
-After each run ``--summary`` (default weights/ablation-seeds.json) is rewritten: per run its
+After each run ``--summary`` is rewritten (default runs-ablation/ablation-seeds.json, beside the
+runs; ``--collect --summary weights/ablation-seeds.json`` writes the committed copy): per run its
 command, its CPU seconds (tools/train_demo.py's, this process's CPU time on ``--threads`` threads)
 and its mean PSNR / SSIM / SCC on the 64 held-out scenes (cdiff.demo.SCORE_PROTOCOLS["heldout"]);
 per arm the mean and the sample standard deviation over the seeds done so far.
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default=str(ROOT / "runs-ablation"), help="the runs' folder (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: %(default)s)")
-    parser.add_argument("--summary", default=str(ROOT / "weights" / "ablation-seeds.json"),
+    parser.add_argument("--summary", default=str(ROOT / "runs-ablation" / "ablation-seeds.json"),
                         help="the JSON to rewrite after each run (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run (default: %(default)s)")
     parser.add_argument("--collect", action="store_true", help="train nothing; rewrite --summary from the records")
