@@ -18,7 +18,8 @@ def _add_demo(sub) -> None:
         "demo",
         help="translate held-out synthetic SAR scenes with the bundled tiny model and score them (CPU, seconds)",
         description="The bundled demo model (weights/cdiff-demo-tiny.safetensors: cdiff's tiny C-DiffSET stack "
-        "trained on the CPU on synthetic scenes, see weights/README.md) translates held-out synthetic SAR scenes, "
+        "trained from scratch on the CPU on synthetic scenes only, with a random prompt embedding, to predict the noise "
+        "and a variance with the C-Diff loss; see weights/README.md) translates held-out synthetic SAR scenes, "
         "from seeds training never saw. Writes into --out the SAR, prediction, target and confidence PNGs of each "
         "scene, panel.png (one row per scene: SAR | prediction | target | confidence) and metrics.md / "
         "metrics.json, and prints the table of PSNR, SSIM and SCC with the trivial baselines beside it. "

@@ -58,6 +58,16 @@ class Protocol:
             raise ValueError(f"--scenes must be at least 1, got {self.scenes}")
 
 
+# What the U-Net is trained to output, in words: (prediction, loss) -> the objective the demo prints.
+OBJECTIVES = {
+    ("epsilon", "cdiff"): "the noise (epsilon) and a variance, with the C-Diff loss: the paper's objective",
+    ("sample", "cdiff"): "the clean latent (x0) and a variance, with the C-Diff loss: a variant, the paper "
+                         "predicts the noise",
+    ("epsilon", "mse"): "the noise (epsilon), plain L2, no variance: the paper's Table-3 ablation",
+    ("sample", "mse"): "the clean latent (x0), plain L2, no variance: a variant of the Table-3 ablation",
+}
+
+
 # The protocols of the scores recorded in weights/cdiff-demo-tiny.json: the demo's own (what
 # `cdiff demo` prints and a test reproduces) and a larger held-out set for the claim.
 SCORE_PROTOCOLS = {"demo": Protocol(), "heldout": Protocol(scenes=64)}
@@ -147,16 +157,58 @@ def _table(rows: list[tuple[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-def recorded_scores(model: str | Path | None, protocol: Protocol) -> dict | None:
-    """The scores recorded beside ``model`` (its .json, written by tools/train_demo.py) for exactly
-    ``protocol``: {"model", "mean_eo_baseline", "sar_baseline": {metric: value}}; None if none are."""
+def read_record(model: str | Path | None) -> dict | None:
+    """The .json record beside ``model`` (tools/train_demo.py writes it), or None if there is none."""
     record = Path(model).with_suffix(".json") if model is not None else DEMO_RECORD
     if not record.is_file():
         return None
     try:
-        scores = json.loads(record.read_text())["scores"]
-    except (json.JSONDecodeError, KeyError) as err:
+        return json.loads(record.read_text())
+    except json.JSONDecodeError as err:
         raise ValueError(f"{record}: not a demo model record (tools/train_demo.py writes them): {err}") from None
+
+
+def describe_model(model: str | Path | None, pipeline: Pipeline) -> list[str]:
+    """The lines `cdiff demo` prints first: which model this is, how it was trained, its objective."""
+    from cdiff.native import native_prediction
+
+    path = Path(model) if model is not None else DEMO_MODEL
+    record = read_record(model)
+    parameters = sum(p.numel() for p in pipeline.unet.parameters()) / 1e6
+    if record is None or "training" not in record:
+        return [f"model: {path} ({parameters:.1f}M-parameter U-Net; no training record beside it), the U-Net "
+                f"predicting {'the noise (epsilon)' if native_prediction(path) == 'epsilon' else 'the clean latent (x0)'}"]
+    config = record["training"]["config"]["model"]
+    objective = OBJECTIVES[config["prediction"], config["loss"]]
+    return [f"model: {path.name}: cdiff's tiny C-DiffSET ({parameters:.1f}M-parameter U-Net, tiny VAE), trained from "
+            "scratch on the CPU on synthetic scenes only (cdiff.data.synth; tools/train_demo.py)",
+            "prompt embedding: random N(0, 1), seeded (no text encoder); on real SAR its output means nothing",
+            f"objective: {objective}"]
+
+
+def claim(rows: dict[str, dict[str, float]]) -> str:
+    """One line: on which metrics the model's mean beats every baseline in ``rows``, and on which not."""
+    baselines = [scores for name, scores in rows.items() if name.startswith("baseline: ")]
+    names = {"psnr": "PSNR", "ssim": "SSIM", "scc": "SCC"}
+    model = rows["mean"]
+    holds = [m for m in names if all(model[m] > b[m] for b in baselines)]
+    fails = [m for m in names if m not in holds]
+    which = "both baselines" if len(baselines) == 2 else f"the {len(baselines)} baseline(s)"
+    text = f"the model beats {which} in {' and '.join(names[m] for m in holds) or 'no metric'}"
+    for m in fails:
+        text += f"; not in {names[m]} ({model[m]:.3f} against {' and '.join(f'{b[m]:.3f}' for b in baselines)})"
+    return text
+
+
+def recorded_scores(model: str | Path | None, protocol: Protocol) -> dict | None:
+    """The scores recorded beside ``model`` (its .json, written by tools/train_demo.py) for exactly
+    ``protocol``: {"model", "mean_eo_baseline", "sar_baseline": {metric: value}}; None if none are."""
+    record = read_record(model)
+    if record is None:
+        return None
+    if "scores" not in record:
+        raise ValueError(f"{Path(model or DEMO_MODEL).with_suffix('.json')}: not a demo model record (no scores)")
+    scores = record["scores"]
     for entry in scores.values():
         if entry.get("protocol") == asdict(protocol):
             return entry
@@ -179,6 +231,9 @@ def run_demo(out_dir: str = "cdiff-demo", scenes: int = 4, steps: int = Protocol
     out = check_output(out_dir, "folder", overwrite=True)
     start = time.perf_counter()
     pipeline = load_demo_model(model)
+    description = describe_model(model, pipeline)
+    for line in description:  # first: what the model is, before any number
+        echo(line)
     recorded = recorded_scores(model, protocol)
     pairs = heldout_pairs(protocol)
     sar, eo = sar_batch(pairs), eo_batch(pairs)
@@ -210,12 +265,14 @@ def run_demo(out_dir: str = "cdiff-demo", scenes: int = 4, steps: int = Protocol
     elapsed = time.perf_counter() - start
     header = (f"cdiff demo: {scenes} held-out synthetic scenes (seeds {protocol.first_seed}..{protocol.first_seed + scenes - 1}, "
               f"never seen in training), {protocol.size}x{protocol.size}, {steps} DDIM steps, {elapsed:.1f} s")
+    verdict = f"On these {scenes} scenes {claim(dict(rows))}."
     paths["metrics.md"] = out / "metrics.md"
-    write_text(paths["metrics.md"], f"{header}\n\n{table}\n")
+    write_text(paths["metrics.md"], "\n".join(description) + f"\n\n{header}\n\n{table}\n\n{verdict}\n")
     paths["metrics.json"] = out / "metrics.json"
     write_text(paths["metrics.json"], json.dumps({"protocol": asdict(protocol), "rows": dict(rows)}, indent=2) + "\n")
     echo(header)
     echo(table)
+    echo(verdict)
     echo(f"panel (SAR | prediction | target | confidence): {paths['panel']}")
     return paths
 
@@ -238,9 +295,11 @@ def run_demo_on_file(sar_path: str, out_dir: str = "cdiff-demo", steps: int = Pr
         raise ValueError(f"--sar {sar_path}: sides must be multiples of 64 for the demo, got {height}x{width} "
                          f"(cdiff translate pads any size)")
     grey = torch.from_numpy(np.ascontiguousarray(image.mean(axis=2))).float()  # (H, W)
+    pipeline = load_demo_model(model)
+    for line in describe_model(model, pipeline):
+        echo(line)
     with one_thread():
-        result = translate(load_demo_model(model), grey.expand(1, 3, -1, -1), Protocol(steps=steps, seed=seed),
-                           show_progress=True)
+        result = translate(pipeline, grey.expand(1, 3, -1, -1), Protocol(steps=steps, seed=seed), show_progress=True)
     stem = Path(sar_path).stem
     paths = {"eo": out / f"{stem}_eo.png", "confidence": out / f"{stem}_confidence.png"}
     write_png(paths["eo"], to_uint8(result.eo[0].permute(1, 2, 0).numpy()))

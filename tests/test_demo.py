@@ -11,7 +11,8 @@ from PIL import Image
 
 from cdiff.cli import main
 from cdiff.data.synth import make_pair
-from cdiff.demo import DEMO_MODEL, DEMO_RECORD, SYNTHETIC_ONLY, Protocol, load_demo_model, measure
+from cdiff.demo import DEMO_MODEL, DEMO_RECORD, SCORE_PROTOCOLS, SYNTHETIC_ONLY, Protocol, load_demo_model, measure
+from cdiff.native import native_prediction
 from cdiff.testing import one_thread
 
 ROW = re.compile(r"^\| (.+?) +\| +([-\d.]+) \| ([-\d.]+) \| +([-\d.]+) \|$")
@@ -51,6 +52,10 @@ def test_demo_writes_scenes_panel_and_table(tmp_path, capsys):
     out = tmp_path / "cdiff-demo"
     assert main(["demo", "--out", str(out)]) == 0  # the README's first command, into a temporary folder
     printed = capsys.readouterr().out
+    first = printed.splitlines()[:3]  # what the model is comes first, before any number
+    assert "synthetic scenes only" in first[0] and "from scratch" in first[0] and "tiny" in first[0]
+    assert "random" in first[1] and "seeded" in first[1]
+    assert first[2] == "objective: the noise (epsilon) and a variance, with the C-Diff loss: the paper's objective"
     names = [f"synth_{1_000_000 + i}" for i in range(4)]
     expected = {f"{n}_{kind}.png" for n in names for kind in ("sar", "eo", "target", "confidence")}
     assert {p.name for p in out.iterdir()} == expected | {"panel.png", "metrics.md", "metrics.json"}
@@ -75,15 +80,36 @@ def test_demo_writes_scenes_panel_and_table(tmp_path, capsys):
         assert_scores_close(rows[name], reference[name], name)
     assert_scores_close(rows["mean"], np.mean([reference[n] for n in names], axis=0), "mean")
     assert_scores_close(rows["baseline: SAR as RGB"], np.mean(sar_baseline, axis=0), "SAR baseline")
-    header, table = (out / "metrics.md").read_text().split("\n\n")
+    description, header, table, verdict = (out / "metrics.md").read_text().split("\n\n")
+    assert description.splitlines() == first
     assert "held-out" in header and f"{Protocol().steps} DDIM steps" in header and table in printed
+    # The claim names only the metrics where the mean beats both baselines, from the printed table.
+    beaten = [m for i, m in enumerate(("PSNR", "SSIM", "SCC"))
+              if rows["mean"][i] > max(rows["baseline: SAR as RGB"][i], rows["baseline: mean training EO"][i])]
+    assert verdict.startswith(f"On these 4 scenes the model beats both baselines in {' and '.join(beaten)}")
+    assert verdict.strip() in printed
+    for metric in {"PSNR", "SSIM", "SCC"} - set(beaten):
+        assert f"; not in {metric} (" in verdict
 
 
-def test_bundled_model_reproduces_its_recorded_scores():
+def test_bundled_model_predicts_the_noise():
+    """The bundled model has the paper's objective: the file's metadata (what sampling reads) and its record."""
     record = json.loads(DEMO_RECORD.read_text())
-    entry = record["scores"]["demo"]
+    assert native_prediction(DEMO_MODEL) == "epsilon"
+    assert record["objective"] == {"prediction": "epsilon", "variance": True,
+                                   "loss": "C-Diff (confidence-guided beta-NLL)"}
+    assert record["training"]["config"]["model"]["prediction"] == "epsilon"
+    assert record["training"]["config"]["model"]["loss"] == "cdiff"
+    assert load_demo_model().unet.config.out_channels == 5  # 4 noise channels + the variance
+
+
+@pytest.mark.parametrize("name", ["demo", "heldout"])
+def test_bundled_model_reproduces_its_recorded_scores(name):
+    """The scores the record holds (written when the model was trained) come out again, measured now:
+    the demo's 4 scenes and the 64 held-out scenes of the claim."""
+    entry = json.loads(DEMO_RECORD.read_text())["scores"][name]
     protocol = Protocol(**entry["protocol"])
-    assert protocol == Protocol()  # the protocol `cdiff demo` prints
+    assert protocol == SCORE_PROTOCOLS[name]  # "demo": the protocol `cdiff demo` prints
     assert DEMO_MODEL.stat().st_size < 20 * 2**20  # a few MB, committed
     with one_thread():
         scores = measure(load_demo_model(), protocol)
@@ -99,6 +125,7 @@ def test_demo_translates_a_file_with_a_warning(tmp_path, capsys):
     assert main(["demo", "--sar", str(tmp_path / "mine.png"), "--out", str(out), "--steps", "2"]) == 0
     captured = capsys.readouterr()
     assert SYNTHETIC_ONLY in captured.err
+    assert "synthetic scenes only" in captured.out.splitlines()[0] and "objective: the noise" in captured.out
     assert sorted(p.name for p in out.iterdir()) == ["mine_confidence.png", "mine_eo.png"]
     assert np.asarray(Image.open(out / "mine_eo.png")).shape == (64, 128, 3)
     assert np.asarray(Image.open(out / "mine_confidence.png")).shape == (64, 128)

@@ -2,6 +2,7 @@
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -113,10 +114,52 @@ def test_pde_terms_compare_edge_direction_residuals():
     assert terms["pixel"].item() == pytest.approx(0.1, rel=1e-5)
     assert terms["pde_tcd"].item() < 1e-7 and terms["pde_pmd"].item() == 0
     assert terms["gan_eo"].item() == 0  # the fake discriminator says "real"
-    # An all-zero PMD image costs the mean size of phi(y).
+    # An all-zero PMD image costs the mean size of phi(y), in the paper's units (4x the head's).
     terms = losses.generator_terms(KnownModel(KnownGenerator(eo, 0.0, torch.zeros_like)), sar, eo).terms
-    assert terms["pde_pmd"].item() == pytest.approx(phi(eo).abs().mean().item(), rel=1e-6)
+    assert terms["pde_pmd"].item() == pytest.approx(4 * phi(eo).abs().mean().item(), rel=1e-6)
     assert phi(eo).abs().mean() > 1e-3
+
+
+def papers_phi(u: np.ndarray) -> np.ndarray:
+    """Eq. 7 of the paper on (H, W) ``u``, by hand: its undivided stencils (u_x = u[x+1] - u[x-1],
+    u_xx = u[x+2] - 2u[x] + u[x-2], u_xy = its [1, 0, -1; 0; -1, 0, 1]), mirrored borders, no eps
+    (0 where the gradient is 0, where the numerator is 0 too)."""
+    p = np.pad(u, 2, mode="reflect")
+    c = p[2:-2, 2:-2]
+    u_x, u_y = p[2:-2, 3:-1] - p[2:-2, 1:-3], p[3:-1, 2:-2] - p[1:-3, 2:-2]
+    u_xx, u_yy = p[2:-2, 4:] - 2 * c + p[2:-2, :-4], p[4:, 2:-2] - 2 * c + p[:-4, 2:-2]
+    u_xy = p[1:-3, 1:-3] - p[1:-3, 3:-1] - p[3:-1, 1:-3] + p[3:-1, 3:-1]
+    numerator = u_x**2 * u_yy - 2 * u_x * u_y * u_xy + u_y**2 * u_xx
+    denominator = 2 * (u_x**2 + u_y**2)
+    return np.divide(numerator, denominator, out=np.zeros_like(u), where=denominator > 0)
+
+
+def test_pde_loss_weighs_the_papers_phi_by_10():
+    """Eq. 8-9 on step edges: the PDE terms are the L1 of the paper's phi (Eq. 7 with its own
+    stencils, computed by hand above), and the total weighs them by 10."""
+    config = NPDEConfig.tiny()
+    y, x = np.mgrid[:24, :24].astype(np.float64)
+    r = np.hypot(x - 11.5, y - 11.5)
+    target, fake = np.where(r < 6, 1.0, -1.0), np.where(r < 4, 1.0, -1.0)  # discs: curved step edges
+    phi_target, phi_fake = papers_phi(target), papers_phi(fake)
+    # By hand at (y, x) = (12, 6), on the disc's left side: u(x - 1) = -1, u(x + 1) = 1, so u_x = 2;
+    # u(y - 1) = u(y + 1) = 1, so u_y = 0; u(y - 2) = 1, u = 1, u(y + 2) = -1, so u_yy = -2;
+    # Eq. 7: u_x^2 u_yy / (2 u_x^2) = -1 (the head's per-pixel stencils: -1/4).
+    assert target[12, 5:8].tolist() == [-1, 1, 1] and target[10:15, 6].tolist() == [1, 1, 1, 1, -1]
+    assert phi_target[12, 6] == -1 and set(np.unique(phi_target)) == {-1, 0, 1}
+    head = PMDHead(config.pmd_eps)(torch.from_numpy(target)[None, None].float())[0, 0].double().numpy()
+    np.testing.assert_allclose(4 * head, phi_target, rtol=1e-4, atol=1e-6)  # the head is a quarter of Eq. 7
+
+    to_image = lambda u: torch.from_numpy(u).float().expand(1, 3, 24, 24)  # noqa: E731
+    eo = to_image(target)
+    model = KnownModel(KnownGenerator(to_image(fake), 0.0, torch.zeros_like))  # PMD image 0: L_PMD = |phi(y)|
+    out = NPDELoss(config).generator_terms(model, torch.zeros_like(eo), eo)
+    tcd, pmd = np.abs(phi_target - phi_fake).mean(), np.abs(phi_target).mean()
+    assert out.terms["pde_tcd"].item() == pytest.approx(tcd, rel=1e-4) and tcd > 0.05
+    assert out.terms["pde_pmd"].item() == pytest.approx(pmd, rel=1e-4) and pmd > 0.05
+    t = {k: v.item() for k, v in out.terms.items()}
+    others = t["gan_eo"] + t["gan_sar"] + 10 * (t["pixel"] + t["cycle"])
+    assert out.total.item() - others == pytest.approx(10 * (tcd + pmd), rel=1e-4)
 
 
 def test_pde_loss_switches():

@@ -70,6 +70,28 @@ def test_cache_holds_the_vae_latents_and_training_reads_them(tmp_path, model_fil
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_the_frozen_vae_encodes_in_fp32_under_autocast(tmp_path, model_file, small_config):
+    """The latents of training (encoded now, or cached) under a bf16 autocast are the fp32 latents."""
+    from cdiff.train.cdiffset import CDiffSETTask
+
+    config = small_config(model_file, "data.count=4", "train.precision=bf16", *PLAIN)
+    pairs = SyntheticPairs(4, size=64)
+    sar, eo = (torch.stack([pairs[i][k] for i in range(4)]) for k in ("sar", "eo"))
+    vae = cdiff.load_vae(model_file)
+    expected = vae.encode_latent(torch.cat([sar, eo]))  # fp32, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        drifted = vae.encode_latent(torch.cat([sar, eo])).float()
+        task = CDiffSETTask(config, torch.device("cpu"))
+        encoded = torch.cat(task._latents({"sar": sar, "eo": eo}))
+        cache = cache_latents(config, tmp_path / "cache", batch_size=4, show_progress=False)
+    relative = ((drifted - expected).square().mean() / expected.square().mean()).sqrt().item()
+    print(f"micro VAE under bf16 autocast: latents off by {relative:.2%} RMS")
+    assert relative > 1e-3  # the autocast does reach the VAE's convolutions when nothing stops it
+    torch.testing.assert_close(encoded, expected, rtol=0, atol=0)
+    stored = load_file(cache / "shard-00000.safetensors")
+    torch.testing.assert_close(torch.cat([stored["sar"][:, 0], stored["eo"][:, 0]]), expected, rtol=0, atol=0)
+
+
 def _toml(tmp_path, config) -> str:
     from cdiff.train.configfile import to_toml
 

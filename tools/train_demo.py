@@ -3,6 +3,8 @@
     python -m tools.train_demo                                   # the bundled model (C-Diff loss)
     python -m tools.train_demo --loss mse --vae weights/cdiff-demo-tiny.safetensors \\
         --out /tmp/demo-mse.safetensors                           # the Table-3 arm: plain L2, same VAE
+    python -m tools.train_demo --loss mse --seed 1 --vae weights/cdiff-demo-tiny.safetensors \\
+        --latents runs-ablation/latents --out runs-ablation/l2-seed1.safetensors   # one run of the seed ablation
 
 1. VAE (tools/demo_vae.py): the tiny VAE on synthetic EO and SAR windows, its scaling_factor
    set so the scaled latents have unit standard deviation. ``--vae FILE`` takes the VAE (and
@@ -11,11 +13,16 @@
 2. The starting model, a native file that `cdiff train` starts from (model.init): that VAE, a
    fresh tiny 8-in/5-out U-Net whose variance channel is zero-initialised as the C-DiffSET
    surgery makes it (so the C-Diff loss starts as plain L2), and the fixed prompt embedding.
-3. `cdiff cache-latents` encodes the training pairs (seeds 0 .. data.count - 1) with that VAE.
+3. `cdiff cache-latents` encodes the training pairs (seeds 0 .. data.count - 1) with that VAE
+   (``--latents DIR`` keeps the cache in DIR, or reuses the one there: runs that share a VAE
+   share it).
 4. `cdiff train` with configs/demo-tiny.toml (C-Diff loss, or ``--loss mse``) trains the U-Net.
+   ``--seed N`` is the training seed: the U-Net's initialisation (UNET_SEED + N) and train.seed
+   (the config's + N: the noise, the time steps and the order of the pairs); the VAE stays.
 5. The trained model is written as one native file in fp16 (the demo loads it in fp32), and
-   beside it a .json record: the recipe, the seconds, and the scores of the model and of the two
-   baselines on held-out scenes (cdiff.demo.Protocol; seeds from cdiff.demo.HELDOUT_SEED).
+   beside it a .json record: the objective, the recipe, the seconds (wall and this process's CPU
+   time), and the scores of the model and of the two baselines on held-out scenes
+   (cdiff.demo.Protocol; seeds from cdiff.demo.HELDOUT_SEED).
 
 Every random draw comes from seeded generators, and the thread count is fixed (``--threads``):
 the same command on the same machine gives the same bytes.
@@ -46,7 +53,7 @@ from tools.demo_vae import VAERecipe, train_vae
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo-tiny.toml"
 CONTEXT_SEED = 0  # the fixed prompt embedding: seeded N(0, 1), (6, 1024); the demo has no text encoder
-UNET_SEED = 2025  # the fresh U-Net's initialisation
+UNET_SEED = 2025  # the fresh U-Net's initialisation (plus --seed)
 
 
 def start_unet(seed: int) -> cdiff.UNet:
@@ -70,6 +77,20 @@ def first_stage(args) -> tuple[cdiff.VAE, torch.Tensor, dict]:
     # Rounded to fp16 now, as the bundled file stores them: the U-Net trains on the latents of the VAE it ships with.
     vae, context = vae.half().float(), context.half().float()
     return vae, context, {**asdict(recipe), "context_seed": CONTEXT_SEED}
+
+
+def objective(model: dict) -> dict:
+    """What the U-Net is trained to output, from the config's [model] section (a record's field)."""
+    return {"prediction": model["prediction"], "variance": model["loss"] == "cdiff",
+            "loss": {"cdiff": "C-Diff (confidence-guided beta-NLL)", "mse": "l2"}[model["loss"]]}
+
+
+def latent_cache(config, folder: Path) -> Path:
+    """The latent cache in ``folder``: reused if it is there (training checks it holds this VAE's
+    latents), else made there."""
+    if (folder / "index.json").is_file():
+        return folder
+    return cache_latents(config, folder)
 
 
 def scores(model_file: Path, training_pairs: int) -> dict:
@@ -100,6 +121,10 @@ def main(argv=None) -> int:
                         help="the U-Net's loss: the C-Diff loss, or plain L2 (the paper's Table 3 ablation)")
     parser.add_argument("--vae", metavar="NATIVE_FILE",
                         help="take the VAE and prompt embedding of this native model instead of training them")
+    parser.add_argument("--seed", type=int, default=0, help="the training seed: U-Net initialisation and train.seed "
+                        "offset by it; the VAE does not change (default: %(default)s, the bundled model's)")
+    parser.add_argument("--latents", metavar="DIR", help="the latent cache: reused if DIR holds one (it must be of this "
+                        "VAE), else made there and kept (default: made in --work)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads; results depend on it (default: %(default)s)")
     parser.add_argument("--vae-steps", type=int, default=VAERecipe.steps, help="VAE steps (default: %(default)s)")
     parser.add_argument("--unet-steps", type=int, help="U-Net steps (default: train.steps of the config)")
@@ -119,43 +144,48 @@ def main(argv=None) -> int:
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
-    sets = [f"model.loss={args.loss}", *args.set]
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    train_seed = load_config(CONFIG).train.seed + args.seed
+    sets = [f"model.loss={args.loss}", f"train.seed={train_seed}", *args.set]
     if args.unet_steps is not None:
         sets += [f"train.steps={args.unet_steps}", f"train.save_every={args.unet_steps}"]
     if args.pairs is not None:
         sets.append(f"data.count={args.pairs}")
     load_config(CONFIG, sets)  # a bad --set fails now, not after the VAE's minutes
 
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     vae, context, vae_record = first_stage(args)
-    vae_seconds = time.perf_counter() - start
-    print(f"VAE: {vae_seconds:.0f} s, scaling_factor {vae.config.scaling_factor}")
+    vae_seconds, vae_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    print(f"VAE: {vae_seconds:.0f} s ({vae_cpu:.0f} s CPU), scaling_factor {vae.config.scaling_factor}")
 
     with tempfile.TemporaryDirectory(prefix="cdiff-demo-") as scratch:
         work = Path(args.work) if args.work else Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
-        start_file = cdiff.save_native(work / "start.safetensors", start_unet(UNET_SEED), vae, context)
+        start_file = cdiff.save_native(work / "start.safetensors", start_unet(UNET_SEED + args.seed), vae, context)
         config = load_config(CONFIG, [f"model.init={start_file}", "data.latents=\"\"", *sets])
-        latents = cache_latents(config, work / "latents")
+        latents = latent_cache(config, Path(args.latents) if args.latents else work / "latents")
         config = load_config(CONFIG, [f"model.init={start_file}", f"data.latents={latents}", *sets])
         done = train(config, work / "run")
-        unet = done.task.modules["unet"].eval()
-        train_seconds = time.perf_counter() - start
+        unet = (done.task.ema.module if done.task.ema is not None else done.task.unet).eval()
+        train_seconds, train_cpu = time.perf_counter() - start, time.process_time() - start_cpu
         cdiff.save_native(out, unet.half(), vae.half(), context.half(), prediction=config.model.prediction)
 
     record = {
         "model": out.name,
+        "objective": objective(to_dict(config)["model"]),
         "scores": scores(out, config.data.count),
         "training": {
             "seconds": round(train_seconds), "vae_seconds": round(vae_seconds), "threads": args.threads,
+            "cpu_seconds": round(train_cpu), "vae_cpu_seconds": round(vae_cpu), "seed": args.seed,
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "command": "python -m tools.train_demo " + " ".join(sys.argv[1:] if argv is None else argv),
-            "vae": vae_record, "unet_seed": UNET_SEED, "config": to_dict(config),
+            "vae": vae_record, "unet_seed": UNET_SEED + args.seed, "config": to_dict(config),
         },
     }
     write_text(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     print(json.dumps(record["scores"], indent=2))
-    print(f"training: {train_seconds:.0f} s on {args.threads} thread(s) -> {out}")
+    print(f"training: {train_seconds:.0f} s ({train_cpu:.0f} s CPU) on {args.threads} thread(s) -> {out}")
     return 0
 
 

@@ -13,7 +13,10 @@ Generator (G: SAR x -> optical, F: optical y -> SAR, phi the PMD head):
     L_PMD = |phi(y) - G_PMD(x)|_1                           Eq. 9, the PMD module's side output
 
 Every |.|_1 and square is a mean over pixels and the batch. Eq. 8 puts one weight, 10, on
-each of L_pix, L_per, L_cyc and L_PDE = L_TCD + L_PMD; L_GAN has weight 1.
+each of L_pix, L_per, L_cyc and L_PDE = L_TCD + L_PMD; L_GAN has weight 1. L_TCD and L_PMD are
+in the paper's units of phi: cdiff's PMD head (and the PMD image that predicts its output through
+a tanh) works in per-pixel derivatives, a quarter of the paper's phi (cdiff.npde.pde), so both
+L1 terms are multiplied by PAPER_PHI_SCALE = 4 and the weight 10 is the paper's.
 
 Discriminators (CycleGAN's, least squares, halved so they learn at half the generator's rate):
     L_D_eo = ((D_eo(y) - 1)^2 + D_eo(G(x))^2) / 2,   L_D_sar = ((D_sar(x) - 1)^2 + D_sar(F(y))^2) / 2
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 
 from cdiff.npde.config import NPDEConfig
 from cdiff.npde.model import NPDEModel
-from cdiff.npde.pde import PMDHead
+from cdiff.npde.pde import PAPER_PHI_SCALE, PMDHead
 from cdiff.npde.vgg import VGGFeatures, load_vgg
 
 log = logging.getLogger(__name__)
@@ -100,9 +103,9 @@ class NPDELoss(nn.Module):
             terms["perceptual"] = self.perceptual(fake_eo, eo)
         if self.config.pde_loss:
             phi_eo = self.phi(eo)  # the high-frequency target of both PDE terms
-            terms["pde_tcd"] = F.l1_loss(self.phi(fake_eo), phi_eo)
+            terms["pde_tcd"] = PAPER_PHI_SCALE * F.l1_loss(self.phi(fake_eo), phi_eo)
             if pmd_image is not None:
-                terms["pde_pmd"] = F.l1_loss(pmd_image, phi_eo)
+                terms["pde_pmd"] = PAPER_PHI_SCALE * F.l1_loss(pmd_image, phi_eo)
         total = sum(self.weights[name] * value for name, value in terms.items())
         return GeneratorLosses(terms, total, fake_eo, fake_sar)
 

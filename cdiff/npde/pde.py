@@ -22,6 +22,11 @@ stencils, divided by their grid factor so that each is the derivative per pixel:
 (x along the width, y along the height.) With these, |phi| <= 1 for images in [-1, 1], the
 range of the tanh layer that predicts it: each second derivative is at most 1 in size, so
 |t^T H t| <= max(|u_xx|, |u_yy|) + |u_xy| <= 2 for a unit t, and Eq. 7 halves it.
+
+The paper's undivided stencils make its first derivatives 2x and its second derivatives 4x
+these, so its phi is PAPER_PHI_SCALE = 4 times this head's (16x in the numerator of Eq. 7, 4x
+in its denominator). The PDE loss (cdiff.npde.losses) multiplies its L1 terms by that factor,
+so that Eq. 8's weight 10 weighs the paper's phi, not a quarter of it.
 The image is extended by mirroring ("reflect", a zero-flux Neumann boundary, the usual
 boundary of Perona-Malik diffusion); a ramp is therefore exact except in the outer 2 pixels.
 """
@@ -33,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 DERIVATIVES = ("u_x", "u_y", "u_xx", "u_yy", "u_xy")
+PAPER_PHI_SCALE = 4.0  # the paper's phi (undivided stencils) over this head's (per-pixel derivatives)
 STENCIL_RADIUS = 2  # the second-derivative stencils reach two pixels
 
 

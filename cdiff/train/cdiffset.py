@@ -16,8 +16,8 @@ of stage 1's last checkpoint. ``[1]`` or ``[2]`` runs one stage in the run direc
 ``[2]`` (the default) from ``model.init`` is cdiff's one-step fine-tune.
 
 Per sample at stream position g (cdiff.train.data):
-1. SAR and EO are encoded by the frozen VAE as the scaled posterior mean (or read from a latent
-   cache made by ``cdiff cache-latents``);
+1. SAR and EO are encoded by the frozen VAE as the scaled posterior mean, in fp32 whatever
+   train.precision is (or read from a latent cache made by ``cdiff cache-latents``);
 2. t ~ U{0..999} and noise ~ N(0, I) are drawn from a generator seeded by (seed, g); the EO
    latent is noised: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise (cdiff.DDPM);
 3. the U-Net sees [SAR latent | x_t] (8 channels), t and the model's fixed prompt embedding, and
@@ -51,7 +51,7 @@ from cdiff.schedulers import DDPM, PREDICTION_TYPES
 from cdiff.train.config import RunConfig
 from cdiff.train.data import image_augment, training_split
 from cdiff.train.ema import EMA
-from cdiff.train.latents import cached_samples
+from cdiff.train.latents import cached_samples, frozen_latents
 from cdiff.train.optim import adamw, lr_schedule
 from cdiff.train.rundir import CHECKPOINTS, step_name
 from cdiff.train.seeds import generator
@@ -171,7 +171,7 @@ class CDiffSETTask:
         if "sar_latent" in batch:
             return batch["sar_latent"].to(self.device).float(), batch["eo_latent"].to(self.device).float()
         images = torch.cat([batch["sar"], batch["eo"]]).to(self.device, non_blocking=True)  # (2B, 3, H, W)
-        sar_latent, eo_latent = self.vae.encode_latent(images).float().chunk(2)
+        sar_latent, eo_latent = frozen_latents(self.vae, images).chunk(2)  # fp32 under any autocast
         return sar_latent, eo_latent
 
     def _draw(self, positions: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,6 +58,18 @@ def vae_fingerprint(vae: nn.Module) -> str:
     return digest.hexdigest()
 
 
+@torch.no_grad()
+def frozen_latents(vae, images: torch.Tensor) -> torch.Tensor:
+    """images (B, 3, H, W) -> the frozen VAE's scaled posterior means (B, 4, h, w), fp32.
+
+    Autocast is off here and the images take the VAE's own dtype: the release encodes in fp32,
+    and the trainer's bf16 autocast, left to reach the VAE, moves the latents by 0.3-2 % RMS.
+    """
+    dtype = next(vae.parameters(), images).dtype
+    with torch.autocast(images.device.type, enabled=False):
+        return vae.encode_latent(images.to(dtype)).float()
+
+
 def _rms(x: torch.Tensor) -> float:
     return float(x.double().square().mean().sqrt())
 
@@ -67,10 +79,10 @@ def flip_error(vae, images: torch.Tensor) -> dict[str, float]:
     """For each non-identity view T: RMS(T(E(x)) - E(T(x))) / RMS(E(T(x))), E the scaled posterior
     mean, over ``images`` (B, 3, H, W) in [-1, 1]: how far a transformed latent is from the latent
     of the transformed image, relative to the latent's size."""
-    latent = vae.encode_latent(images)
+    latent = frozen_latents(vae, images)
     errors = {}
     for view in range(1, len(VIEWS)):
-        exact = vae.encode_latent(dihedral(images, view))
+        exact = frozen_latents(vae, dihedral(images, view))
         errors[VIEWS[view]] = _rms(dihedral(latent, view) - exact) / _rms(exact)
     return errors
 
@@ -114,7 +126,7 @@ def cache_latents(config: RunConfig, out_dir, dihedral_views: bool = False, batc
             if "flip_error" not in index:
                 index["flip_error"] = flip_error(vae, torch.cat([sar, eo])[:8])
             both = torch.cat([sar, eo])
-            latents = torch.stack([vae.encode_latent(dihedral(both, v)) for v in range(views)], dim=1)  # (2b, V, 4, h, w)
+            latents = torch.stack([frozen_latents(vae, dihedral(both, v)) for v in range(views)], dim=1)  # (2b, V, 4, h, w)
             sar_rows.extend(latents[: len(samples)].float().cpu())
             eo_rows.extend(latents[len(samples):].float().cpu())
             names.extend(s["name"] for s in samples)

@@ -158,7 +158,7 @@ def _translation(n: dict) -> list[str]:
 
 
 def _ceiling(n: dict) -> list[str]:
-    """What a perfect translator could score (tools/synthetic_report.ceiling), and what that says of the target."""
+    """What a perfect translator could score (studies.synthetic.report.ceiling), and what that says of the target."""
     c, p, best = n["ceiling"], n["protocol"], _best_baseline_psnr(n)
     sampler, with_vae = c["oracle sample"]["psnr"]["mean"], c["oracle sample through the VAE"]["psnr"]["mean"]
     model, model_mean = n["translation"]["C-Diff"]["psnr"]["mean"], c["model, mean of samples"]["psnr"]["mean"]
