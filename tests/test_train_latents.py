@@ -74,7 +74,7 @@ def test_the_frozen_vae_encodes_in_fp32_under_autocast(tmp_path, model_file, sma
     """The latents of training (encoded now, or cached) under a bf16 autocast are the fp32 latents."""
     from cdiff.train.cdiffset import CDiffSETTask
 
-    config = small_config(model_file, "data.count=4", "train.precision=bf16", *PLAIN)
+    config = small_config(model_file, "data.count=4", "train.precision=bf16", *PLAIN, *NO_VAL)
     pairs = SyntheticPairs(4, size=64)
     sar, eo = (torch.stack([pairs[i][k] for i in range(4)]) for k in ("sar", "eo"))
     vae = cdiff.load_vae(model_file)
