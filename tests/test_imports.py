@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "base": {
         "cdiff.flags", "cdiff.files", "cdiff.progress", "cdiff.config", "cdiff.graphs", "cdiff.metrics",
-        "cdiff.confidence_map", "cdiff.imagefiles", "cdiff.torchrun",
+        "cdiff.confidence_map", "cdiff.imagefiles", "cdiff.torchrun", "cdiff.devices",
     },
     "model": {
         "cdiff.layers", "cdiff.attention", "cdiff.unet", "cdiff.vae", "cdiff.loss", "cdiff.schedulers",
