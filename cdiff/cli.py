@@ -378,7 +378,7 @@ def _add_prepare(sub) -> None:
         "(EO, bicubic to 256 px) and OUT/{train,test}A/<stem>.png (SAR: HH, HV, VV in dB through the fixed window "
         "of sar_stretch.json, bilinear to 256 px), each with its georeferencing in <stem>.png.aux.xml. A rerun "
         "skips chips already written; complete folders are checked against GeoSET's pixel digests. Needs "
-        "rasterio (pip install cdiff[geo]).",
+        "rasterio (pip install 'cdiffset[geo]').",
     )
     sn6.add_argument("src", metavar="SRC", help="the extracted SpaceNet6 training archive (holds train/AOI_11_Rotterdam/)")
     sn6.add_argument("out", metavar="OUT", help="folder for the chips (created if missing; existing chips are kept)")

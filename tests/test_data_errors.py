@@ -157,7 +157,7 @@ def test_wrong_band_counts(tmp_path):
 def test_missing_rasterio_names_the_extra(tmp_path, monkeypatch):
     sar_path, _ = sn6_pair(tmp_path, quadrant_bands()[0])
     monkeypatch.setitem(sys.modules, "rasterio", None)  # import rasterio now raises ImportError
-    with pytest.raises(ImportError, match=rf"{sar_path} needs rasterio: pip install cdiff\[geo\]"):
+    with pytest.raises(ImportError, match=rf"{sar_path} needs rasterio: pip install 'cdiffset\[geo\]'"):
         read_geotiff(sar_path)
 
 
