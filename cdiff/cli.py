@@ -65,10 +65,12 @@ def _add_synth(sub) -> None:
     def run(a):
         from cdiff.data.synth import write_synthetic
 
-        write_synthetic(
+        out = write_synthetic(
             a.out_dir, a.count, size=a.size, seed=a.seed, looks=a.looks or None,
             discrepancies=a.discrepancies, misregistrations=a.misregistrations, overwrite=a.overwrite,
         )
+        print(f"cdiff synth: {a.count} pairs of {a.size}x{a.size} (seeds {a.seed}..{a.seed + a.count - 1}) -> {out}: "
+              "sar/, eo/, discrepancy/, misregistration/, pairs.csv, synth.json")
 
     p.set_defaults(run=run)
 

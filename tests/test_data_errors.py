@@ -71,7 +71,8 @@ def test_empty_dataset_is_an_error(tmp_path):
     (tmp_path / "other").mkdir()
     with pytest.raises(ValueError, match="no EO images found under .*other"):
         folder_pairs(tmp_path, eo_dir="other")
-    with pytest.raises(FileNotFoundError, match="dataset root not found"):
+    with pytest.raises(FileNotFoundError, match=r"dataset root not found: .*missing \(in a run config it is "
+                       r"data.root: give the dataset's folder with --set data.root=/path/to/it\)"):
         qxs_saropt(tmp_path / "missing")
 
 
