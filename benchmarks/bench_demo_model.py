@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=Protocol.steps, help="DDIM steps (default: %(default)s, the demo's)")
+    parser.add_argument("--steps", type=int, default=Protocol.steps,
+                        help="DDIM steps (default: %(default)s, the demo's)")
     parser.add_argument("--translate-vae", choices=("fp32", "fp16"), default="fp32",
                         help="the VAE's dtype on the translate path: fp32 (cdiff's), or fp16 (the file's: as before)")
     common.add_common_arguments(parser, repeats=5, warmup=1)

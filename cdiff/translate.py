@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cdiff.confidence_map import colourize
 from cdiff.config import DTYPES

@@ -88,6 +88,7 @@ class TrainConfig:
     log_every: int = 100  # steps per line of log.jsonl (averages over those steps)
     save_every: int = 2000  # steps between checkpoints (the release: 2000)
     keep_last: int = 3  # checkpoints kept besides the best one
+    note: str = ""  # printed when the run starts: what the config is for, and what it cannot show
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "accumulation", "log_every", "save_every", "keep_last"):

@@ -1,5 +1,7 @@
 """The model a C-DiffSET run starts from: a checkpoint's (a resume), ``model.init`` (+ ``model.unet``),
-or, for CPU trials, cdiff's tiny stack with seeded random weights."""
+or, for CPU trials, cdiff's tiny stack with seeded random weights. With ``model.fresh_unet``, the
+U-Net of ``model.init`` is replaced by one of its config with seeded random weights (training
+from scratch on a model's trained VAE and prompt embedding)."""
 
 from __future__ import annotations
 
@@ -26,5 +28,22 @@ def start_pipeline(model, checkpoint: Path | None = None) -> Pipeline:
     for path in (model.init, model.unet):
         if path and not Path(path).exists():
             raise FileNotFoundError(f"model file not found: {path}")
-    return load_pipeline(model.init, unet=model.unet or None, pad_to_77=model.pad_to_77, surgery=True,
-                         dtype=torch.float32)
+    pipeline = load_pipeline(model.init, unet=model.unet or None, pad_to_77=model.pad_to_77, surgery=True,
+                             dtype=torch.float32)
+    if model.fresh_unet:
+        pipeline.unet = fresh_unet(pipeline.unet.config, pipeline.vae.config.latent_channels, model.tiny_seed)
+    return pipeline
+
+
+def fresh_unet(config, latent_channels: int, seed: int):
+    """A U-Net of ``config`` with seeded random weights (PyTorch's initialisation), its variance
+    channels zero as the C-DiffSET surgery leaves them, so the C-Diff loss starts as plain L2."""
+    from cdiff.unet import UNet
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet(config)
+    with torch.no_grad():
+        unet.conv_out.weight[latent_channels:].zero_()
+        unet.conv_out.bias[latent_channels:].zero_()
+    return unet.eval()
