@@ -1,11 +1,21 @@
 """cdiff: SAR-to-EO translation with C-DiffSET on a plain-PyTorch Stable Diffusion 2.1 stack.
 
+Distribution name ``cdiffset`` (``pip install 'cdiffset[clip]'``); the import name and the
+command stay ``cdiff``. The name ``cdiff`` on PyPI belongs to an unrelated coloured-diff viewer,
+which also installs a ``cdiff`` module and command: the two cannot be installed side by side
+(docs/install.md).
+
 Torch builds, chosen deliberately (see README "Set-up"):
 - the runtime asks for any torch >= 2.4; the ``cpu`` extra pins the small CPU wheel 2.13.0;
 - the ``test`` extra pins torch 2.14.1 with torchvision 0.29.1, because open_clip (used by
   the tests and by ``cdiff convert``) needs torchvision, and torchvision only imports
   beside that torch. Its x86-64 build also brings Triton, which the kernel tests run in
   Triton's CPU interpreter.
+- so ``clip`` (and ``metrics``, ``test``) cannot agree with ``cpu``: ``[cpu,clip]`` does not
+  resolve, and adding ``[clip]`` to a ``[cpu]`` install replaces torch 2.13.0 (CPU) by 2.14.1
+  with the CUDA wheels. The torchvision of torch 2.13 (0.28.0) on PyPI is built for its CUDA
+  build and fails to import beside the CPU wheel ("operator torchvision::nms does not exist",
+  tried 2026-12-04), so no pin of ours can make them agree (docs/install.md).
 """
 
 import re
@@ -28,7 +38,7 @@ GEO = ["rasterio>=1.3"]  # GeoTIFF scenes in and out of `cdiff translate` (cdiff
 HUB = ["huggingface_hub>=0.23"]
 
 setup(
-    name="cdiff",
+    name="cdiffset",  # "cdiff" on PyPI is another project (module docstring)
     version=VERSION,
     description="C-DiffSET SAR-to-EO translation on a plain-PyTorch Stable Diffusion 2.1 stack",
     long_description=(ROOT / "README.md").read_text(),

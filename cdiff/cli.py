@@ -66,10 +66,12 @@ def _add_synth(sub) -> None:
     def run(a):
         from cdiff.data.synth import write_synthetic
 
-        write_synthetic(
+        out = write_synthetic(
             a.out_dir, a.count, size=a.size, seed=a.seed, looks=a.looks or None,
             discrepancies=a.discrepancies, misregistrations=a.misregistrations, overwrite=a.overwrite,
         )
+        print(f"cdiff synth: {a.count} pairs of {a.size}x{a.size} (seeds {a.seed}..{a.seed + a.count - 1}) -> {out}: "
+              "sar/, eo/, discrepancy/, misregistration/, pairs.csv, synth.json")
 
     p.set_defaults(run=run)
 
@@ -251,7 +253,9 @@ def _add_translate(sub) -> None:
         description="Translate every SAR image of INPUT (a file, or a folder searched recursively) with a "
         "C-DiffSET model, keeping relative paths: OUT/<name>.png, or an RGB GeoTIFF with the source's CRS, "
         "transform and nodata for TIFF input. Any size: sides are padded to multiples of 64, and images "
-        "larger than --tile go through overlapping tiles. A rerun skips finished images. Under torchrun "
+        "larger than --tile go through overlapping tiles. A rerun skips finished images, so Ctrl-C or SIGTERM "
+        "(which let the images in flight finish, then stop; a second one stops at once) loses nothing. Off a "
+        "terminal, progress comes as a line every 30 s (CDIFF_PROGRESS_SECONDS). Under torchrun "
         "(torchrun --nproc-per-node N -m cdiff translate ...) the images are shared among the ranks. "
         "Each image's noise comes from --seed and its name, so reruns and sharded runs reproduce it. "
         "An S2O-NPDE model translates in one generator pass: no steps, no noise, no confidence map, so "
@@ -400,7 +404,7 @@ def _add_prepare(sub) -> None:
         "(EO, bicubic to 256 px) and OUT/{train,test}A/<stem>.png (SAR: HH, HV, VV in dB through the fixed window "
         "of sar_stretch.json, bilinear to 256 px), each with its georeferencing in <stem>.png.aux.xml. A rerun "
         "skips chips already written; complete folders are checked against GeoSET's pixel digests. Needs "
-        "rasterio (pip install cdiff[geo]).",
+        "rasterio (pip install 'cdiffset[geo]').",
     )
     sn6.add_argument("src", metavar="SRC", help="the extracted SpaceNet6 training archive (holds train/AOI_11_Rotterdam/)")
     sn6.add_argument("out", metavar="OUT", help="folder for the chips (created if missing; existing chips are kept)")

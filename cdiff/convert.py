@@ -29,6 +29,18 @@ def _describe(state: dict) -> str:
     return f"{count / 1e6:.1f}M params, {'/'.join(dtypes)}"
 
 
+def _surgery_done(before: tuple[int, int], after: tuple[int, int]) -> str:
+    """What the surgery did to a U-Net of (in, out) channels ``before``, in words."""
+    if before == after:
+        return f"not applied: the U-Net is already the C-DiffSET one ({after[0]}-in/{after[1]}-out)"
+    steps = []
+    if after[0] != before[0]:
+        steps.append("conv_in takes [SAR | EO] latents, both halves the original weights x 0.5")
+    if after[1] != before[1]:
+        steps.append("conv_out gains a variance channel of zero weights")
+    return f"{before[0]}-in/{before[1]}-out -> {after[0]}-in/{after[1]}-out ({'; '.join(steps)})"
+
+
 def convert(
     src,
     out,
@@ -81,10 +93,7 @@ def convert(
         before = (model.config.in_channels, model.config.out_channels)
         model = cdiffset_surgery(model)
         after = (model.config.in_channels, model.config.out_channels)
-        echo(
-            "C-DiffSET surgery: " + ("none needed" if before == after else f"{before[0]}-in/{before[1]}-out -> {after[0]}-in/{after[1]}-out")
-            + " (conv_in [SAR | EO] x 0.5, conv_out + zero variance channel)"
-        )
+        echo(f"C-DiffSET surgery: {_surgery_done(before, after)}")
     context = context.to(model.conv_in.weight.dtype)
     save_native(out, model, vae, context, prompt=prompt, padding="77" if pad_to_77 else "none")
     echo(

@@ -281,28 +281,33 @@ def run_demo_on_file(sar_path: str, out_dir: str = "cdiff-demo", steps: int = Pr
                      model: str | None = None, echo=print) -> dict[str, Path]:
     """Translate the user's SAR image with the demo model; warn that it knows synthetic scenes only.
 
-    A grey image is repeated to 3 channels (as the model was trained); a colour one is made grey
-    (the mean of its channels). Sides must be multiples of 64. Writes ``<stem>_eo.png`` and
-    ``<stem>_confidence.png`` into ``out_dir``.
+    The file is read as ``cdiff translate`` reads it (cdiff.geo.read_sar: any band count, TIFFs
+    through rasterio, nodata and NaN pixels left out of the stretch), then made grey (the mean
+    of its three channels), as the model was trained on single-pol SAR. Sides must be multiples
+    of 64. Writes ``<stem>_eo.png`` (nodata pixels black) and ``<stem>_confidence.png`` into
+    ``out_dir``.
     """
-    from cdiff.data.imageio import read_image, to_unit_range
+    from cdiff.geo import read_sar
 
     out = check_output(out_dir, "folder", overwrite=True)
     print(SYNTHETIC_ONLY, file=sys.stderr)
-    image = to_unit_range(read_image(sar_path), sar_path)  # (H, W, C) in [-1, 1]
-    height, width = image.shape[:2]
+    scene = read_sar(sar_path)  # (H, W, 3) in [-1, 1], nodata at -1
+    height, width = scene.sar.shape[:2]
     if height % 64 or width % 64:
         raise ValueError(f"--sar {sar_path}: sides must be multiples of 64 for the demo, got {height}x{width} "
                          f"(cdiff translate pads any size)")
-    grey = torch.from_numpy(np.ascontiguousarray(image.mean(axis=2))).float()  # (H, W)
+    grey = torch.from_numpy(np.ascontiguousarray(scene.sar.mean(axis=2))).float()  # (H, W)
     pipeline = load_demo_model(model)
     for line in describe_model(model, pipeline):
         echo(line)
     with one_thread():
         result = translate(pipeline, grey.expand(1, 3, -1, -1), Protocol(steps=steps, seed=seed), show_progress=True)
+    eo = to_uint8(result.eo[0].permute(1, 2, 0).numpy())
+    if scene.valid is not None:
+        eo[~scene.valid] = 0
     stem = Path(sar_path).stem
     paths = {"eo": out / f"{stem}_eo.png", "confidence": out / f"{stem}_confidence.png"}
-    write_png(paths["eo"], to_uint8(result.eo[0].permute(1, 2, 0).numpy()))
+    write_png(paths["eo"], eo)
     write_png(paths["confidence"], to_uint8(_confidence_image(result.confidence[0], height, width)))
     echo(f"cdiff demo: {sar_path} -> {paths['eo']}, {paths['confidence']}")
     return paths

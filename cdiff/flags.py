@@ -8,6 +8,9 @@ CDIFF_GROUP_NORM  "torch" (default) or "triton": GroupNorm (+ SiLU) in the VAE a
                   Triton's interpreter, which the tests use; inside torch.compile, PyTorch's op).
                   Off by default until a GPU measures it faster (benchmarks/bench_group_norm.py).
 
+CDIFF_PROGRESS_SECONDS  seconds between progress lines when stderr is not a terminal (a log file,
+                  a batch job); default 30 (cdiff.progress). On a terminal the bar is redrawn instead.
+
 Paths to the metric networks' weights (cdiff.perceptual); unset by default, then the caches `cdiff fetch` fills:
 CDIFF_LPIPS_VGG       torchvision's ImageNet VGG16, vgg16-397923af.pth (the LPIPS trunk).
 CDIFF_FID_INCEPTION   pytorch-fid's Inception, pt_inception-2015-12-05-6726825d.pth (FID and KID).
@@ -50,3 +53,17 @@ def get_path(name: str) -> str | None:
         raise KeyError(f"{name} is not a path switch; known: {_PATHS}")
     value = os.environ.get(name, "").strip()
     return value or None
+
+
+def get_seconds(name: str, default: float) -> float:
+    """The non-negative number of seconds held by switch ``name``, or ``default`` when unset."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ValueError(f"environment variable {name}={value!r}: expected a number of seconds >= 0")
+    return seconds

@@ -15,7 +15,7 @@ stretch statistics come from valid pixels only; nodata pixels enter the network 
 are written back as nodata.
 
 GeoTIFFs are read (cdiff.data.imageio.read_raster, as the dataset readers read them) and written
-with rasterio (``pip install cdiff[geo]``, imported only inside those functions). The EO GeoTIFF
+with rasterio (``pip install 'cdiffset[geo]'``, imported only inside those functions). The EO GeoTIFF
 is 3-band uint8 RGB with the source's CRS, transform and nodata, so it overlays the SAR scene in
 a GIS. A nodata value that uint8
 cannot hold (e.g. -9999) becomes 0; valid EO pixels that happen to equal the nodata value
@@ -98,8 +98,22 @@ def _rasterio():
     try:
         import rasterio
     except ImportError as err:
-        raise ImportError("writing a GeoTIFF needs rasterio: pip install cdiff[geo]") from err
+        raise ImportError("writing a GeoTIFF needs rasterio: pip install 'cdiffset[geo]'") from err
     return rasterio
+
+
+def check_geotiff_support(paths, what: str) -> None:
+    """Raise ImportError now, before any work, if any of ``paths`` is a TIFF and rasterio, which
+    reads and writes them, is missing (not after hours of translating the other files)."""
+    tiffs = [Path(p) for p in paths if Path(p).suffix.lower() in TIFF_SUFFIXES]
+    if not tiffs:
+        return
+    try:
+        import rasterio  # noqa: F401
+    except ImportError:
+        count = f"{len(tiffs)} {what}s are TIFFs" if len(tiffs) > 1 else f"1 {what} is a TIFF"
+        raise ImportError(f"{count} (first: {tiffs[0]}), and GeoTIFFs need rasterio: "
+                          "pip install 'cdiffset[geo]'") from None
 
 
 def read_geotiff_scene(path: str | os.PathLike) -> SarScene:

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cdiff.config import UNetConfig, VAEConfig, config_from_json
+from cdiff.config import UNetConfig, VAEConfig
 from cdiff.infer_config import infer_unet_config, infer_vae_config
 from cdiff.layouts import RenameTable
 from cdiff.layouts import diffusers as diffusers_layout
@@ -103,6 +103,10 @@ def load_pipeline(
     """A cdiff.pipeline.Pipeline from ``source``: its VAE and prompt embedding, and the U-Net
     of ``unet`` (e.g. a release ``model.safetensors``) or of ``source``.
 
+    ``dtype`` is the U-Net's and the prompt embedding's (None: as stored). The VAE is fp32
+    however it is stored: SD's VAE overflows in fp16, and fp16 convolutions on a CPU are many
+    times slower than fp32 ones (``Pipeline.to`` can still move it).
+
     A native file needs nothing else. From an SD 2.1 source the prompt is encoded (needs
     open_clip). ``prompt`` None: the prompt (and padding) a model without a text encoder was
     converted with, else ``DEFAULT_PROMPT``; a prompt given for such a model must be its own.
@@ -115,11 +119,12 @@ def load_pipeline(
     model = load_unet(unet if unet is not None else source, dtype, device)
     if surgery:
         model = surgery(model) if callable(surgery) else cdiffset_surgery(model)
-    vae = load_vae(source, dtype, device)
+    vae = load_vae(source, torch.float32, device)  # fp32 whatever the file's dtype: SD's VAE overflows in fp16
     if model.config.in_channels != 2 * vae.config.latent_channels:
         raise ValueError(
-            f"{unet or source}: its U-Net takes {model.config.in_channels} channels, a plain SD 2.1 U-Net; "
-            f"pass surgery=True or run 'cdiff convert' to make the C-DiffSET U-Net"
+            f"{unet or source}: its U-Net takes {model.config.in_channels} channels, a plain SD 2.1 U-Net, not the "
+            f"C-DiffSET one; make the C-DiffSET model first: cdiff convert {source} model.safetensors"
+            + (f" --unet {unet}" if unet is not None else "") + " (from Python: load_pipeline(..., surgery=True))"
         )
     if prompt is None:
         prompt, pad_to_77 = stored_prompt(source) or (DEFAULT_PROMPT, pad_to_77)
@@ -189,7 +194,7 @@ def read_component(source, part: Component, config=None) -> tuple[dict, object, 
     layout = detect_layout(path)
     if layout == "native":
         f = open_native(path)
-        return f.load(f"{part.name}."), config or config_from_json(f.metadata[f"{part.name}_config"]), layout
+        return f.load(f"{part.name}."), config or f.config(f"{part.name}_config"), layout
     if layout == "original":
         state = WeightFile(path).load(part.original_prefix)
         if not state:

@@ -2,7 +2,7 @@
 network's weights are found (``Weights``, ``find_weights``; DISTS and DINO are in cdiff.networks).
 
 They use the libraries the paper used, so that the numbers compare with its tables
-(``pip install cdiff[metrics]``; imported only inside these functions):
+(``pip install 'cdiffset[metrics]'``; imported only inside these functions):
 - LPIPS: ``lpips.LPIPS(net="vgg")``, the linear layers calibrated on human judgments (shipped
   inside the lpips package) on top of torchvision's ImageNet VGG16.
 - FID: pytorch-fid's Inception (the TensorFlow FID network ported to PyTorch), 2048-d
@@ -136,7 +136,7 @@ def _import(module: str):
     try:
         return __import__(module, fromlist=["_"])
     except ImportError as err:
-        raise ImportError(f"LPIPS and FID need {module.split('.')[0]}: pip install cdiff[metrics]") from err
+        raise ImportError(f"LPIPS and FID need {module.split('.')[0]}: pip install 'cdiffset[metrics]'") from err
 
 
 def read_weights(path: str | os.PathLike, weights: Weights) -> dict:

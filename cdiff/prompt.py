@@ -61,7 +61,7 @@ def _require_open_clip():
         import open_clip
     except ImportError as err:
         raise ImportError(
-            "encoding the prompt needs open_clip: pip install 'cdiff[clip]' "
+            "encoding the prompt needs open_clip: pip install 'cdiffset[clip]' "
             "(or give a source that already holds a prompt embedding)"
         ) from err
     return open_clip

@@ -10,6 +10,12 @@ random weights, saved by diffusers and transformers themselves:
     python -m cdiff.testing OUT_DIR [--tiny] [--seed 0]
     cdiff convert OUT_DIR model.safetensors            # then use it like a real SD 2.1 folder
 
+``write_original_file`` writes SD 2.1's U-Net and VAE with seeded random weights as one file in
+Stability's original single-file layout (``model.diffusion_model.*``, ``first_stage_model.*``),
+with cdiff's own exporter (no diffusers needed): the README's ``tiny-sd21.safetensors``:
+
+    python -m cdiff.testing tiny-sd21.safetensors --tiny --original
+
 The configs below are SD 2.1 base's ``config.json`` files written out by hand, not derived
 from cdiff's configs, so that a wrong number in cdiff cannot hide on both sides of a parity
 test. Writing them needs the test extra (diffusers, transformers), imported only when writing.
@@ -267,6 +273,24 @@ def write_diffusers_folder(root: Path, unet_cfg: dict, vae_cfg: dict, text_cfg: 
     return root
 
 
+def write_original_file(path, tiny: bool = True, seed: int = 0) -> Path:
+    """SD 2.1's 4-in/4-out U-Net and VAE (cdiff's tiny presets, or the full sizes) with seeded
+    random weights (``randomize_``, seeds ``seed`` and ``seed + 1``) and a seeded 6-token prompt
+    embedding, as one ``.safetensors`` in Stability's original layout (cdiff.export)."""
+    import tempfile
+
+    from cdiff.export import export_original
+
+    unet_config, vae_config = (UNetConfig.tiny(), VAEConfig.tiny()) if tiny else (UNetConfig.sd21(), VAEConfig.sd21())
+    unet = randomize_(UNet(unet_config), seed)
+    vae = randomize_(VAE(vae_config), seed + 1)
+    context = torch.randn(PROMPT_TOKENS, unet_config.context_dim, generator=torch.Generator().manual_seed(seed))
+    with tempfile.TemporaryDirectory(dir=Path(path).resolve().parent) as folder:
+        native = save_native(Path(folder) / "native.safetensors", unet, vae, context)
+        del unet, vae
+        return export_original(native, path)
+
+
 # --- tiny image files for the dataset tests ------------------------------------------------------
 
 SN6 = "train/AOI_11_Rotterdam"  # a SpaceNet6 area folder
@@ -315,18 +339,29 @@ def quadrant_bands(h=20, w=20):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cdiff.testing",
-                                     description="Write Stable Diffusion 2.1 with seeded random weights as a diffusers "
-                                     "model folder (needs the test extra: diffusers, transformers).")
-    parser.add_argument("out_dir", help="the model folder to write (must not exist)")
+                                     description="Write Stable Diffusion 2.1 with seeded random weights: as a diffusers "
+                                     "model folder (needs the test extra: diffusers, transformers), or with --original "
+                                     "as one file in Stability's original layout (needs nothing more).")
+    parser.add_argument("out", metavar="OUT", help="the model folder (or with --original the .safetensors file) to "
+                        "write; must not exist")
     parser.add_argument("--tiny", action="store_true", help="cdiff's tiny presets instead of the full SD 2.1 sizes")
+    parser.add_argument("--original", action="store_true", help="one .safetensors file in Stability's original "
+                        "layout (U-Net, VAE and a prompt embedding; no text encoder)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights (default: %(default)s)")
     args = parser.parse_args(argv)
-    out = Path(args.out_dir)
+    out = Path(args.out)
     if out.exists():
         parser.error(f"{out} already exists")
+    sizes = "tiny" if args.tiny else "SD 2.1 base"
+    if args.original:
+        if out.suffix != ".safetensors":
+            parser.error(f"{out}: with --original, OUT is a .safetensors file")
+        write_original_file(out, tiny=args.tiny, seed=args.seed)
+        print(f"wrote {out} (SD 2.1 U-Net and VAE in Stability's original layout, {sizes} sizes, seed {args.seed})")
+        return
     configs = tiny_configs() if args.tiny else (SD21_UNET, SD21_VAE, SD21_TEXT)
     write_diffusers_folder(out, *configs, seed=args.seed)
-    print(f"wrote {out} ({'tiny' if args.tiny else 'SD 2.1 base'} sizes, seed {args.seed})")
+    print(f"wrote {out} ({sizes} sizes, seed {args.seed})")
 
 
 if __name__ == "__main__":

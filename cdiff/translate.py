@@ -8,8 +8,17 @@ Inputs and outputs:
   input, an RGB GeoTIFF with the source's CRS, transform and nodata (cdiff.geo).
 - With a confidence folder: CONF/<name>.png, the release's grey map, and CONF/<name>_colour.png.
 - Every file is written atomically. A rerun skips images whose outputs all exist, unless
-  ``overwrite``; a bad input stops the run with an error naming it, or, with ``skip_bad``,
-  is logged and counted.
+  ``overwrite``, and removes the temporaries of cdiff's own naming that a killed run left beside
+  its outputs (cdiff.files.leftovers; nothing else). A bad input (an unreadable file or
+  subfolder, a name that is not UTF-8) stops the run with an error naming it, or, with
+  ``skip_bad``, is logged and counted. The output folders may not lie inside the input folder
+  (each rerun would translate its own outputs).
+- Checked before the model loads: the device, the folders, and what the files need (rasterio
+  for TIFFs). A full disk stops the run with one line naming the path, the image's partial
+  outputs removed.
+- SIGINT (Ctrl-C) and SIGTERM: the images in flight are finished and written, then the run stops
+  with one line saying how many are done (exit status 130 / 143); the same signal again stops at
+  once, dropping them. A rerun continues where it stopped (cdiff.signals).
 
 Reproducibility: each image's starting noise is seeded by ``seed`` and its name, whatever the
 order, shard or batch (cdiff.translators.image_seed).
@@ -29,22 +38,24 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cdiff.confidence_map import colourize
 from cdiff.config import DTYPES
 from cdiff.data.imageio import write_png
+from cdiff.devices import pick_device
 from cdiff.evaluate import EvaluationOptions, run_evaluate
-from cdiff.files import check_output
-from cdiff.geo import SarScene, read_sar, write_eo_geotiff
-from cdiff.imagefiles import TIFF_SUFFIXES, list_images, skip_or_raise
+from cdiff.files import check_output, leftovers, out_of_space, remove
+from cdiff.geo import SarScene, check_geotiff_support, read_sar, write_eo_geotiff
+from cdiff.imagefiles import TIFF_SUFFIXES, check_name, list_images, skip_or_raise
 from cdiff.matching import stem_of
 from cdiff.progress import progress
+from cdiff.signals import Interrupted, StopRequests
 from cdiff.torchrun import Launch, launch
 from cdiff.translators import Sampling, Translator
 
@@ -74,24 +85,34 @@ def colour_path(grey: Path) -> Path:
     return grey.with_name(grey.stem + COLOUR_SUFFIX + ".png")
 
 
-def list_inputs(input_path: str | os.PathLike) -> list[tuple[Path, str]]:
-    """(file, name) of every input image, sorted by name (see the module docstring)."""
+def list_inputs(input_path: str | os.PathLike, skipped: list[str] | None = None) -> list[tuple[Path, str]]:
+    """(file, name) of every input image, sorted by name (see the module docstring). Unreadable
+    subfolders and names that are not UTF-8 raise, or with ``skipped`` are listed there."""
     root = Path(input_path)
     if root.is_file():
-        return [(root, root.stem)]
-    return [(path, name) for name, path in list_images(root, "input").items()]
+        return [(root, check_name(root, "input"))]
+    return [(path, name) for name, path in list_images(root, "input", skipped).items()]
 
 
-def plan_jobs(input_path, output_dir, conf_dir=None) -> list[Job]:
-    """Every input and its outputs. The output folders must be writable, distinct, and no
-    output may be its own input (OUT = INPUT would write over the PNGs being read)."""
+def plan_jobs(input_path, output_dir, conf_dir=None, skipped: list[str] | None = None) -> list[Job]:
+    """Every input and its outputs. The output folders must be writable, distinct, outside the
+    input folder, and no output may be its own input. ``skipped``: as for ``list_inputs``."""
     check_output(output_dir, "folder", overwrite=True)  # overwrite: a rerun writes into it
     if conf_dir is not None:
         check_output(conf_dir, "folder", overwrite=True)
         if Path(conf_dir).resolve() == Path(output_dir).resolve():
             raise ValueError(f"--conf-dir {conf_dir} is the output folder; give the confidence maps a folder of their own")
+    root = Path(input_path)
+    for flag, folder in (("--output", output_dir), ("--conf-dir", conf_dir)):
+        if folder is None or not root.is_dir():
+            continue
+        where = Path(folder).resolve()
+        if root.resolve() in (where, *where.parents):
+            what = "is the --input folder" if root.resolve() == where else f"is inside --input {root}"
+            raise ValueError(f"{flag} {folder}: {what}, so every rerun would translate its own outputs again; "
+                             "choose a folder outside it")
     jobs = []
-    for source, name in list_inputs(input_path):
+    for source, name in list_inputs(input_path, skipped):
         suffix = ".tif" if source.suffix.lower() in TIFF_SUFFIXES else ".png"
         eo = Path(output_dir) / f"{name}{suffix}"
         confidence = Path(conf_dir) / f"{name}.png" if conf_dir is not None else None
@@ -186,14 +207,44 @@ def open_model(model, sampling: Sampling, conf_dir, device, dtype: str, prompt: 
     return translator, path
 
 
+def remove_leftovers(jobs: list[Job]) -> list[Path]:
+    """Remove the temporaries that a killed run left beside these jobs' outputs (cdiff's own
+    names for exactly these outputs, nothing else; cdiff.files.leftovers); the paths removed."""
+    names: dict[Path, set[str]] = {}
+    for job in jobs:
+        for output in job.outputs:
+            names.setdefault(output.parent, set()).add(output.name)
+    found = [path for folder, accepted in names.items() for path in leftovers(folder, accepted)]
+    for path in found:
+        remove(path)
+    return found
+
+
 def write_outputs(job: Job, scene: SarScene, eo: np.ndarray, grey: np.ndarray | None) -> None:
-    if job.eo.suffix == ".tif":
-        write_eo_geotiff(job.eo, eo, scene)
-    else:
-        write_png(job.eo, eo)
+    """Write the job's outputs (each atomically). If one fails or a signal stops it, those written
+    are removed, so a job's outputs exist all or none; a full disk is one error naming the path."""
+    def write_eo(path: Path) -> None:
+        if path.suffix == ".tif":
+            write_eo_geotiff(path, eo, scene)
+        else:
+            write_png(path, eo)
+
+    writes = [(job.eo, write_eo)]
     if job.confidence is not None and grey is not None:
-        write_png(job.confidence, grey)
-        write_png(colour_path(job.confidence), colourize(grey))
+        writes.append((job.confidence, lambda path: write_png(path, grey)))
+        writes.append((colour_path(job.confidence), lambda path: write_png(path, colourize(grey))))
+    written = []
+    try:
+        for path, write in writes:
+            write(path)
+            written.append(path)
+    except BaseException as err:
+        for done in written:
+            remove(done)
+        if isinstance(err, Exception) and out_of_space(err):
+            raise OSError(f"{path}: no space left on its device; nothing of {job.name!r} was kept. Free space, "
+                          "then run the same command again (finished images are skipped)") from None
+        raise
 
 
 @dataclass
@@ -229,28 +280,62 @@ def run_translate(
     here = launch()
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    all_jobs = plan_jobs(input_path, output_dir, conf_dir)
+    device = pick_device(device, here.local_rank)
+    with StopRequests("the translation", notice=STOPPING) as stops:
+        tally = Tally()
+        skipped: list[str] = []
+        all_jobs = plan_jobs(input_path, output_dir, conf_dir, skipped if skip_bad else None)
+        check_geotiff_support([job.source for job in all_jobs], "input")  # a TIFF's output is a GeoTIFF too
+        if target is not None:
+            evaluation = with_sar_inputs(evaluation, input_path, all_jobs)
+            evaluation.check(output_dir, target)  # now, not after hours of translation
+            if here.world_size > 1:
+                _join_ranks(here)  # now, so a launch without torchrun's rendezvous fails before the work
+        jobs = shard(all_jobs, here.rank, here.world_size)
+        if here.is_main:
+            tally.bad += skipped  # found by every rank while planning; counted once
+        removed = remove_leftovers(jobs)
+        if removed:
+            print(f"cdiff translate: removed {len(removed)} temporary file(s) that a stopped run left, "
+                  f"e.g. {removed[0]}")
+        translate, path = open_model(model, sampling, conf_dir, device, dtype, prompt, channels_last, compile_unet)
+        if path != Path(model) and here.is_main:
+            print(f"cdiff translate: model {path}")
+        todo = []
+        for job in jobs:
+            if job.finished() and not overwrite:
+                tally.already_done += 1
+            else:
+                todo.append(job)
+        start = time.perf_counter()
+        stops.defer()  # from here a first signal lets the images in flight finish
+        try:
+            finished = _translate_jobs(todo, translate, sampling, here.is_main, skip_bad, tally, stops)
+        except Interrupted as stop:  # the same signal twice: the images in flight are dropped
+            raise _stopped(stop.signum, tally, todo, output_dir, "at once by a second",
+                           "; the images in flight were dropped") from None
+        if not finished or (stops.signum is not None and target is not None):
+            raise _stopped(stops.signum, tally, todo, output_dir, "by", "" if not finished else
+                           "; the evaluation did not run")
+    where = f"rank {here.rank}/{here.world_size}: " if here.world_size > 1 else ""
+    print(f"cdiff translate: {where}{tally.translated} translated, {tally.already_done} already done, "
+          f"{len(tally.bad)} bad, {time.perf_counter() - start:.1f} s -> {output_dir}")
+    for line in tally.bad:
+        print(f"  skipped {line}")
     if target is not None:
-        evaluation = with_sar_inputs(evaluation, input_path, all_jobs)
-        evaluation.check(output_dir, target)  # now, not after hours of translation
-        if here.world_size > 1:
-            _join_ranks(here)  # now, so a launch without torchrun's rendezvous fails before the work
-    jobs = shard(all_jobs, here.rank, here.world_size)
-    device = torch.device(device or (f"cuda:{here.local_rank}" if torch.cuda.is_available() else "cpu"))
-    translate, path = open_model(model, sampling, conf_dir, device, dtype, prompt, channels_last, compile_unet)
-    if path != Path(model) and here.is_main:
-        print(f"cdiff translate: model {path}")
+        _evaluate_outputs(all_jobs, output_dir, target, evaluation, here, device)
+    return tally
 
-    tally = Tally()
-    todo = []
-    for job in jobs:
-        if job.finished() and not overwrite:
-            tally.already_done += 1
-        else:
-            todo.append(job)
-    start = time.perf_counter()
+
+STOPPING = ("cdiff translate: {signal}: stopping once the images in flight are written "
+            "({signal} again stops at once, dropping them)")
+
+
+def _translate_jobs(todo: list[Job], translate: Translator, sampling: Sampling, show: bool, skip_bad: bool,
+                    tally: Tally, stops: StopRequests) -> bool:
+    """Read, translate (in batches of same-sized images) and write every job of ``todo``,
+    counting in ``tally``; False if a signal stopped it before the next image."""
     batch: list[tuple[Job, SarScene]] = []
-    show = here.is_main
 
     def flush():
         results = translate([s for _, s in batch], [j.name for j, _ in batch], sampling, show)
@@ -260,6 +345,8 @@ def run_translate(
         batch.clear()
 
     for index, job in enumerate(progress(todo, desc="images", enabled=show)):
+        if stops.signum is not None:
+            return False  # a batch read but not yet translated is simply dropped
         try:
             scene = read_sar(job.source)
         except ValueError as err:
@@ -272,14 +359,16 @@ def run_translate(
             flush()  # inside the loop, so the step bar nests in the image bar
     if batch:  # the last input was bad
         flush()
-    where = f"rank {here.rank}/{here.world_size}: " if here.world_size > 1 else ""
-    print(f"cdiff translate: {where}{tally.translated} translated, {tally.already_done} already done, "
-          f"{len(tally.bad)} bad, {time.perf_counter() - start:.1f} s -> {output_dir}")
-    for line in tally.bad:
-        print(f"  skipped {line}")
-    if target is not None:
-        _evaluate_outputs(all_jobs, output_dir, target, evaluation, here, device)
-    return tally
+    return True
+
+
+def _stopped(signum: int, tally: Tally, todo: list[Job], output_dir, how: str, extra: str = "") -> Interrupted:
+    """The one line that ends a translation stopped by a signal: what is done, how to go on."""
+    left = sum(not job.finished() for job in todo)
+    return Interrupted(
+        f"stopped {how} {signal.Signals(signum).name}: {tally.translated} image(s) translated in this run, "
+        f"{tally.already_done} done before, {left} still to do{extra}; run the same command again to continue "
+        f"(finished images are skipped) -> {output_dir}", signum)
 
 
 def with_sar_inputs(evaluation: EvaluationOptions, input_path, jobs: list[Job]) -> EvaluationOptions:

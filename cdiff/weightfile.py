@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from cdiff.config import config_from_json
+
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
@@ -108,6 +110,24 @@ class WeightFile:
                 self._open_safetensors(shard_path)
             else:
                 self._eager = {**(self._eager or {}), **_torch_load(shard_path)}
+
+    def config(self, key: str, classes: tuple[type, ...] | None = None):
+        """The config stored as JSON in metadata ``key`` (cdiff.config.config_from_json, with
+        ``classes`` if given); a missing, cut short or foreign entry is one CheckpointError
+        naming the file and the key."""
+        text = self.metadata.get(key)
+        if text is None:
+            raise CheckpointError(f"{self.path}: no {key} in its metadata; the file is damaged or was not written "
+                                  "by cdiff")
+        try:
+            return config_from_json(text, *([classes] if classes else []))
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{self.path}: the {key} in its metadata is not valid JSON ({err.msg} at character "
+                                  f"{err.pos} of {len(text)}): the file is damaged or cut short; write it "
+                                  "again") from None
+        except (ValueError, TypeError) as err:
+            raise CheckpointError(f"{self.path}: the {key} in its metadata is not a config cdiff can build: "
+                                  f"{err}") from None
 
     def keys(self) -> list[str]:
         return list(self._shards) + list(self._eager or {})

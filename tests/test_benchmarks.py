@@ -106,3 +106,14 @@ def test_bench_evaluate_times_every_metric_of_the_field_protocol(tmp_path):
     assert report["images_per_s"] > 0
     [row] = rows(table)
     assert row["figure"] == "evaluate" and float(row["ms"]) > 0 and "images=3" in row["settings"]
+
+
+def test_bench_demo_model(tmp_path):
+    table = tmp_path / "results.csv"
+    with one_thread():
+        load("bench_demo_model").main(["--size", "64", "--steps", "1", "--repeats", "1", "--warmup", "0",
+                                       "--csv", str(table)])
+    written = {r["impl"]: r for r in rows(table)}
+    assert set(written) == {"translate", "demo"} and written["translate"]["settings"].startswith("64px steps=1")
+    ratio = float(written["translate"]["ms"]) / float(written["demo"]["ms"])
+    assert float(written["translate"]["ratio"]) == pytest.approx(ratio, rel=1e-4)

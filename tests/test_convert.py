@@ -382,3 +382,14 @@ def test_random_sd21_tool_writes_a_convertible_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):  # never writes over an existing folder
         random_sd21([str(tmp_path / "sd"), "--tiny"])
     assert "already exists" in capsys.readouterr().err
+
+
+def test_convert_says_which_surgery_it_did(tiny_folder, tiny_native, tmp_path):
+    said = []
+    convert(tiny_folder, tmp_path / "a.safetensors", echo=said.append)
+    assert "C-DiffSET surgery: 4-in/4-out -> 8-in/5-out (conv_in takes [SAR | EO] latents, both halves the original " \
+           "weights x 0.5; conv_out gains a variance channel of zero weights)" in said
+    said.clear()
+    convert(tiny_native, tmp_path / "b.safetensors", echo=said.append)  # already C-DiffSET: nothing done
+    (line,) = [s for s in said if s.startswith("C-DiffSET surgery")]
+    assert line == "C-DiffSET surgery: not applied: the U-Net is already the C-DiffSET one (8-in/5-out)"

@@ -71,7 +71,8 @@ def test_empty_dataset_is_an_error(tmp_path):
     (tmp_path / "other").mkdir()
     with pytest.raises(ValueError, match="no EO images found under .*other"):
         folder_pairs(tmp_path, eo_dir="other")
-    with pytest.raises(FileNotFoundError, match="dataset root not found"):
+    with pytest.raises(FileNotFoundError, match=r"dataset root not found: .*missing \(in a run config it is "
+                       r"data.root: give the dataset's folder with --set data.root=/path/to/it\)"):
         qxs_saropt(tmp_path / "missing")
 
 
@@ -157,7 +158,7 @@ def test_wrong_band_counts(tmp_path):
 def test_missing_rasterio_names_the_extra(tmp_path, monkeypatch):
     sar_path, _ = sn6_pair(tmp_path, quadrant_bands()[0])
     monkeypatch.setitem(sys.modules, "rasterio", None)  # import rasterio now raises ImportError
-    with pytest.raises(ImportError, match=rf"{sar_path} needs rasterio: pip install cdiff\[geo\]"):
+    with pytest.raises(ImportError, match=rf"{sar_path} needs rasterio: pip install 'cdiffset\[geo\]'"):
         read_geotiff(sar_path)
 
 

@@ -131,6 +131,21 @@ def test_demo_translates_a_file_with_a_warning(tmp_path, capsys):
     assert np.asarray(Image.open(out / "mine_confidence.png")).shape == (64, 128)
 
 
+def test_demo_reads_a_geotiff_with_nan_nodata_as_translate_does(tmp_path, capsys):
+    """One reader for both commands (cdiff.geo.read_sar): NaN pixels are nodata, left out of the
+    stretch, and black in the output."""
+    rasterio = pytest.importorskip("rasterio")
+    bands = np.random.default_rng(0).gamma(2.0, 0.05, (64, 64)).astype(np.float32)
+    bands[:, :8] = np.nan  # the swath edge
+    with rasterio.open(tmp_path / "scene.tif", "w", driver="GTiff", height=64, width=64, count=1, dtype="float32",
+                       nodata=float("nan")) as f:
+        f.write(bands[None])
+    out = tmp_path / "out"
+    assert main(["demo", "--sar", str(tmp_path / "scene.tif"), "--out", str(out), "--steps", "1"]) == 0
+    eo = np.asarray(Image.open(out / "scene_eo.png"))
+    assert eo.shape == (64, 64, 3) and (eo[:, :8] == 0).all() and eo[:, 8:].std() > 0
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--sar", "{tmp}/missing.png"], ["missing.png"]),
     (["--sar", "{tmp}/odd.png"], ["--sar", "odd.png", "60x64"]),
@@ -138,7 +153,7 @@ def test_demo_translates_a_file_with_a_warning(tmp_path, capsys):
     (["--scenes", "0"], ["--scenes"]),
 ])
 def test_demo_errors_name_the_argument_or_file(tmp_path, capsys, argv, words):
-    Image.fromarray(np.zeros((60, 64), np.uint8)).save(tmp_path / "odd.png")
+    Image.fromarray(np.arange(60 * 64, dtype=np.uint8).reshape(60, 64)).save(tmp_path / "odd.png")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(["demo", "--out", str(tmp_path / "out"), *argv]) == 2
     err = capsys.readouterr().err.splitlines()[-1]

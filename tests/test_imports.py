@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "base": {
         "cdiff.flags", "cdiff.files", "cdiff.progress", "cdiff.config", "cdiff.graphs", "cdiff.metrics",
-        "cdiff.confidence_map", "cdiff.imagefiles", "cdiff.torchrun", "cdiff.signals", "cdiff.download",
+        "cdiff.confidence_map", "cdiff.imagefiles", "cdiff.torchrun", "cdiff.devices", "cdiff.signals", "cdiff.download",
         "cdiff.hub", "cdiff.zoo", "cdiff.protocol", "cdiff.published",
     },
     "model": {

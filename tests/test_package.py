@@ -1,6 +1,8 @@
-"""Packaging: what `import cdiff` pulls in, and where cdiff.kernels comes from."""
+"""Packaging: what `import cdiff` pulls in, where cdiff.kernels comes from, and the distribution's
+name (cdiffset: "cdiff" on PyPI is an unrelated package)."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,8 +50,14 @@ def test_wheel_ships_kernels_inside_the_cdiff_namespace(tmp_path):
         text=True,
     )
     assert build.returncode == 0, build.stderr
-    (wheel,) = tmp_path.glob("cdiff-*.whl")
+    (wheel,) = tmp_path.glob("*.whl")
+    assert wheel.name.startswith("cdiffset-"), wheel.name
     names = zipfile.ZipFile(wheel).namelist()
+    info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
+    metadata = zipfile.ZipFile(wheel).read(f"{info}/METADATA").decode()
+    assert "\nName: cdiffset\n" in metadata  # the distribution; the import name and the command stay cdiff
+    entry_points = zipfile.ZipFile(wheel).read(f"{info}/entry_points.txt").decode()
+    assert "cdiff = cdiff.cli:main" in entry_points
     assert "cdiff/kernels/__init__.py" in names
     # The field's frozen split lists ship with the package (cdiff.data.frozen).
     assert {"cdiff/data/splits/NOTICE", "cdiff/data/splits/qxs-saropt/test_eo_list.txt",
@@ -61,3 +69,13 @@ def test_wheel_ships_kernels_inside_the_cdiff_namespace(tmp_path):
     cdiff_file, kernels_file = run_python(code, tmp_path, str(unpacked)).splitlines()
     assert cdiff_file == str(unpacked / "cdiff" / "__init__.py")
     assert kernels_file == str(unpacked / "cdiff" / "kernels" / "__init__.py")
+
+
+def test_every_install_hint_names_the_distribution_not_the_other_cdiff():
+    """`pip install cdiff[...]` would install an unrelated package that also claims `cdiff`."""
+    wrong = []
+    for path in [*sorted((ROOT / "cdiff").rglob("*.py")), *sorted((ROOT / "docs").glob("*.md")), ROOT / "setup.py"]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"pip install[^\n]*?['\"]?cdiff\[", line):
+                wrong.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert wrong == []

@@ -2,14 +2,15 @@
 order, with tiny stand-ins for the files they name."""
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
 
 from cdiff import VAE, UNet, UNetConfig, VAEConfig, save_native
-from cdiff.export import export_original
-from cdiff.testing import one_thread, randomize_
+from cdiff import testing
+from cdiff.testing import one_thread, write_original_file
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -32,23 +33,35 @@ def run_page(page: Path, folder: Path) -> dict:
     return namespace
 
 
-def write_stand_ins(folder: Path) -> None:
+def write_stand_ins(folder: Path, sd21: bool = True) -> None:
     """cdiffset.safetensors: a tiny C-DiffSET native model; tiny-sd21.safetensors: a tiny
-    SD 2.1 (4-in / 4-out) in Stability's original single-file layout."""
+    SD 2.1 (4-in / 4-out) in Stability's original single-file layout, as the README's command
+    makes it (``sd21=False``: not made here)."""
     torch.manual_seed(0)
     save_native(folder / "cdiffset.safetensors", UNet(UNetConfig.tiny(in_channels=8, out_channels=5)),
                 VAE(VAEConfig.tiny()), torch.randn(6, 1024))
-    plain = folder / "plain.safetensors"
-    save_native(plain, randomize_(UNet(UNetConfig.tiny()), 1), randomize_(VAE(VAEConfig.tiny()), 2), torch.randn(6, 1024))
-    export_original(plain, folder / "tiny-sd21.safetensors")
-    plain.unlink()
+    if sd21:
+        write_original_file(folder / "tiny-sd21.safetensors", tiny=True, seed=1)
+
+
+def readme_command(file_name: str) -> list[str]:
+    """The arguments of the ``python -m cdiff.testing`` command that the README's comment
+    right above the first line loading ``file_name`` gives for making it."""
+    lines = README.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if f'"{file_name}"' in line and not line.lstrip().startswith("#"))
+    match = re.search(r"#.*?: (python -m cdiff\.testing .*)$", lines[first - 1])
+    assert match, f"README: no command that makes {file_name} in the comment above: {lines[first - 1]!r}"
+    argv = shlex.split(match.group(1))
+    assert argv[:3] == ["python", "-m", "cdiff.testing"] and file_name in argv
+    return argv[3:]
 
 
 def test_readme_examples_run(tmp_path, monkeypatch, capsys):
     blocks = python_blocks()
     assert len(blocks) == 5  # the fifth, the translate example, runs in its own test below
     monkeypatch.chdir(tmp_path)
-    write_stand_ins(tmp_path)
+    write_stand_ins(tmp_path, sd21=False)
+    testing.main(readme_command("tiny-sd21.safetensors"))  # the file is made as the README says
     # Examples 1 and 2 stand alone; example 4 goes on from example 3.
     first, second, third = {}, {}, {}
     with one_thread():

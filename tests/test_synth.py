@@ -180,9 +180,11 @@ def test_dataset_samples_and_shared_augmentation():
         ds[3]
 
 
-def test_cli_writes_a_readable_dataset(tmp_path):
+def test_cli_writes_a_readable_dataset(tmp_path, capsys):
     out = tmp_path / "syn"
     assert main(["synth", str(out), "--count", "3", "--size", "64", "--seed", "4"]) == 0
+    assert capsys.readouterr().out == (f"cdiff synth: 3 pairs of 64x64 (seeds 4..6) -> {out}: sar/, eo/, "
+                                       "discrepancy/, misregistration/, pairs.csv, synth.json\n")
     names = [f"synth_{k:06d}" for k in (4, 5, 6)]
     for sub in ("sar", "eo", "discrepancy", "misregistration"):
         assert sorted(p.stem for p in (out / sub).iterdir()) == names

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cdiff.demo import DEMO_MODEL
 from cdiff.train.config import differences
 from cdiff.train.configfile import from_dict, load_config, to_toml
 from cdiff.train.optim import WarmupCosine
@@ -39,7 +40,29 @@ def test_dataset_configs_hold_the_fields_settings(name, kind, batch, crop, steps
 
 def test_tiny_config_parses():
     config = load_config(ROOT / "configs" / "synthetic-tiny.toml")
-    assert config.model.init == "tiny" and config.train.device == "cpu" and config.data.size == 64
+    assert config.train.device == "cpu" and config.data.size == 64
+    # The trial trains a fresh U-Net on the demo model's trained VAE: a random VAE only makes colour noise.
+    assert config.model.fresh_unet and (ROOT / config.model.init).resolve() == DEMO_MODEL
+
+
+def test_a_fresh_unet_keeps_the_init_vae_and_prompt(tmp_path):
+    from cdiff.load import load_pipeline
+    from cdiff.testing import micro_model
+    from cdiff.train.start import start_pipeline
+
+    init = micro_model(tmp_path / "init.safetensors", out_channels=5, seed=3)
+    stored = load_pipeline(init, dtype=torch.float32)
+    config = load_config(ROOT / "configs" / "synthetic-tiny.toml", [f"model.init={init}", "model.tiny_seed=7"])
+    fresh, again = start_pipeline(config.model), start_pipeline(config.model)
+    assert fresh.unet.config == stored.unet.config
+    assert not torch.equal(fresh.unet.conv_in.weight, stored.unet.conv_in.weight)
+    torch.testing.assert_close(fresh.unet.conv_in.weight, again.unet.conv_in.weight, rtol=0, atol=0)  # seeded
+    assert (fresh.unet.conv_out.weight[4:] == 0).all() and (fresh.unet.conv_out.bias[4:] == 0).all()  # variance
+    for key, value in stored.vae.state_dict().items():
+        assert torch.equal(fresh.vae.state_dict()[key], value), key
+    assert torch.equal(fresh.context, stored.context)
+    with pytest.raises(ValueError, match="model.fresh_unet needs model.init to be a model file"):
+        load_config(ROOT / "configs" / "synthetic-tiny.toml", ["model.init=tiny"])
 
 
 def test_set_overrides_parse_toml_values_and_bare_strings():

@@ -296,7 +296,7 @@ def test_the_speed_switches_give_the_same_images(model, inputs, tmp_path, monkey
 
 def test_outputs_that_would_overwrite_the_inputs_are_refused(model, inputs, tmp_path, capsys):
     assert run("--model", model, "--input", inputs, "--output", inputs) == 2
-    assert "is the source" in capsys.readouterr().err
+    assert "is the --input folder, so every rerun would translate its own outputs" in capsys.readouterr().err
     assert run("--model", model, "--input", inputs, "--output", tmp_path / "eo", "--conf-dir", tmp_path / "eo") == 2
     assert "a folder of their own" in capsys.readouterr().err
     (tmp_path / "file").write_text("")

@@ -311,7 +311,8 @@ def default_transform(split: str | None, crop: int | None):
 def _root(root) -> Path:
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset root not found: {root}")
+        raise FileNotFoundError(f"dataset root not found: {root} (in a run config it is data.root: give the "
+                                f"dataset's folder with --set data.root=/path/to/it)")
     return root
 
 

@@ -3,7 +3,7 @@
 Every reader returns ``(H, W, C)`` arrays and raises ``ValueError`` naming the file for
 anything it cannot use (unreadable or truncated files, wrong band counts, NaN/Inf, a
 constant SAR image). PNG/JPEG/TIFF go through Pillow; GeoTIFFs (and TIFFs Pillow cannot
-decode, such as 4-band float32) go through rasterio (``pip install cdiff[geo]``, imported only
+decode, such as 4-band float32) go through rasterio (``pip install 'cdiffset[geo]'``, imported only
 in :func:`read_raster`), the one GeoTIFF library of cdiff: the dataset readers and ``cdiff
 translate`` (cdiff.geo) read them alike.
 
@@ -93,7 +93,7 @@ def _import_rasterio(path: Path):
     try:
         import rasterio
     except ImportError as err:
-        raise ImportError(f"reading the GeoTIFF {path} needs rasterio: pip install cdiff[geo]") from err
+        raise ImportError(f"reading the GeoTIFF {path} needs rasterio: pip install 'cdiffset[geo]'") from err
     return rasterio
 
 

@@ -20,7 +20,7 @@ extracted training archive); ``OUT`` receives ``{train,test}A/<stem>.png`` (SAR)
 Georeferencing: every chip keeps its tile's CRS and transform, scaled for the resize (a
 256-px chip of a 900-px tile has pixels 900/256 times larger), in a GDAL sidecar
 ``<stem>.png.aux.xml`` that GDAL, rasterio and QGIS read with the PNG. Reading the tiles
-needs rasterio (``pip install cdiff[geo]``).
+needs rasterio (``pip install 'cdiffset[geo]'``).
 
 Every listed tile is checked to exist before any work (one error counts the missing ones);
 chips are written atomically, a rerun skips chips already written, and a bad tile stops
@@ -170,7 +170,7 @@ def _import_rasterio():
     try:
         import rasterio
     except ImportError as err:
-        raise ImportError("cdiff prepare spacenet6 reads GeoTIFFs with rasterio: pip install cdiff[geo]") from err
+        raise ImportError("cdiff prepare spacenet6 reads GeoTIFFs with rasterio: pip install 'cdiffset[geo]'") from err
     return rasterio
 
 

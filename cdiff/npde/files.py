@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from cdiff.config import config_from_json, config_to_json
+from cdiff.config import config_to_json
 from cdiff.files import save_safetensors
 from cdiff.npde.config import NPDEConfig
 from cdiff.npde.model import NPDEGenerator, NPDEModel
@@ -51,11 +51,7 @@ def _open(path) -> tuple[WeightFile, NPDEConfig]:
     if f.metadata.get("format_version") != VERSION:
         raise CheckpointError(f"{path}: S2O-NPDE format version {f.metadata.get('format_version')!r}; "
                               f"this cdiff reads version {VERSION}")
-    try:
-        config = config_from_json(f.metadata["npde_config"], (NPDEConfig,))
-    except ValueError as err:
-        raise CheckpointError(f"{path}: its npde_config is not an NPDEConfig: {err}") from None
-    return f, config
+    return f, f.config("npde_config", (NPDEConfig,))
 
 
 def read_config(path: str | os.PathLike) -> NPDEConfig:

@@ -81,11 +81,16 @@ class CDiffSETConfig:
     ema_decay: float = 0.0  # > 0: keep an EMA of the U-Net with this decay, validate and save it too
     gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
     channels_last: bool = False  # U-Net weights and activations NHWC (tensor-core convolutions' layout); same results
-    tiny_seed: int = 0  # the weights of init = "tiny"
+    fresh_unet: bool = False  # replace init's U-Net by one of its config with seeded random weights (tiny_seed),
+    #                           keeping init's VAE and prompt embedding: training from scratch
+    tiny_seed: int = 0  # the weights of init = "tiny", or of the fresh U-Net
 
     def __post_init__(self):
         if not self.init:
             raise ValueError("config: model.init is needed: a model file (e.g. from `cdiff convert`) or \"tiny\"")
+        if self.init == TINY and self.fresh_unet:
+            raise ValueError("config: model.fresh_unet needs model.init to be a model file; model.init = \"tiny\" "
+                             "makes a fresh U-Net already")
         if self.init == TINY and self.unet:
             # The tiny stack brings its own small VAE and prompt embedding, which no release U-Net fits.
             raise ValueError(f"config: model.unet ({self.unet}) needs model.init to be a model file, whose VAE and "

@@ -94,6 +94,7 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept besides the best one
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (a multiple of save_every;
     #                      10000 keeps step-040000, the field's published one); 0 = none
+    note: str = ""  # printed when the run starts: what the config is for, and what it cannot show
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "accumulation", "log_every", "save_every", "keep_last"):

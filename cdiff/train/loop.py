@@ -224,7 +224,7 @@ class Loop:
         pin = self.world.device.type == "cuda"
         batch_iter = iter(loader(StreamSamples(items, train.seed, augment), batches, self.config.data.workers, pin,
                                  train.seed))
-        bar = Bar(train.steps, "train", enabled=self.world.is_main, start=self.step)
+        bar = Bar(train.steps, "train", enabled=self.world.is_main, start=self.step, lines=False)  # logs its own
         window, finite_steps, window_steps, clock = {}, 0, 0, time.perf_counter()
         postfix = ""
         shown = "loss" if len(self.task.phases) == 1 else f"loss_{self.task.phases[0].name}"  # in the progress bar

@@ -25,7 +25,7 @@ from cdiff.train.seeds import seed_globals
 
 
 # Keys that only choose the weights a new run starts from: a resumed run starts from its checkpoint.
-STARTING_POINT = ("model.init", "model.unet", "model.pad_to_77", "model.tiny_seed")
+STARTING_POINT = ("model.init", "model.unet", "model.pad_to_77", "model.tiny_seed", "model.fresh_unet")
 
 
 def stage_plan(config: RunConfig, run_dir) -> list[tuple[str, RunConfig]]:
@@ -134,6 +134,8 @@ def _check_before_start(config: RunConfig, world: distributed.World, run_dir) ->
     if world.size > 1 and model_kind(config.model.kind).task.single_process:
         raise ValueError(f"model.kind = {config.model.kind!r} trains in one process: run 'cdiff train' without "
                          f"torchrun (nothing was written to {run_dir})")
+    if config.train.note and world.is_main:
+        _say(f"note: {config.train.note}")
     optim, steps = config.optim, config.train.steps
     if optim.warmup_steps > steps and world.is_main:
         # The factor is n / warmup at step n + 1 (cdiff.train.optim): the last step's is (steps - 1) / warmup.

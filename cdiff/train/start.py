@@ -1,6 +1,7 @@
 """The model a C-DiffSET run starts from: a checkpoint's (a resume), ``model.init`` (+ ``model.unet``)
 made into the U-Net of the run's stage, or, for CPU trials, cdiff's tiny stack with seeded random
-weights.
+weights. With ``model.fresh_unet``, that U-Net is replaced by one of its config with seeded random
+weights (training from scratch on a model's trained VAE and prompt embedding).
 
 The U-Net each stage starts from (C = 4, the VAE's latent channels; cdiff.surgery):
 
@@ -85,5 +86,22 @@ def start_pipeline(model, checkpoint: Path | None = None) -> Pipeline:
         if path and not Path(path).exists():
             raise FileNotFoundError(f"model file not found: {path}")
     surgery = partial(STAGE_UNET[stage], source=model.unet or model.init)
-    return load_pipeline(init, unet=model.unet or None, pad_to_77=model.pad_to_77, surgery=surgery,
-                         dtype=torch.float32)
+    pipeline = load_pipeline(init, unet=model.unet or None, pad_to_77=model.pad_to_77, surgery=surgery,
+                             dtype=torch.float32)
+    if model.fresh_unet:
+        pipeline.unet = fresh_unet(pipeline.unet.config, pipeline.vae.config.latent_channels, model.tiny_seed)
+    return pipeline
+
+
+def fresh_unet(config, latent_channels: int, seed: int):
+    """A U-Net of ``config`` with seeded random weights (PyTorch's initialisation), its variance
+    channel (if any) zero as the C-DiffSET surgery leaves it, so the C-Diff loss starts as plain L2."""
+    from cdiff.unet import UNet
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet(config)
+    with torch.no_grad():
+        unet.conv_out.weight[latent_channels:].zero_()
+        unet.conv_out.bias[latent_channels:].zero_()
+    return unet.eval()
