@@ -23,7 +23,7 @@ LAYERS = {
     "weights": {
         "cdiff.weightfile", "cdiff.statedict", "cdiff.layouts", "cdiff.layouts.diffusers",
         "cdiff.layouts.diffusers_config", "cdiff.layouts.original", "cdiff.layouts.detect", "cdiff.infer_config",
-        "cdiff.native", "cdiff.load", "cdiff.surgery", "cdiff.prompt", "cdiff.perceptual", "cdiff.testing",
+        "cdiff.native", "cdiff.load", "cdiff.surgery", "cdiff.prompt", "cdiff.perceptual", "cdiff.export", "cdiff.testing",
         "cdiff.networks",
     },
     "data": {
@@ -35,7 +35,7 @@ LAYERS = {
         "cdiff.npde.losses", "cdiff.npde.training", "cdiff.npde.files", "cdiff.npde.inference",
     },
     "commands": {
-        "cdiff.convert", "cdiff.export", "cdiff.evaluate", "cdiff.scoring", "cdiff.report", "cdiff.fetch", "cdiff.translators", "cdiff.translate", "cdiff.demo",
+        "cdiff.convert", "cdiff.evaluate", "cdiff.scoring", "cdiff.report", "cdiff.fetch", "cdiff.translators", "cdiff.translate", "cdiff.demo",
         "cdiff.train", "cdiff.train.task", "cdiff.train.config", "cdiff.train.seeds", "cdiff.train.ema",
         "cdiff.train.distributed", "cdiff.train.rundir", "cdiff.train.logs", "cdiff.train.validation",
         "cdiff.train.data", "cdiff.train.optim", "cdiff.train.start", "cdiff.train.latents", "cdiff.train.cdiffset",

@@ -32,12 +32,12 @@ from cdiff.weightfile import read_state_dict
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "synthetic-tiny.toml"
-# The tiny stack with random weights, 20 steps of batch 1 with an EMA, a checkpoint every 5 steps, a log
-# line every step.
+# The tiny stack with random weights, 20 steps of batch 1 on 4 pairs (4 more held out) with an EMA, a
+# checkpoint every 5 steps, a log line every step.
 RUN = ["model.init=tiny", "model.fresh_unet=false", "model.prediction=epsilon", "optim.lr=1e-3",
        "data.hflip=true", "data.vflip=true", "data.rot90=true", "data.count=8", "train.batch_size=1",
        "train.steps=20", "train.save_every=5", "train.keep_last=2", "train.log_every=1", "optim.warmup_steps=5",
-       "model.ema_decay=0.9", "val.every=0"]
+       "model.ema_decay=0.9", "val.every=0", "val.holdout=4", "val.images=4", "val.batch_size=4"]
 # As long as a test may need: it is stopped by a signal long before its end.
 LONG = [*RUN, "train.steps=100000", "train.save_every=100000"]
 
