@@ -16,7 +16,7 @@ from cdiff.testing import tiny_pipeline
 from studies.synthetic import ablation_seeds
 from studies.synthetic.measures import auroc, one_step
 from studies.synthetic.report import (
-    ReportProtocol, ceiling, describe_model, heldout, main, measure, user_confidence, write_report,
+    ReportProtocol, ceiling, compare_arms, describe_model, heldout, main, measure, user_confidence, write_report,
 )
 
 # One torch thread inside each test, and the count the suite had restored after it (the report's
@@ -87,7 +87,7 @@ def test_report_machinery_end_to_end(tmp_path, monkeypatch):
     assert a["arms"]["cdiff"]["heldout"]["psnr"] == {"mean": 17.25, "std": pytest.approx(np.std([17.0, 17.5], ddof=1)),
                                                      "n": 2, "values": [17.0, 17.5]}
     assert a["arms"]["l2"]["heldout"]["psnr"]["std"] is None  # one run: no spread
-    assert a["compare"]["heldout"]["psnr"]["cdiff_better_in_every_pair"] is True
+    assert a["compare"]["heldout"]["psnr"]["p"] is None  # one l2 run: the arms are not compared across runs
     assert a["arms"]["cdiff"]["map_auroc"]["n"] == 2 and all("map_auroc" not in r for r in a["runs"] if r["arm"] == "l2")
     assert a["baselines"]["target"]["hallucinated"] == a["baselines"]["target"]["eo_only_objects"] > 0
 
@@ -142,3 +142,14 @@ def test_missing_runs_folder_names_the_command(tmp_path):
     model = save_model(tmp_path / "a.safetensors", 0)
     with pytest.raises(SystemExit, match="no such folder.*studies.synthetic.ablation_seeds --runs"):
         main(["--model", str(model), "--x0", "", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "r.md")])
+
+
+def test_compare_arms_run_against_run():
+    disjoint = compare_arms([17.3, 17.1, 17.2], [16.8, 16.9, 17.0], higher_is_better=True)
+    assert disjoint == {"difference": pytest.approx(0.3), "p": pytest.approx(0.1), "cdiff_better_in_every_pair": True,
+                        "l2_better_in_every_pair": False}
+    fewer = compare_arms([2, 3, 1], [5, 4, 6], higher_is_better=False)  # counts of hallucinations: fewer is better
+    assert fewer["cdiff_better_in_every_pair"] is True and fewer["difference"] == pytest.approx(-3)
+    overlap = compare_arms([17.3, 16.7, 17.2], [16.8, 16.9, 17.0], higher_is_better=True)
+    assert not overlap["cdiff_better_in_every_pair"] and not overlap["l2_better_in_every_pair"] and overlap["p"] > 0.1
+    assert compare_arms([17.0], [16.0, 16.5], higher_is_better=True)["p"] is None  # one run: no spread to compare

@@ -63,7 +63,7 @@ def _partial(n: dict) -> str:
 def _compare_verdict(c: dict, cdiff: dict, l2: dict) -> str:
     """Does C-Diff beat l2 on this measure, run against run?"""
     if c["cdiff_better_in_every_pair"] is None:
-        return "no runs"
+        return f"not compared: {cdiff['n']} and {l2['n']} run(s), at least 2 per arm needed"
     if cdiff["values"] and set(cdiff["values"]) == set(l2["values"]) and len(set(cdiff["values"])) == 1:
         return f"no difference (every run: {cdiff['values'][0]:g})"
     if c["cdiff_better_in_every_pair"]:
@@ -192,8 +192,9 @@ def _summary_ablation(n: dict) -> list[str]:
     hall_verdict = "; ".join(f"{ABLATION_LABELS[m][0]}: {_compare_verdict(c, x, y)}" for m, (x, y, c) in h.items())
     partial = " (PARTIAL)" if a["missing"] else ""
     return [
-        f"| 3a | the C-Diff loss beats plain l2 (Table 3){partial} | training runs: {runs}, one VAE | the {n['protocol']['scenes']} "
-        "held-out scenes as in row 1; mean ± standard deviation ACROSS RUNS | "
+        f"| 3a | the C-Diff loss beats plain l2 (Table 3){partial} | training runs: {runs}, "
+        f"{'one VAE' if a['same_vae'] else 'VAEs NOT identical'} | the {a['record_scenes']} held-out scenes, the protocol of "
+        "row 1 (each run's record); mean ± standard deviation ACROSS RUNS | "
         f"{held} (C-Diff against l2) | {verdicts} |",
         f"| 3b | the C-Diff loss paints fewer objects the SAR does not show{partial} | the same runs | the hallucination set: "
         f"{a['set']['scenes']} held-out scenes with {a['set']['objects']} injected objects each; mean ± std across runs | "
@@ -445,7 +446,8 @@ def _ablation(n: dict) -> list[str]:
         "",
         f"C-Diff seeds done: {_seeds(cd)}; l2 seeds done: {_seeds(l2)}.",
         "",
-        f"**On the {p['scenes']} held-out scenes** (the records' scores, the protocol of section 1):",
+        f"**On the {a['record_scenes']} held-out scenes** (the scores in each run's record: the protocol of section 1 "
+        f"on held-out scenes 1,000,000 .. {1_000_000 + a['record_scenes'] - 1}):",
         "",
         "| measure | C-Diff | l2 | C-Diff - l2 | C-Diff better? |",
         "|---------|--------|----|-------------|----------------|",

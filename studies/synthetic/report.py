@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from cdiff.confidence_map import release_grey
 from cdiff.data.imageio import to_uint8, write_png
 from cdiff.data.synth import redraw_eo
-from cdiff.demo import DEMO_MODEL, HELDOUT_SEED, Protocol, eo_batch, heldout_pairs, mean_eo_image, sar_batch, translate
+from cdiff.demo import DEMO_MODEL, HELDOUT_SEED, SCORE_PROTOCOLS, Protocol, eo_batch, heldout_pairs, mean_eo_image, sar_batch, translate
 from cdiff.files import write_text
 from cdiff.load import load_pipeline
 from cdiff.metrics import image_metrics, to_unit
@@ -294,6 +294,7 @@ def ablation(runs: Path, data: dict, protocol: ReportProtocol, mean_image: torch
         compare[group] = {m: compare_arms(arms["cdiff"][group][m]["values"], arms["l2"][group][m]["values"],
                                           HIGHER_IS_BETTER[m]) for m in arms["cdiff"][group]}
     return {"runs": per_run, "arms": arms, "compare": compare, "missing": collected["missing"], "same_vae": same_vae,
+            "record_scenes": SCORE_PROTOCOLS["heldout"].scenes,  # the records' held-out scores: cdiff.demo's protocol
             "set": {"first_seed": hset["seeds"][0], "last_seed": hset["seeds"][1], "objects": hset["objects"],
                     "scenes": len(hset["sar"])},
             "baselines": {"mean EO image": hallucination_scores(mean_image.expand_as(hset["eo"]), hset),
@@ -304,8 +305,9 @@ def ablation(runs: Path, data: dict, protocol: ReportProtocol, mean_image: torch
 def compare_arms(cdiff: list[float], l2: list[float], higher_is_better: bool) -> dict:
     """C-Diff's runs against l2's: the difference of the means (C-Diff - l2), the exact permutation p-value,
     and whether every C-Diff run is better than every l2 run (the most three runs per arm can show)."""
-    if not cdiff or not l2:
-        return {"difference": None, "p": None, "cdiff_better_in_every_pair": None, "l2_better_in_every_pair": None}
+    if len(cdiff) < 2 or len(l2) < 2:  # one run says nothing about the spread across runs
+        return {"difference": float(np.mean(cdiff) - np.mean(l2)) if cdiff and l2 else None, "p": None,
+                "cdiff_better_in_every_pair": None, "l2_better_in_every_pair": None}
     better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
     return {"difference": float(np.mean(cdiff) - np.mean(l2)), "p": permutation_p(cdiff, l2),
             "cdiff_better_in_every_pair": all(better(c, l) for c in cdiff for l in l2),
