@@ -397,8 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     data = heldout(protocol)
     results = measure(models, Path(args.runs), data, protocol, npde)
     sources = {name: describe_model(path) for name, path in models.items()}
+    runs = Path(args.runs).absolute()
     write_report(Path(args.out), data, results, protocol, sources, args.threads, time.perf_counter() - start, args.note,
-                 str(args.runs))
+                 str(runs.relative_to(ROOT)) if runs.is_relative_to(ROOT) else str(runs))
     return 0
 
 
