@@ -51,3 +51,25 @@ def test_summary_of_done_runs(tmp_path, monkeypatch):
     record["training"]["config"]["model"]["prediction"] = "sample"
     bundled.write_text(json.dumps(record))
     assert record_of("cdiff", 0, runs) is None and "cdiff-seed0" in summary(runs, [0, 1, 2])["missing"]
+
+
+def test_a_record_written_before_a_config_key_existed_is_the_same_recipe(tmp_path, monkeypatch):
+    """Records keep the config of their day: a key added since counts at its default, a key removed since
+    when it was off; anything else that differs makes it another recipe."""
+    bundled = fake_record(tmp_path / "bundled.json", 17.0)
+    monkeypatch.setattr(ablation_seeds, "DEMO_RECORD", bundled)
+    record = json.loads(bundled.read_text())
+
+    def with_config(change):
+        edited = json.loads(json.dumps(record))
+        change(edited["training"]["config"])
+        bundled.write_text(json.dumps(edited))
+        return record_of("cdiff", 0, tmp_path)
+
+    assert with_config(lambda c: c["train"].pop("keep_every")) == bundled  # added since, default 0 today
+    assert with_config(lambda c: c["data"].update(test_list="")) == bundled  # removed since, it was off
+    assert with_config(lambda c: c["data"].update(test_list="lists/test.txt")) is None  # removed, but it was on
+    assert with_config(lambda c: c["optim"].update(lr=2e-3)) is None  # a different recipe
+    # A key added since that today's config sets away from its default: the old record cannot have had it.
+    monkeypatch.setattr(ablation_seeds, "defaults", lambda config: {"train": {"keep_every": 5}})
+    assert with_config(lambda c: c["train"].pop("keep_every")) is None

@@ -8,9 +8,11 @@ import torch
 
 from cdiff.metrics import ssim, ssim_map
 from cdiff.testing import tiny_pipeline
+from studies.synthetic.hallucination import OBJECT_COLOURS, hallucination_scores
 from studies.synthetic.measures import (
-    auroc, best_constant_variance, bootstrap_auroc, gaussian_nll, hallucinated_objects, label_objects, latent_mask,
-    masked_scores, one_step, reliability_bins, spurious_object_pixels,
+    across_runs, auroc, best_constant_variance, bootstrap_auroc, gaussian_nll, hallucinated_objects, label_objects,
+    latent_mask, level_auroc, masked_scores, one_step, permutation_p, reliability_bins, spurious_object_pixels,
+    spurious_objects,
 )
 
 
@@ -171,3 +173,63 @@ def test_spurious_object_pixels_by_hand():
     assert spurious_object_pixels(pred, clean, allowed, colours) == (2, 16)
     allowed[0, 0] = False  # a true object stands there: not looked at
     assert spurious_object_pixels(pred, clean, allowed, colours) == (1, 15)
+
+
+def test_spurious_objects_count_groups_of_the_smallest_object_size():
+    clean = np.full((16, 16, 3), 0.32, dtype=np.float32)  # a road
+    pred = clean.copy()
+    pred[1:3, 1:5] = [0.92, 0.92, 0.92]  # a white 2 x 4 vehicle where none is: 8 px, one object
+    pred[8:10, 8:10] = [0.75, 0.10, 0.10]  # 4 red pixels: fewer than the smallest object
+    pred[12:15, 2:5] = [0.90, 0.80, 0.10]  # a yellow 3 x 3: one object
+    allowed = np.ones((16, 16), dtype=bool)
+    assert spurious_objects(pred, clean, allowed, OBJECT_COLOURS) == 2
+    assert spurious_objects(pred, clean, allowed, OBJECT_COLOURS, min_pixels=4) == 3
+    allowed[12:15, 2:5] = False  # a true object stands there
+    assert spurious_objects(pred, clean, allowed, OBJECT_COLOURS) == 1
+
+
+def test_hallucination_scores_count_objects_by_hand():
+    """Two scenes: three EO-only objects, the prediction paints one of them and one object where none is."""
+    clean = np.full((2, 32, 32, 3), 0.3, dtype=np.float32) * 2 - 1  # (B, H, W, 3) in [-1, 1]: grey ground
+    target = clean.copy()
+    target[0, 2:4, 2:6] = np.array([0.75, 0.10, 0.10]) * 2 - 1  # a red vehicle, EO only
+    target[0, 20:24, 20:22] = np.array([0.92, 0.92, 0.92]) * 2 - 1  # a white vehicle, EO only
+    target[1, 10:13, 5:9] = np.array([0.10, 0.20, 0.60]) * 2 - 1  # a blue one, EO only
+    eo_only = torch.from_numpy(np.any(target != clean, axis=-1))
+    prediction = clean.copy()
+    prediction[0, 2:4, 2:6] = target[0, 2:4, 2:6]  # painted: the red vehicle
+    prediction[1, 25:28, 25:28] = np.array([0.92, 0.92, 0.92]) * 2 - 1  # a white 3 x 3 on open road: spurious
+    object_free = torch.zeros(2, 32, 32, dtype=torch.bool)
+    object_free[:, 16:, 16:] = True  # road away from the objects (the white EO-only vehicle's place excluded below)
+    object_free[0, 18:26, 18:24] = False
+    data = {"eo": torch.from_numpy(target).permute(0, 3, 1, 2), "clean": clean, "eo_only": eo_only,
+            "discrepancy": eo_only, "object_free": object_free}
+    scores = hallucination_scores(torch.from_numpy(prediction).permute(0, 3, 1, 2), data)
+    assert (scores["hallucinated"], scores["eo_only_objects"], scores["spurious_objects"]) == (1, 3, 1)
+    assert scores["spurious_pixels"] == pytest.approx(1000 * 9 / int(object_free.sum()))
+    perfect = hallucination_scores(data["eo"], data)
+    assert (perfect["hallucinated"], perfect["spurious_objects"]) == (3, 0)
+
+
+# -- across training runs, and 8-bit maps --------------------------------------------------------
+
+
+def test_across_runs_and_the_permutation_p_value_by_hand():
+    assert across_runs([17.0, 17.5, 18.0]) == {"mean": 17.5, "std": 0.5, "n": 3, "values": [17.0, 17.5, 18.0]}
+    assert across_runs([16.0])["std"] is None and across_runs([])["mean"] is None
+    assert permutation_p([3, 4, 5], [0, 1, 2]) == pytest.approx(0.1)  # disjoint: 2 of the 20 splits as extreme
+    # Overlapping: a split of {0, 1, 2, 3, 4, 6} whose first three sum to S differs by |2 S - 16| / 3; the observed
+    # S = 10 gives 4 / 3, reached by the 12 of the 20 splits with S <= 6 or S >= 10 (counted by hand).
+    assert permutation_p([1, 3, 6], [0, 2, 4]) == pytest.approx(0.6)
+    assert permutation_p([1, 2], []) is None
+
+
+def test_level_auroc_equals_auroc_and_its_bootstrap():
+    gen = np.random.default_rng(0)
+    labels = gen.random((7, 12, 12)) < 0.1
+    levels = np.clip(gen.integers(0, 200, (7, 12, 12)) + 40 * labels, 0, 255).astype(np.uint8)  # many ties
+    result = level_auroc(levels, labels, resamples=30, seed=3)
+    scores, truth = torch.from_numpy(levels.astype(np.int64)), torch.from_numpy(labels)
+    assert result["auroc"] == pytest.approx(auroc(scores, truth), abs=1e-12)
+    assert result["interval"] == pytest.approx(bootstrap_auroc(scores, truth, resamples=30, seed=3), abs=1e-12)
+    assert (result["positives"], result["cells"]) == (int(labels.sum()), labels.size)

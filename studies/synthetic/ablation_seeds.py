@@ -22,6 +22,7 @@ per arm the mean and the sample standard deviation over the seeds done so far.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -49,6 +50,33 @@ def recipe(record: dict) -> dict:
     return {"config": config, "unet_seed": record["training"]["unet_seed"]}
 
 
+def defaults(config) -> dict:
+    """Each section's keys at their dataclass defaults."""
+    return {section.name: {f.name: f.default for f in dataclasses.fields(getattr(config, section.name))
+                           if f.default is not dataclasses.MISSING} for section in dataclasses.fields(config)}
+
+
+def same_recipe(record: dict, expected: dict, default: dict) -> bool:
+    """Records written before a config key existed lack it, and keep keys removed since: a key only
+    today's config has counts as the same recipe at its default, a key only the record has when it
+    was off (falsy); every key both have must be equal."""
+    if record["unet_seed"] != expected["unet_seed"]:
+        return False
+    a, b = record["config"], expected["config"]
+    for section in set(a) | set(b):
+        old, new = a.get(section, {}), b.get(section, {})
+        for key in set(old) | set(new):
+            if key in old and key in new:
+                if old[key] != new[key]:
+                    return False
+            elif key in new:
+                if key not in default.get(section, {}) or new[key] != default[section][key]:
+                    return False
+            elif old[key]:
+                return False
+    return True
+
+
 def run_command(arm: str, seed: int, runs: Path, threads: int) -> list[str]:
     return [sys.executable, "-m", "tools.train_demo", "--loss", ARMS[arm], "--seed", str(seed),
             "--vae", str(DEMO_MODEL), "--latents", str(runs / "latents"), "--threads", str(threads),
@@ -62,11 +90,12 @@ def record_of(arm: str, seed: int, runs: Path) -> Path | None:
     if own.is_file():
         return own
     if (arm, seed) == ("cdiff", 0) and DEMO_RECORD.is_file():
-        config = to_dict(load_config(CONFIG, ["model.loss=cdiff", "model.init=x", "data.latents=x"]))
-        expected = {"config": json.loads(json.dumps(config)), "unet_seed": UNET_SEED}  # tuples as the record's lists
+        config = load_config(CONFIG, ["model.loss=cdiff", "model.init=x", "data.latents=x"])
+        expected = {"config": json.loads(json.dumps(to_dict(config))), "unet_seed": UNET_SEED}  # tuples as lists
         for section, key in PATH_KEYS:
             expected["config"][section].pop(key)
-        return DEMO_RECORD if recipe(json.loads(DEMO_RECORD.read_text())) == expected else None
+        default = json.loads(json.dumps(defaults(config)))
+        return DEMO_RECORD if same_recipe(recipe(json.loads(DEMO_RECORD.read_text())), expected, default) else None
     return None
 
 

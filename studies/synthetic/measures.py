@@ -7,6 +7,8 @@ runs a model.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -72,13 +74,19 @@ def masked_scores(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) 
     them (each local SSIM still sees its 11 x 11 window around the pixel). NaN for an image
     whose mask is empty: average with nanmean.
     """
+    weight = mask[:, None].expand_as(pred).double()  # (B, C, H, W)
+    pixels = weight.flatten(1).sum(1)  # (B,); 0 gives NaN below
+    local = ssim_map(pred.double(), target.double())
+    return {"psnr": masked_psnr(pred, target, mask), "ssim": (local * weight).flatten(1).sum(1) / pixels}
+
+
+def masked_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``masked_scores``' PSNR alone (B,): from the mean squared error over the masked pixels, NaN for an empty mask."""
     if mask.shape != (pred.shape[0], *pred.shape[2:]):
         raise ValueError(f"masked_scores: mask must be (B, H, W) = {(pred.shape[0], *pred.shape[2:])}, got {tuple(mask.shape)}")
     weight = mask[:, None].expand_as(pred).double()  # (B, C, H, W)
-    pixels = weight.flatten(1).sum(1)  # (B,); 0 gives NaN below
-    mse = ((pred.double() - target.double()).square() * weight).flatten(1).sum(1) / pixels
-    local = ssim_map(pred.double(), target.double())
-    return {"psnr": 10 * torch.log10(1 / mse), "ssim": (local * weight).flatten(1).sum(1) / pixels}
+    mse = ((pred.double() - target.double()).square() * weight).flatten(1).sum(1) / weight.flatten(1).sum(1)
+    return 10 * torch.log10(1 / mse)
 
 
 def label_objects(mask: np.ndarray) -> list[np.ndarray]:
@@ -121,9 +129,9 @@ def hallucinated_objects(pred: np.ndarray, target: np.ndarray, clean: np.ndarray
     return verdicts
 
 
-def spurious_object_pixels(pred: np.ndarray, clean: np.ndarray, allowed: np.ndarray, colours: np.ndarray,
-                           tolerance: float = 0.06) -> tuple[int, int]:
-    """Objects painted where there are none: (pixels that look like an object, pixels looked at).
+def spurious_mask(pred: np.ndarray, clean: np.ndarray, allowed: np.ndarray, colours: np.ndarray,
+                  tolerance: float = 0.06) -> np.ndarray:
+    """Where objects are painted but none stands: bool (H, W).
 
     pred, clean: (H, W, 3) in [0, 1]; ``clean`` is the scene without injected objects. allowed:
     bool (H, W), where objects could stand but none does (roads and water away from the true
@@ -133,7 +141,93 @@ def spurious_object_pixels(pred: np.ndarray, clean: np.ndarray, allowed: np.ndar
     """
     to_clean = np.square(pred - clean).sum(-1)  # (H, W)
     to_object = np.square(pred[..., None, :] - colours).sum(-1).min(-1)  # (H, W): the nearest object colour
-    return int((allowed & (to_object < to_clean) & (to_object < tolerance)).sum()), int(allowed.sum())
+    return allowed & (to_object < to_clean) & (to_object < tolerance)
+
+
+def spurious_object_pixels(pred: np.ndarray, clean: np.ndarray, allowed: np.ndarray, colours: np.ndarray,
+                           tolerance: float = 0.06) -> tuple[int, int]:
+    """Objects painted where there are none: (pixels that look like an object (``spurious_mask``),
+    pixels looked at)."""
+    return int(spurious_mask(pred, clean, allowed, colours, tolerance).sum()), int(allowed.sum())
+
+
+SMALLEST_OBJECT = 8  # px: cdiff.data.synth's smallest object, a 4 x 2 vehicle
+
+
+def spurious_objects(pred: np.ndarray, clean: np.ndarray, allowed: np.ndarray, colours: np.ndarray,
+                     min_pixels: int = SMALLEST_OBJECT, tolerance: float = 0.06) -> int:
+    """Objects painted where there are none, counted as objects: the 4-connected components of
+    ``spurious_mask`` with at least ``min_pixels`` pixels (the generator's smallest object), so
+    that a few stray pixels of an object's colour do not count as one."""
+    mask = spurious_mask(pred, clean, allowed, colours, tolerance)
+    return sum(int(component.sum()) >= min_pixels for component in label_objects(mask))
+
+
+# -- scores over several training runs --------------------------------------------------------------
+
+
+def across_runs(values) -> dict:
+    """Mean and sample standard deviation over training runs (one value per run): the spread a
+    new run of the recipe would show, not the spread over scenes. std is None for one run."""
+    values = [float(v) for v in values]
+    return {"mean": float(np.mean(values)) if values else None,
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else None, "n": len(values), "values": values}
+
+
+def permutation_p(a, b) -> float | None:
+    """Exact two-sided permutation p-value of the difference of the means of runs ``a`` and ``b``:
+    the share of all ways to split the pooled runs into groups of their sizes whose difference is
+    at least as large (in absolute value) as the observed one. None when either group is empty.
+    With 3 runs per group the smallest possible is 2 / 20 = 0.1 (the groups do not overlap)."""
+    a, b = [float(v) for v in a], [float(v) for v in b]
+    if not a or not b:
+        return None
+    pooled, observed = a + b, abs(np.mean(a) - np.mean(b))
+    splits = [abs(np.mean([pooled[i] for i in chosen]) - np.mean([pooled[i] for i in range(len(pooled)) if i not in chosen]))
+              for chosen in itertools.combinations(range(len(pooled)), len(a))]
+    return float(np.mean([d >= observed - 1e-12 for d in splits]))
+
+
+# -- AUROC of 8-bit maps ------------------------------------------------------------------------------
+
+
+def level_histograms(levels: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positives, negatives): per scene, how many cells of each level 0..255 are labelled
+    positive and negative, two (N, 256) int64 arrays. levels: (N, ...) uint8; labels: (N, ...) bool."""
+    if levels.dtype != np.uint8 or levels.shape != labels.shape:
+        raise ValueError(f"level_histograms: uint8 levels and bool labels of one shape, got {levels.dtype} "
+                         f"{levels.shape} and {labels.shape}")
+    flat, positive = levels.reshape(len(levels), -1), labels.reshape(len(labels), -1).astype(bool)
+    pos = np.stack([np.bincount(f[p], minlength=256) for f, p in zip(flat, positive)]).astype(np.int64)
+    neg = np.stack([np.bincount(f[~p], minlength=256) for f, p in zip(flat, positive)]).astype(np.int64)
+    return pos, neg
+
+
+def histogram_auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """``auroc`` from the level histograms of the positives and negatives ((256,) counts each):
+    each positive against the negatives below its level, ties counting one half."""
+    below = np.cumsum(neg) - neg  # negatives strictly below each level
+    pairs = float(pos.sum()) * float(neg.sum())
+    if pairs == 0:
+        raise ValueError("auroc: needs at least one positive and one negative label")
+    return float((pos.astype(np.float64) * (below + 0.5 * neg)).sum() / pairs)
+
+
+def level_auroc(levels: np.ndarray, labels: np.ndarray, resamples: int = 200, seed: int = 0) -> dict:
+    """``auroc`` and ``bootstrap_auroc``'s interval (the same resampled scenes, drawn the same
+    way) of 8-bit scores: levels (N, ...) uint8, higher = more positive; labels (N, ...) bool. Counts
+    per level instead of sorting, so a million pixels and their bootstrap take milliseconds."""
+    pos, neg = level_histograms(levels, labels)
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(resamples):
+        index = torch.randint(0, len(levels), (len(levels),), generator=generator).numpy()
+        p, n = pos[index].sum(0), neg[index].sum(0)
+        if p.sum() and n.sum():
+            values.append(histogram_auroc(p, n))
+    low, high = np.percentile(values, [2.5, 97.5])
+    return {"auroc": histogram_auroc(pos.sum(0), neg.sum(0)), "interval": (float(low), float(high)),
+            "positives": int(pos.sum()), "cells": int(pos.sum() + neg.sum())}
 
 
 def reliability_bins(variance: torch.Tensor, squared_error: torch.Tensor, bins: int = 10) -> list[dict[str, float]]:
