@@ -249,10 +249,17 @@ def _add_translate(sub) -> None:
     p.add_argument("--output", required=True, metavar="OUT_DIR", help="folder for the EO images")
     p.add_argument("--conf-dir", metavar="DIR", help="also save confidence maps here: <name>.png (grey, as the "
                    "release) and <name>_colour.png")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps (default: %(default)s, the release's)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the model's own: a distilled student's "
+                   "recorded count, else 50, the release's)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta; 0 is deterministic (default: %(default)s)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                   help="ddim (the release's) or dpmpp_2m (DPM-Solver++(2M), for 10-20 steps) (default: %(default)s)")
+    p.add_argument("--sampler", choices=SAMPLERS,
+                   help="ddim (the release's), dpmpp_2m (DPM-Solver++(2M), for 10-20 steps), or a distilled "
+                   "student's ddim_trailing / lcm (default: the model's own: a student's recorded sampler, else ddim; "
+                   "overriding a student's warns)")
+    p.add_argument("--cache-interval", type=int, default=1, metavar="N",
+                   help="C-DiffSET: DeepCache, run the whole U-Net every N-th step and only its outermost level "
+                   "between, reusing the deep features (about 2x faster at N = 3-5 and 50 steps; docs/distill.md) "
+                   "(default: %(default)s, no caching)")
     p.add_argument("--seed", type=int, default=0, help="base seed; each image's seed also depends on its name "
                    "(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, help="same-sized images per batch (default: %(default)s)")
@@ -281,7 +288,7 @@ def _add_translate(sub) -> None:
         from cdiff.translators import Sampling
 
         tiling = Tiling(a.tile, a.tile_overlap, a.tile_batch) if a.tile else None
-        sampling = Sampling(a.steps, a.eta, a.seed, a.batch_size, tiling, a.sampler)
+        sampling = Sampling(a.steps, a.eta, a.seed, a.batch_size, tiling, a.sampler, a.cache_interval)
         run_translate(a.model, a.input, a.output, conf_dir=a.conf_dir, sampling=sampling, device=a.device,
                       dtype=a.dtype, prompt=a.prompt, skip_bad=a.skip_bad, overwrite=a.overwrite, target=a.target,
                       evaluation=_evaluation_options(a), channels_last=a.channels_last, compile_unet=a.compile)
