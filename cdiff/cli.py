@@ -130,7 +130,9 @@ def _train_config(a, resume_dir=None):
     from cdiff.train.configfile import load_config
 
     sets = list(a.set or [])
-    for flag, key in (("prediction", "model.prediction"), ("loss", "model.loss"), ("skip_nonfinite", "train.skip_nonfinite")):
+    flags = (("prediction", "model.prediction"), ("loss", "model.loss"), ("skip_nonfinite", "train.skip_nonfinite"),
+             ("teacher", "model.teacher"), ("method", "model.method"), ("student_steps", "model.steps"))
+    for flag, key in flags:
         if getattr(a, flag, None) is not None:
             sets.append(f"{key}={getattr(a, flag)}")
     if resume_dir is not None and a.config is None:
@@ -191,6 +193,57 @@ def _add_train(sub) -> None:
         done = train(config, a.resume or a.run_dir, resume=a.resume is not None, force=a.force, stop_at=a.stop_at)
         if launch().is_main:  # under torchrun, one line for the run
             print(f"cdiff train: step {done.step}; newest checkpoint {done.checkpoint}")
+
+    p.set_defaults(run=run)
+
+
+def _add_distill(sub) -> None:
+    from cdiff.train.distill import METHODS
+
+    p = sub.add_parser(
+        "distill",
+        help="distil a trained C-DiffSET model into a student that translates in 1, 2 or 4 steps (resumable)",
+        description="Train a few-step student from a trained C-DiffSET teacher (--teacher: a native model file, "
+        "e.g. a 'cdiff train' checkpoint's model.safetensors), with the trainer: the run directory, --resume, "
+        "torchrun, log.jsonl and validation grids work as for 'cdiff train'. The student starts as a copy of the "
+        "teacher's U-Net; consistency distillation (LCM, the default) teaches it to jump to the clean image from "
+        "any step, progressive distillation to do two of its teacher's DDIM steps in one. Its variance channel "
+        "learns the teacher's, so it keeps a confidence map. Each checkpoint's model.safetensors is the student, "
+        "a native file that records its sampler and step count: 'cdiff translate --model RUN_DIR' samples it so. "
+        "Configs per dataset: configs/distill-*.toml (their comments estimate the GPU-hours at SD 2.1 size); "
+        "configs/distill-synthetic-tiny.toml distils the demo model on the CPU. See docs/distill.md.",
+    )
+    p.add_argument("--teacher", metavar="MODEL", help="the trained C-DiffSET model to distil (sets model.teacher)")
+    p.add_argument("--config", metavar="TOML", help="the run config (e.g. configs/distill-qxs.toml: the teacher's "
+                   "dataset); with --resume, replaces the run's own")
+    p.add_argument("--run-dir", metavar="DIR", help="a new folder for the run's outputs")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint, exactly")
+    p.add_argument("--method", choices=tuple(METHODS), help="consistency (LCM) or progressive distillation "
+                   "(sets model.method)")
+    p.add_argument("--steps", dest="student_steps", type=int, metavar="N",
+                   help="the student's sampler steps, recorded in its file: 1, 2 or 4 (sets model.steps)")
+    p.add_argument("--force", action="store_true", help="as for 'cdiff train'")
+    _add_set_option(p)
+    p.add_argument("--stop-at", type=int, metavar="STEP", help="stop after STEP with a checkpoint (continue later with --resume)")
+
+    def run(a):
+        from cdiff.torchrun import launch
+        from cdiff.train import train
+
+        if (a.run_dir is None) == (a.resume is None):
+            raise ValueError("cdiff distill: give either --run-dir DIR (a new run, with --teacher and --config) or "
+                             "--resume RUN_DIR")
+        if a.resume is None and (a.teacher is None or a.config is None):
+            raise ValueError("cdiff distill: a new run needs --teacher MODEL and --config TOML "
+                             "(configs/distill-*.toml)")
+        config = _train_config(a, a.resume)
+        if config is not None and config.model.kind != "distill":
+            raise ValueError(f"cdiff distill: {a.config} is a run config of model.kind {config.model.kind!r}; "
+                             "give a distillation config (configs/distill-*.toml, model.kind = \"distill\")")
+        done = train(config, a.resume or a.run_dir, resume=a.resume is not None, force=a.force, stop_at=a.stop_at)
+        if launch().is_main:
+            print(f"cdiff distill: step {done.step}; newest checkpoint {done.checkpoint} (the student: "
+                  f"{done.checkpoint / 'model.safetensors' if done.checkpoint else '-'})")
 
     p.set_defaults(run=run)
 
@@ -468,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_fetch(sub)
     _add_train(sub)
+    _add_distill(sub)
     _add_cache_latents(sub)
     _add_prepare(sub)
     return parser
