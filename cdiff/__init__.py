@@ -4,7 +4,8 @@ Public API (see README):
     UNet, UNetConfig                the SD 2.1 U-Net (cdiff.unet, cdiff.config)
     VAE, VAEConfig                  the SD 2.1 autoencoder (cdiff.vae, cdiff.config)
     DDPM                            the forward process (cdiff.schedulers)
-    DDIM, DPMSolverPP2M             the samplers; make_sampler picks one by name (cdiff.samplers)
+    DDIM, DPMSolverPP2M, LCM        the samplers (LCM: a distilled student's); make_sampler picks one by name
+                                    (cdiff.samplers)
     Pipeline, Translation           SAR in, EO and confidence out (cdiff.pipeline)
     Tiling                          overlapping tiles for images of any size (cdiff.tiling)
     confidence_nll                  the C-Diff loss (cdiff.loss), with variance_from_raw, confidence_from_raw
@@ -58,7 +59,7 @@ from cdiff.load import load_pipeline, load_unet, load_vae, load_weights  # noqa:
 from cdiff.loss import confidence_from_raw, confidence_nll, variance_from_raw  # noqa: E402
 from cdiff.native import save_native  # noqa: E402
 from cdiff.pipeline import Pipeline, Translation  # noqa: E402
-from cdiff.samplers import DDIM, DPMSolverPP2M, make_sampler  # noqa: E402
+from cdiff.samplers import DDIM, LCM, DPMSolverPP2M, make_sampler  # noqa: E402
 from cdiff.schedulers import DDPM  # noqa: E402
 from cdiff.surgery import cdiffset_surgery  # noqa: E402
 from cdiff.tiling import Tiling  # noqa: E402
@@ -66,7 +67,7 @@ from cdiff.unet import UNet  # noqa: E402
 from cdiff.vae import VAE  # noqa: E402
 
 __all__ = [
-    "DDIM", "DDPM", "DPMSolverPP2M", "Pipeline", "SyntheticPairs", "Tiling", "Translation", "UNet", "UNetConfig",
+    "DDIM", "DDPM", "DPMSolverPP2M", "LCM", "Pipeline", "SyntheticPairs", "Tiling", "Translation", "UNet", "UNetConfig",
     "VAE", "VAEConfig", "capture_attention", "cdiffset_surgery", "confidence_from_raw", "confidence_nll",
     "load_pipeline", "load_unet", "load_vae", "load_weights", "make_pair", "make_sampler", "open_dataset",
     "process_attention_backend", "save_native", "set_attention_backend", "use_attention_backend", "variance_from_raw",

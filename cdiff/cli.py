@@ -136,7 +136,9 @@ def _train_config(a, resume_dir=None):
     from cdiff.train.configfile import load_config
 
     sets = list(a.set or [])
-    for flag, key in (("prediction", "model.prediction"), ("loss", "model.loss"), ("skip_nonfinite", "train.skip_nonfinite")):
+    flags = (("prediction", "model.prediction"), ("loss", "model.loss"), ("skip_nonfinite", "train.skip_nonfinite"),
+             ("teacher", "model.teacher"), ("method", "model.method"), ("student_steps", "model.steps"))
+    for flag, key in flags:
         if getattr(a, flag, None) is not None:
             sets.append(f"{key}={getattr(a, flag)}")
     if getattr(a, "stage", None) is not None:
@@ -212,6 +214,57 @@ def _add_train(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _add_distill(sub) -> None:
+    from cdiff.train.distill import METHODS
+
+    p = sub.add_parser(
+        "distill",
+        help="distil a trained C-DiffSET model into a student that translates in 1, 2 or 4 steps (resumable)",
+        description="Train a few-step student from a trained C-DiffSET teacher (--teacher: a native model file, "
+        "e.g. a 'cdiff train' checkpoint's model.safetensors), with the trainer: the run directory, --resume, "
+        "torchrun, log.jsonl and validation grids work as for 'cdiff train'. The student starts as a copy of the "
+        "teacher's U-Net; consistency distillation (LCM, the default) teaches it to jump to the clean image from "
+        "any step, progressive distillation to do two of its teacher's DDIM steps in one. Its variance channel "
+        "learns the teacher's, so it keeps a confidence map. Each checkpoint's model.safetensors is the student, "
+        "a native file that records its sampler and step count: 'cdiff translate --model RUN_DIR' samples it so. "
+        "Configs per dataset: configs/distill-*.toml (their comments estimate the GPU-hours at SD 2.1 size); "
+        "configs/distill-synthetic-tiny.toml distils the demo model on the CPU. See docs/distill.md.",
+    )
+    p.add_argument("--teacher", metavar="MODEL", help="the trained C-DiffSET model to distil (sets model.teacher)")
+    p.add_argument("--config", metavar="TOML", help="the run config (e.g. configs/distill-qxs.toml: the teacher's "
+                   "dataset); with --resume, replaces the run's own")
+    p.add_argument("--run-dir", metavar="DIR", help="a new folder for the run's outputs")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint, exactly")
+    p.add_argument("--method", choices=tuple(METHODS), help="consistency (LCM) or progressive distillation "
+                   "(sets model.method)")
+    p.add_argument("--steps", dest="student_steps", type=int, metavar="N",
+                   help="the student's sampler steps, recorded in its file: 1, 2 or 4 (sets model.steps)")
+    p.add_argument("--force", action="store_true", help="as for 'cdiff train'")
+    _add_set_option(p)
+    p.add_argument("--stop-at", type=int, metavar="STEP", help="stop after STEP with a checkpoint (continue later with --resume)")
+
+    def run(a):
+        from cdiff.torchrun import launch
+        from cdiff.train import train
+
+        if (a.run_dir is None) == (a.resume is None):
+            raise ValueError("cdiff distill: give either --run-dir DIR (a new run, with --teacher and --config) or "
+                             "--resume RUN_DIR")
+        if a.resume is None and (a.teacher is None or a.config is None):
+            raise ValueError("cdiff distill: a new run needs --teacher MODEL and --config TOML "
+                             "(configs/distill-*.toml)")
+        config = _train_config(a, a.resume)
+        if config is not None and config.model.kind != "distill":
+            raise ValueError(f"cdiff distill: {a.config} is a run config of model.kind {config.model.kind!r}; "
+                             "give a distillation config (configs/distill-*.toml, model.kind = \"distill\")")
+        done = train(config, a.resume or a.run_dir, resume=a.resume is not None, force=a.force, stop_at=a.stop_at)
+        if launch().is_main:
+            print(f"cdiff distill: step {done.step}; newest checkpoint {done.checkpoint} (the student: "
+                  f"{done.checkpoint / 'model.safetensors' if done.checkpoint else '-'})")
+
+    p.set_defaults(run=run)
+
+
 def _add_cache_latents(sub) -> None:
     p = sub.add_parser(
         "cache-latents",
@@ -270,10 +323,17 @@ def _add_translate(sub) -> None:
     p.add_argument("--output", required=True, metavar="OUT_DIR", help="folder for the EO images")
     p.add_argument("--conf-dir", metavar="DIR", help="also save confidence maps here: <name>.png (grey, as the "
                    "release) and <name>_colour.png")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps (default: %(default)s, the release's)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the model's own: a distilled student's "
+                   "recorded count, else 50, the release's)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta; 0 is deterministic (default: %(default)s)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                   help="ddim (the release's) or dpmpp_2m (DPM-Solver++(2M), for 10-20 steps) (default: %(default)s)")
+    p.add_argument("--sampler", choices=SAMPLERS,
+                   help="ddim (the release's), dpmpp_2m (DPM-Solver++(2M), for 10-20 steps), or a distilled "
+                   "student's ddim_trailing / lcm (default: the model's own: a student's recorded sampler, else ddim; "
+                   "overriding a student's warns)")
+    p.add_argument("--cache-interval", type=int, default=1, metavar="N",
+                   help="C-DiffSET: DeepCache, run the whole U-Net every N-th step and only its outermost level "
+                   "between, reusing the deep features (about 2x faster at N = 3-5 and 50 steps; docs/distill.md) "
+                   "(default: %(default)s, no caching)")
     p.add_argument("--seed", type=int, default=0, help="base seed; each image's seed also depends on its name "
                    "(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, help="same-sized images per batch (default: %(default)s)")
@@ -303,7 +363,7 @@ def _add_translate(sub) -> None:
         from cdiff.translators import Sampling
 
         tiling = Tiling(a.tile, a.tile_overlap, a.tile_batch) if a.tile else None
-        sampling = Sampling(a.steps, a.eta, a.seed, a.batch_size, tiling, a.sampler)
+        sampling = Sampling(a.steps, a.eta, a.seed, a.batch_size, tiling, a.sampler, a.cache_interval)
         run_translate(a.model, a.input, a.output, conf_dir=a.conf_dir, sampling=sampling, device=a.device,
                       dtype=a.dtype, prompt=a.prompt, skip_bad=a.skip_bad, overwrite=a.overwrite, target=a.target,
                       evaluation=_evaluation_options(a), channels_last=a.channels_last, compile_unet=a.compile)
@@ -487,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_fetch(sub)
     _add_train(sub)
+    _add_distill(sub)
     _add_cache_latents(sub)
     _add_prepare(sub)
     return parser

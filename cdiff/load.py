@@ -30,7 +30,7 @@ from cdiff.layouts import RenameTable
 from cdiff.layouts import diffusers as diffusers_layout
 from cdiff.layouts import original as original_layout
 from cdiff.layouts.detect import detect_layout, find_weights, strip_wrapper
-from cdiff.native import CONTEXT_KEY, native_prediction, open_native
+from cdiff.native import CONTEXT_KEY, native_prediction, native_sampling, open_native
 from cdiff.pipeline import DEFAULT_PROMPT, Pipeline
 from cdiff.prompt import prompt_embedding
 from cdiff.statedict import LoadReport, build_model, check_state_dict, load_partial, stored_dtype
@@ -131,9 +131,12 @@ def load_pipeline(
     # context_for has already checked that a stored embedding was made for this very prompt.
     context = context_for(source, prompt, pad_to_77).to(device=device, dtype=dtype or model.conv_in.weight.dtype)
     unet_source = unet if unet is not None else source
-    # What the U-Net predicts travels in the native file; the other layouts hold noise predictors.
-    prediction = native_prediction(unet_source) if detect_layout(unet_source) == "native" else "epsilon"
-    return Pipeline(model, vae, context, prompt=prompt, prediction_type=prediction)
+    # What the U-Net predicts, and a distilled student's sampling, travel in the native file; the other
+    # layouts hold noise predictors sampled as the release does.
+    native = detect_layout(unet_source) == "native"
+    prediction = native_prediction(unet_source) if native else "epsilon"
+    sampling = native_sampling(unet_source) if native else None
+    return Pipeline(model, vae, context, prompt=prompt, prediction_type=prediction, sampling=sampling)
 
 
 # --- reading a layout ----------------------------------------------------------------------

@@ -10,12 +10,14 @@ import torch
 from cdiff import graphs
 from cdiff import tiling as tiles
 from cdiff.loss import confidence_from_raw
-from cdiff.samplers import make_sampler
+from cdiff.samplers import SAMPLERS, make_sampler
 from cdiff.schedulers import DDPM, check_prediction_type
+from cdiff.stepcache import DeepCache, check_interval, whole_steps
 from cdiff.tiling import Tiling
 from cdiff.vae import _check_4d
 
 DEFAULT_PROMPT = "electro-optical image"
+RELEASE_SAMPLING = ("ddim", 50)  # what translate runs for a model that records no sampling of its own
 
 
 @dataclass
@@ -46,12 +48,14 @@ class Pipeline:
     context: (L, context_dim) prompt embedding (the release's unpadded prompt has L of about 6).
     prediction_type: what the U-Net's first channels predict, one of cdiff.schedulers.PREDICTION_TYPES
     ("epsilon" for the paper's models; "sample" for ``cdiff train --prediction sample``); the
-    sampler reads the output as such. Each module keeps its own device and dtype (e.g. an fp32 VAE
-    beside a bf16 U-Net); inputs are moved to each module's as they reach it.
+    sampler reads the output as such. sampling: (sampler, steps) that ``translate`` runs by default,
+    recorded in a distilled student's file (cdiff.train.distill: e.g. ("lcm", 4)); None: the
+    release's DDIM-50, and asking for others is not warned of. Each module keeps its own device and
+    dtype (e.g. an fp32 VAE beside a bf16 U-Net); inputs are moved to each module's as they reach it.
     """
 
     def __init__(self, unet, vae, context: torch.Tensor, prompt: str = DEFAULT_PROMPT, process: DDPM | None = None,
-                 prediction_type: str = "epsilon"):
+                 prediction_type: str = "epsilon", sampling: tuple[str, int] | None = None):
         if context.ndim != 2 or context.shape[1] != unet.config.context_dim:
             raise ValueError(
                 f"context must be (L, {unet.config.context_dim}) for this U-Net, got {tuple(context.shape)}"
@@ -64,7 +68,11 @@ class Pipeline:
         self.unet, self.vae, self.context, self.prompt = unet, vae, context, prompt
         self.process = process or DDPM()
         self.prediction_type = check_prediction_type(prediction_type)
+        if sampling is not None and (sampling[0] not in SAMPLERS or not isinstance(sampling[1], int) or sampling[1] < 1):
+            raise ValueError(f"sampling must be (one of {SAMPLERS}, steps >= 1), got {sampling!r}")
+        self.sampling = sampling
         self._warned_range = False
+        self._warned_override = False
         self._compiled = None  # (the U-Net it was made from, torch.compile of it), see compile()
         self._graph = None  # (key, CapturedFunction) of the last cuda_graph=True run
 
@@ -104,28 +112,32 @@ class Pipeline:
     def translate(
         self,
         sar: torch.Tensor,
-        steps: int = 50,
+        steps: int | None = None,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         show_progress: bool = False,
         tiling: Tiling | None = None,
         cuda_graph: bool = False,
+        cache_interval: int = 1,
     ) -> Translation:
         """Translate SAR images into EO images and confidence maps.
 
         Args:
             sar: (B, 3, H, W) float, in [-1, 1], H and W multiples of 64 (``size_multiple``).
                 Single-pol SAR: repeat the channel, ``sar.repeat(1, 3, 1, 1)``.
-            steps: sampler steps (model calls); 50 with DDIM is the release's setting.
+            steps: sampler steps (model calls); None: the model's own (``sampling``: a distilled
+                student's recorded count, else 50, the release's setting). A count or sampler other
+                than a student's recorded ones warns once per pipeline.
             eta: DDIM's noise (0: deterministic; in [0, 1]); DDIM only.
             generator: draws the starting noise (on its device, so one seed gives the same
                 noise on CPU and GPU) and, with eta > 0, DDIM's fresh noise.
             latents: (B, 4, H/8, W/8) the starting noise instead of drawing it; the noise drawn
                 from a seed, passed here, reproduces that seeded run exactly.
-            sampler: "ddim" (default) or "dpmpp_2m" (DPM-Solver++(2M), second order, meant for
-                10-20 steps; its quality against DDIM-50 is not measured yet).
+            sampler: one of cdiff.samplers.SAMPLERS; None: the model's own (a student's recorded
+                sampler, else "ddim"). "dpmpp_2m" is DPM-Solver++(2M), second order, meant for 10-20
+                steps; "ddim_trailing" and "lcm" sample distilled students (docs/distill.md).
             show_progress: a progress bar over the steps on stderr.
             tiling: images larger than ``tiling.tile`` go through overlapping tiles, with peak
                 memory set by the tile size: each step blends the U-Net's predictions of all
@@ -135,6 +147,11 @@ class Pipeline:
                 run, kept with its memory until another shape is asked) and replayed after;
                 CUDA only, eta = 0, no tiling; the progress bar shows the capture only. The
                 VAE runs eagerly. Same results as without (tests/test_compiled.py).
+            cache_interval: DeepCache (cdiff.stepcache): the U-Net runs whole every
+                ``cache_interval``-th step (and at the confidence step), its outermost level alone
+                on the steps between, reusing the last whole pass's deep features. 1 (default): no
+                caching, the same bits as before. Above 1: no tiling of the U-Net, no cuda_graph,
+                and the U-Net runs uncompiled.
 
         Returns:
             Translation(eo, confidence): eo (B, 3, H, W) in [-1, 1] in the VAE's dtype; the
@@ -146,9 +163,14 @@ class Pipeline:
         all within [0, 1], warn once per pipeline.
         """
         self._check_sar(sar)
+        sampler, steps = self._sampling(sampler, steps)
         chosen = make_sampler(sampler, self.process, steps, eta, self.prediction_type)  # checks the options first
         if cuda_graph and (eta != 0 or tiling is not None):
             raise ValueError("cuda_graph=True replays a fixed loop: it needs eta=0 and tiling=None")
+        check_interval(cache_interval)
+        if cache_interval > 1 and (cuda_graph or tiles.needs_tiles(sar.shape[-2], sar.shape[-1], tiling)):
+            raise ValueError(f"cache_interval={cache_interval} keeps one image's deep features: it needs "
+                             "cuda_graph=False and an image that fits one tile (or tiling=None)")
         unet_param, vae_param = next(self.unet.parameters()), next(self.vae.parameters())
         device, dtype = unet_param.device, unet_param.dtype
 
@@ -158,7 +180,7 @@ class Pipeline:
         context = self.context.to(device, dtype).expand(sar.shape[0], -1, -1)  # (B, L, context_dim)
 
         def denoise(sar_latent: torch.Tensor, noise: torch.Tensor, context: torch.Tensor):
-            return self._denoise(chosen, sar_latent, noise, context, generator, tiling, show_progress)
+            return self._denoise(chosen, sar_latent, noise, context, generator, tiling, show_progress, cache_interval)
 
         if cuda_graph:
             key = (sampler, self.prediction_type, steps, sar_latent.shape, dtype, device, id(self.denoiser))
@@ -175,7 +197,7 @@ class Pipeline:
 
     _capture = staticmethod(graphs.cuda_graph_capture)  # tests put graphs.eager_capture here on the CPU
 
-    def _denoise(self, chosen, sar_latent, noise, context, generator, tiling, show_progress):
+    def _denoise(self, chosen, sar_latent, noise, context, generator, tiling, show_progress, cache_interval=1):
         """The sampling loop: (EO latent (B, 4, h, w) fp32, raw variance (B, 0 or 1, h, w) of the
         confidence step, (steps,) bool: which steps gave NaN/Inf). Reads tensors only from its
         arguments (and the U-Net's weights), so that it can be captured in a CUDA graph."""
@@ -183,6 +205,9 @@ class Pipeline:
         capture = confidence_step(chosen.timesteps, self.process.num_train_timesteps)
         latent_channels = sar_latent.shape[1]
         unet = self.denoiser
+        # DeepCache calls the uncompiled module's forward_outer between whole passes; the confidence step is whole.
+        cached = DeepCache(self.unet, whole_steps(len(chosen.timesteps), cache_interval, (capture,))) \
+            if cache_interval > 1 else None
         # Device-side bookkeeping only (no host sync per step): which steps gave NaN/Inf, and the
         # raw variance of the capture step. Each sampler calls the model once per step, in order.
         nonfinite = torch.zeros(len(chosen.timesteps), dtype=torch.bool, device=device)
@@ -193,8 +218,11 @@ class Pipeline:
             calls[0] += 1
             unet_input = torch.cat([sar_latent, eo_latent.to(dtype)], dim=1)  # (B, 8, h, w)
             # One U-Net call, or one per batch of tiles, blended (B, 4 [+1], h, w).
-            output = tiles.denoise(lambda x: unet(x, t, context[:1].expand(len(x), -1, -1)), unet_input,
-                                   tiling, scale=self.vae.config.downsample_factor)
+            if cached is not None:  # the whole image (translate checked that it needs no tiles)
+                output = cached(step, unet_input, t, context)
+            else:
+                output = tiles.denoise(lambda x: unet(x, t, context[:1].expand(len(x), -1, -1)), unet_input,
+                                       tiling, scale=self.vae.config.downsample_factor)
             nonfinite[step] = ~torch.isfinite(output).all()
             if step == capture:
                 captured["raw"] = output[:, latent_channels:]  # (B, 1, h, w); (B, 0, h, w) for a 4-out U-Net
@@ -202,6 +230,18 @@ class Pipeline:
 
         eo_latent = chosen.sample(predict, noise, generator=generator, show_progress=show_progress)
         return eo_latent, captured["raw"], nonfinite
+
+    def _sampling(self, sampler: str | None, steps: int | None) -> tuple[str, int]:
+        """The sampler and step count to run: the ones asked for, else the model's own; asking a
+        distilled student for others warns once."""
+        own = self.sampling or RELEASE_SAMPLING
+        chosen = (own[0] if sampler is None else sampler, own[1] if steps is None else steps)
+        if self.sampling is not None and chosen != own and not self._warned_override:
+            self._warned_override = True
+            warnings.warn(f"this model is a distilled student made to sample with {own[0]} in {own[1]} steps (its "
+                          f"file records them); running {chosen[0]} in {chosen[1]} steps instead, as asked. "
+                          "Warned once per pipeline.", stacklevel=4)
+        return chosen
 
     def _check_sar(self, sar) -> None:
         if not isinstance(sar, torch.Tensor):

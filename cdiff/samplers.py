@@ -1,4 +1,5 @@
-"""The samplers: DDIM and DPM-Solver++(2M), and ``make_sampler``, the one way to pick one by name.
+"""The samplers: DDIM, DPM-Solver++(2M) and multistep consistency sampling (LCM), and ``make_sampler``,
+the one way to pick one by name.
 
 Every sampler is built as ``Sampler(process, num_steps, ..., prediction_type)``, lists the
 timesteps at which it calls the model in ``timesteps`` (one call per step, in order) and runs
@@ -29,9 +30,13 @@ from cdiff.schedulers import (
     compute_dtype,
     leading_timesteps,
     split_prediction,
+    trailing_timesteps,
 )
 
-SAMPLERS = ("ddim", "dpmpp_2m")  # the names make_sampler takes
+# The names make_sampler takes: the release's DDIM, DPM-Solver++(2M), and the samplers of distilled
+# students (cdiff.train.distill): DDIM on the trailing grid (progressive distillation), multistep
+# consistency sampling (consistency distillation).
+SAMPLERS = ("ddim", "dpmpp_2m", "ddim_trailing", "lcm")
 
 
 class DDIM:
@@ -39,7 +44,9 @@ class DDIM:
     step's a_prev taken from step 0 (not 1), no clipping of the predicted x_0.
 
     With 50 steps over 1000 training steps, ``timesteps`` runs 981, 961, ..., 1. ``eta`` in
-    [0, 1]: 0 is deterministic DDIM, 1 is DDPM's ancestral variance (Eq. 16).
+    [0, 1]: 0 is deterministic DDIM, 1 is DDPM's ancestral variance (Eq. 16). ``spacing =
+    "trailing"`` steps on cdiff.schedulers.trailing_timesteps instead (4 steps: 999, 749, 499,
+    249), the grid of a progressively distilled student (sampler name "ddim_trailing").
     """
 
     def __init__(
@@ -49,6 +56,7 @@ class DDIM:
         eta: float = 0.0,
         prediction_type: str = "epsilon",
         steps_offset: int = 1,
+        spacing: str = "leading",
     ):
         if not 0 <= eta <= 1:  # also refuses NaN
             raise ValueError(
@@ -56,18 +64,25 @@ class DDIM:
                 "above 1 the variance exceeds 1 - a_prev and its square root is NaN"
             )
         self.process, self.prediction_type = process or DDPM(), check_prediction_type(prediction_type)
-        self.timesteps = leading_timesteps(num_steps, self.process.num_train_timesteps, steps_offset)
-        self.num_steps, self.eta, self.steps_offset = num_steps, eta, steps_offset
-        self.step_ratio = self.process.num_train_timesteps // num_steps
+        total = self.process.num_train_timesteps
+        if spacing == "leading":
+            self.timesteps = leading_timesteps(num_steps, total, steps_offset)
+        elif spacing == "trailing":
+            self.timesteps = trailing_timesteps(num_steps, total)
+        else:
+            raise ValueError(f"DDIM: spacing must be 'leading' or 'trailing', got {spacing!r}")
+        self.num_steps, self.eta, self.steps_offset, self.spacing = num_steps, eta, steps_offset, spacing
+        self.step_ratio = total // num_steps
         self._index = {t: i for i, t in enumerate(self.timesteps)}
         self.timestep_table = DeviceTable(torch.tensor(self.timesteps))  # (num_steps,) int64
 
         # Per step i (fp64): sqrt(a), sqrt(1 - a), sqrt(a_prev), the noise coefficient
-        # sqrt(1 - a_prev - sigma^2) and sigma (Eq. 12 and 16).
-        # SD 2.1 (set_alpha_to_one=False): the last step lands on a_0, not on 1.
+        # sqrt(1 - a_prev - sigma^2) and sigma (Eq. 12 and 16). a_prev is the next timestep's
+        # (leading spacing: t - step_ratio); SD 2.1 (set_alpha_to_one=False): the last step
+        # lands on a_0, not on 1.
         alphas = self.process.alphas_cumprod
         t = torch.tensor(self.timesteps)
-        prev_t = t - self.step_ratio
+        prev_t = torch.tensor(self.timesteps[1:] + [-1])
         alpha = alphas[t]
         alpha_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], alphas[0])
         variance = (1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)
@@ -79,6 +94,9 @@ class DDIM:
         """The step number of timestep ``t``: a Python int (checked against ``timesteps``) or an
         integer tensor (computed on its device without a sync, so not checked)."""
         if isinstance(t, torch.Tensor):
+            if self.spacing == "trailing":  # the timesteps run down: t's index is how many lie above it
+                table = self.timestep_table.on(t.device, torch.int64)
+                return (table > t[..., None]).sum(-1).clamp(max=self.num_steps - 1)
             index = (self.num_steps - 1) - torch.div(t - self.steps_offset, self.step_ratio, rounding_mode="floor")
             return index.clamp(0, self.num_steps - 1)
         if int(t) not in self._index:
@@ -208,14 +226,102 @@ class DPMSolverPP2M:
         return latent.to(noise.dtype)
 
 
+# Consistency models (Song et al. 2023) as LCM (Luo et al. 2023) distils them: the grid of timesteps
+# the student learns on, and the boundary condition f(x, 0) = x of its clean-latent estimate.
+CONSISTENCY_GRID_POINTS = 50  # the grid (k + 1) T / 50 - 1, k = 0..49: 19, 39, ..., 999 (LCM's 50 "origin" steps)
+SIGMA_DATA = 0.5  # the boundary scalings' sigma_data
+TIMESTEP_SCALING = 10.0  # t is scaled by this in the boundary scalings: c_skip is 7e-6 at t = 19, 1 at t = 0
+
+
+def consistency_grid(num_train_timesteps: int, points: int = CONSISTENCY_GRID_POINTS) -> list[int]:
+    """The consistency grid, ascending: (k + 1) * (T // points) - 1 for k = 0..points-1 (19 .. 999)."""
+    ratio = num_train_timesteps // points
+    return [(k + 1) * ratio - 1 for k in range(points)]
+
+
+def boundary_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) of the consistency function f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t), at
+    timesteps ``t`` (any shape, float): c_skip = s^2 / ((10 t)^2 + s^2), c_out = 10 t / sqrt((10 t)^2 + s^2)
+    with s = SIGMA_DATA; c_skip(0) = 1 and c_out(0) = 0, so f(x, 0) = x exactly."""
+    scaled = t * TIMESTEP_SCALING
+    c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
+    c_out = scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
+    return c_skip, c_out
+
+
+class LCM:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1) with LCM's settings, for a
+    consistency-distilled student (cdiff.train.distill): at each timestep the clean-latent estimate
+    f = c_skip x + c_out x0_hat (``boundary_scalings``); after every step but the last, the latent
+    is noised afresh to the next timestep: x <- sqrt(a_next) f + sqrt(1 - a_next) z, z ~ N(0, I)
+    from ``generator``. The last step returns f.
+
+    Timesteps: ``num_steps`` of the consistency grid, evenly spaced by index from the top (index
+    floor(k * 50 / num_steps), as diffusers' LCMScheduler): 1 step: 999; 2: 999, 499; 4: 999, 759,
+    499, 259.
+    """
+
+    def __init__(self, process: DDPM | None = None, num_steps: int = 4, prediction_type: str = "epsilon"):
+        self.process, self.prediction_type = process or DDPM(), check_prediction_type(prediction_type)
+        points = CONSISTENCY_GRID_POINTS
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= points:
+            raise ValueError(f"LCM: num_steps must be an integer in [1, {points}], got {num_steps!r}")
+        grid = consistency_grid(self.process.num_train_timesteps, points)
+        self.timesteps = [grid[::-1][k * points // num_steps] for k in range(num_steps)]
+        self.num_steps = num_steps
+        self.timestep_table = DeviceTable(torch.tensor(self.timesteps))  # (num_steps,) int64
+        # Per step i (fp64): sqrt(a), sqrt(1 - a) of the call, c_skip, c_out, and sqrt(a), sqrt(1 - a) of the
+        # next timestep (after the last: 1 and 0, unused).
+        a = self.process.alphas_cumprod[torch.tensor(self.timesteps)]
+        c_skip, c_out = boundary_scalings(torch.tensor(self.timesteps, dtype=torch.float64))
+        a_next = torch.cat([a[1:], a.new_ones(1)])
+        columns = [a.sqrt(), (1 - a).sqrt(), c_skip, c_out, a_next.sqrt(), (1 - a_next).sqrt()]
+        self.coefficients = DeviceTable(torch.stack(columns, dim=1))  # (num_steps, 6)
+
+    def sample(
+        self,
+        model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        noise: torch.Tensor,
+        generator: torch.Generator | None = None,
+        show_progress: bool = False,
+    ) -> torch.Tensor:
+        """Multistep consistency sampling from pure noise (B, C, h, w); ``model`` as in ``DDIM.sample``.
+        The fresh noise of each step is drawn from ``generator`` (on its device). Returns the result
+        in noise's dtype."""
+        dtype = compute_dtype(noise.dtype)
+        timesteps = self.timestep_table.on(noise.device, torch.int64)
+        table = self.coefficients.on(noise.device, dtype)
+        latent = noise.to(dtype)
+        for i in progress(range(self.num_steps), desc="LCM", enabled=show_progress):
+            sqrt_alpha, sqrt_one_minus, c_skip, c_out, sqrt_alpha_next, sqrt_one_minus_next = (
+                broadcast(c, latent) for c in table[i].unbind()
+            )
+            clean, _ = split_prediction(model(latent, timesteps[i]).to(dtype), latent, sqrt_alpha, sqrt_one_minus,
+                                        self.prediction_type)
+            latent = c_skip * latent + c_out * clean  # f(x_t, t)
+            if i < self.num_steps - 1:
+                device = generator.device if generator is not None else latent.device
+                fresh = torch.randn(latent.shape, generator=generator, device=device).to(latent.device, dtype)
+                latent = sqrt_alpha_next * latent + sqrt_one_minus_next * fresh
+        return latent.to(noise.dtype)
+
+
+def draws_fresh_noise(name: str, eta: float = 0.0) -> bool:
+    """Whether sampler ``name`` draws noise after the start (so a batch shares one generator's draws)."""
+    return name == "lcm" or (name in ("ddim", "ddim_trailing") and eta > 0)
+
+
 def make_sampler(
     name: str, process: DDPM, num_steps: int, eta: float = 0.0, prediction_type: str = "epsilon"
-) -> DDIM | DPMSolverPP2M:
+) -> DDIM | DPMSolverPP2M | LCM:
     """The sampler called ``name`` (one of SAMPLERS); eta applies to DDIM only."""
-    if name == "ddim":
-        return DDIM(process, num_steps=num_steps, eta=eta, prediction_type=prediction_type)
+    if name in ("ddim", "ddim_trailing"):
+        spacing = "leading" if name == "ddim" else "trailing"
+        return DDIM(process, num_steps=num_steps, eta=eta, prediction_type=prediction_type, spacing=spacing)
+    if eta != 0 and name in SAMPLERS:
+        raise ValueError(f"eta={eta}: {name} takes no eta; eta applies to sampler='ddim' only")
     if name == "dpmpp_2m":
-        if eta != 0:
-            raise ValueError(f"eta={eta}: DPM-Solver++(2M) is deterministic; eta applies to sampler='ddim' only")
         return DPMSolverPP2M(process, num_steps=num_steps, prediction_type=prediction_type)
+    if name == "lcm":
+        return LCM(process, num_steps=num_steps, prediction_type=prediction_type)
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")

@@ -88,6 +88,19 @@ def leading_timesteps(num_steps: int, num_train_timesteps: int, steps_offset: in
     return [(num_steps - 1 - i) * ratio + steps_offset for i in range(num_steps)]
 
 
+def trailing_timesteps(num_steps: int, num_train_timesteps: int) -> list[int]:
+    """"Trailing" spacing: (num_steps - i) * T // num_steps - 1, i = 0..n-1; it starts at T - 1.
+
+    With 4 of 1000 steps: 999, 749, 499, 249. The grid of n steps is every other timestep of the
+    grid of 2n (exact integer division), as progressive distillation needs: one student step
+    spans two of its teacher's.
+    """
+    total = num_train_timesteps
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= total:
+        raise ValueError(f"num_steps must be an integer in [1, {total}], got {num_steps!r}")
+    return [(num_steps - i) * total // num_steps - 1 for i in range(num_steps)]
+
+
 class DDPM:
     """The forward (noising) process used for training.
 

@@ -21,6 +21,9 @@ first). ``UNet.check_blocks`` checks the chain at construction and names the blo
 not fit. Down and mid blocks are called ``block(sample, time_emb, context, mask)``, up blocks
 ``block(sample, skips, time_emb, context, mask)``; a down block returns ``(sample, skips)``.
 
+Step caching. ``forward_outer`` runs the outermost level alone (conv_in, down.0, up.-1, the head)
+around a given input of the last up block: DeepCache's cheap step (cdiff.stepcache).
+
 Written for checkpointing and ``torch.compile``: every down/mid/up block is a module with a
 uniform call (``gradient_checkpointing(True)`` recomputes each in the backward pass), and
 ``forward`` holds no data-dependent Python branches and no state.
@@ -371,15 +374,20 @@ class UNet(nn.Module):
         elif not isinstance(t, numbers.Real):
             raise ValueError(f"t: expected a number or a tensor, got {type(t).__name__}")
 
+    def conditioning(self, sample: torch.Tensor, t, context_mask: torch.Tensor | None = None):
+        """(time embedding (B, time_embed_dim), attention mask (B, 1, 1, L) or None) of one call."""
+        # Timesteps -> (B,) -> sinusoidal (B, model_channels) in fp32 -> MLP (B, time_embed_dim).
+        t = torch.as_tensor(t, device=sample.device).reshape(-1).expand(sample.shape[0])  # (B,)
+        embedding = timestep_embedding(t, self.config.model_channels, self.config.timestep_max_period)
+        time_emb = self.time_embed(embedding.to(self.conv_in.weight.dtype))
+        mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, L): over heads, queries
+        return time_emb, mask
+
     def forward(self, sample: torch.Tensor, t, context: torch.Tensor, context_mask: torch.Tensor | None = None):
         self.check_inputs(sample, t, context, context_mask)
-        batch = sample.shape[0]
-        dtype = self.conv_in.weight.dtype
 
-        # 1. Timesteps -> (B,) -> sinusoidal (B, model_channels) in fp32 -> MLP (B, time_embed_dim).
-        t = torch.as_tensor(t, device=sample.device).reshape(-1).expand(batch)  # (B,)
-        time_emb = self.time_embed(timestep_embedding(t, self.config.model_channels, self.config.timestep_max_period).to(dtype))
-        mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, L): over heads, queries
+        # 1. The timestep embedding and the context mask.
+        time_emb, mask = self.conditioning(sample, t, context_mask)
 
         # 2. Down path, keeping every layer's output as a skip.
         sample = self.conv_in(sample)  # (B, model_channels, h, w)
@@ -398,4 +406,25 @@ class UNet(nn.Module):
             sample = self._run(block, sample, block_skips, time_emb, context, mask)
 
         # 5. Output head.
+        return self.conv_out(self.norm_out(sample, silu=True))  # (B, out_channels, h, w)
+
+    def forward_outer(self, sample: torch.Tensor, t, context: torch.Tensor, inner: torch.Tensor,
+                      context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The outermost level alone, around a given inside: conv_in, down.0, then up.-1 on ``inner``, the head.
+
+        ``inner`` (B, C, h, w) stands for the rest of the U-Net (down.1.., mid, up.0 .. up.-2): it is
+        the input of the last up block, which takes the first skips (conv_in's and down.0's). Given
+        the ``inner`` that ``forward(sample, t, context)`` itself makes, the result is ``forward``'s
+        bit for bit; cdiff.stepcache (DeepCache) passes the one of a neighbouring sampler step.
+        """
+        self.check_inputs(sample, t, context, context_mask)
+        time_emb, mask = self.conditioning(sample, t, context_mask)
+        last = self.up[-1]
+        sample = self.conv_in(sample)
+        _, first_skips = self._run(self.down[0], sample, time_emb, context, mask)
+        skips = (sample, *first_skips)
+        if len(last.skip_channels) > len(skips):
+            raise ValueError(f"UNet.forward_outer: up.{len(self.up) - 1} takes {len(last.skip_channels)} skips, more "
+                             f"than conv_in and down.0 make ({len(skips)})")
+        sample = self._run(last, inner, skips[: len(last.skip_channels)], time_emb, context, mask)
         return self.conv_out(self.norm_out(sample, silu=True))  # (B, out_channels, h, w)

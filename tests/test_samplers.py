@@ -1,4 +1,5 @@
-"""DPM-Solver++(2M) against its formula and diffusers; convergence on Gaussian data; sync-free loops."""
+"""DPM-Solver++(2M) against its formula and diffusers; the students' samplers (DDIM on the trailing grid,
+LCM) against diffusers; convergence on Gaussian data; sync-free loops."""
 
 import inspect
 import math
@@ -6,8 +7,8 @@ import math
 import pytest
 import torch
 
-from cdiff.samplers import DDIM, DPMSolverPP2M, make_sampler
-from cdiff.schedulers import DDPM
+from cdiff.samplers import DDIM, LCM, DPMSolverPP2M, make_sampler
+from cdiff.schedulers import DDPM, trailing_timesteps
 from cdiff.testing import assert_parity
 
 CUDA = torch.cuda.is_available()
@@ -96,6 +97,61 @@ def test_dpmpp_2m_matches_diffusers(steps, prediction_type):
     assert_parity(sampler.sample(wavy_model, noise), expected, f"DPM-Solver++(2M) {steps} steps {prediction_type}")
 
 
+# --- The distilled students' samplers -----------------------------------------------------------
+
+SD21_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_lcm_matches_diffusers(steps, prediction_type):
+    """Multistep consistency sampling against diffusers' LCMScheduler (50 origin steps, its default
+    boundary scalings), the fresh noise of each step drawn from the same seeded generator."""
+    from diffusers import LCMScheduler
+
+    sampler = LCM(num_steps=steps, prediction_type=prediction_type)
+    ref = LCMScheduler(**SD21_BETAS, original_inference_steps=50, set_alpha_to_one=False, prediction_type=prediction_type)
+    ref.set_timesteps(steps)
+    assert sampler.timesteps == ref.timesteps.tolist()
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected, generator = noise, torch.Generator().manual_seed(1)
+    for t in ref.timesteps:
+        expected = ref.step(wavy_model(expected, t), t, expected, generator=generator).prev_sample
+    ours = sampler.sample(wavy_model, noise, generator=torch.Generator().manual_seed(1))
+    assert_parity(ours, expected, f"LCM {steps} steps {prediction_type}")
+
+
+def test_lcm_timesteps_and_its_boundary():
+    assert [LCM(num_steps=n).timesteps for n in (1, 2, 4)] == [[999], [999, 499], [999, 759, 499, 259]]
+    from cdiff.samplers import boundary_scalings
+
+    c_skip, c_out = boundary_scalings(torch.tensor([0.0, 19.0, 999.0], dtype=torch.float64))
+    assert c_skip[0] == 1 and c_out[0] == 0  # f(x, 0) = x
+    assert c_skip[1] == pytest.approx(0.25 / (190**2 + 0.25)) and c_out[2] == pytest.approx(1, abs=1e-8)
+
+
+@pytest.mark.parametrize("steps", [4, 8])
+def test_ddim_on_the_trailing_grid_matches_diffusers(steps):
+    from diffusers import DDIMScheduler
+
+    sampler = make_sampler("ddim_trailing", DDPM(), steps)
+    ref = DDIMScheduler(**SD21_BETAS, timestep_spacing="trailing", set_alpha_to_one=False, clip_sample=False)
+    ref.set_timesteps(steps)
+    assert sampler.timesteps == ref.timesteps.tolist() == trailing_timesteps(steps, 1000)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = noise
+    for t in ref.timesteps:
+        expected = ref.step(wavy_model(expected, t), t, expected).prev_sample
+    assert_parity(sampler.sample(wavy_model, noise), expected, f"DDIM trailing {steps} steps")
+    assert [int(sampler.step_index(torch.tensor(t))) for t in sampler.timesteps] == list(range(steps))
+
+
+def test_the_trailing_grid_of_n_steps_is_every_other_of_2n():
+    for n in (1, 2, 4, 8, 16, 32, 64):
+        assert trailing_timesteps(2 * n, 1000)[::2] == trailing_timesteps(n, 1000)
+    assert trailing_timesteps(4, 1000) == [999, 749, 499, 249]
+
+
 # --- A known case: Gaussian data, whose exact denoiser and ODE solution are closed-form -----------
 
 MU, SPREAD = 0.5, 0.2  # data x_0 ~ N(MU, SPREAD^2), per element
@@ -143,8 +199,9 @@ def test_samplers_converge_on_gaussian_data():
 
 
 def test_samplers_share_one_signature():
-    signatures = {cls.__name__: list(inspect.signature(cls.sample).parameters) for cls in (DDIM, DPMSolverPP2M)}
-    assert signatures["DDIM"] == signatures["DPMSolverPP2M"] == ["self", "model", "noise", "generator", "show_progress"]
+    signatures = {cls.__name__: list(inspect.signature(cls.sample).parameters) for cls in (DDIM, DPMSolverPP2M, LCM)}
+    assert signatures["DDIM"] == signatures["DPMSolverPP2M"] == signatures["LCM"] == [
+        "self", "model", "noise", "generator", "show_progress"]
     for name in ("ddim", "dpmpp_2m"):
         assert make_sampler(name, DDPM(), 50).timesteps == DDIM(num_steps=50).timesteps
 
@@ -169,10 +226,11 @@ SYNC_POINTS = ["item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__
 
 
 def make_samplers():
-    return [DDIM(num_steps=6), DDIM(num_steps=6, eta=0.5), DPMSolverPP2M(num_steps=6)]
+    return [DDIM(num_steps=6), DDIM(num_steps=6, eta=0.5), DPMSolverPP2M(num_steps=6), LCM(num_steps=4),
+            DDIM(num_steps=4, spacing="trailing")]
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(5))
 def test_sampling_loops_have_no_sync_points(index, monkeypatch):
     # On the CPU nothing syncs, so this checks the code instead: during a whole loop, no call of
     # the Python methods that read a tensor back to the host (each one a sync on a GPU), and no
@@ -199,7 +257,7 @@ def test_sampling_loops_have_no_sync_points(index, monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason=NO_CUDA)
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(5))
 def test_sampling_loops_never_sync_on_cuda(index):
     sampler = make_samplers()[index]
     noise = torch.randn(2, 4, 8, 8, device="cuda")

@@ -20,6 +20,7 @@
     start.py        the model a C-DiffSET stage starts from (checkpoint, model.init, or the tiny stack)
     cdiffset.py     the C-DiffSET model: its [model] section, its two stages, training step and validation
     s2o_npde.py     the S2O-NPDE baseline (cdiff.npde): its [model] section, two phases, validation
+    distill.py      ``cdiff distill``: a few-step student of a C-DiffSET teacher (consistency or progressive)
     latents.py      the latent cache
 """
 

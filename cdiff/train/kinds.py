@@ -3,6 +3,10 @@
     kind        [model] section (run config)        training task   its runs (stages)   cdiff translate
     cdiffset    cdiff.train.cdiffset.CDiffSETConfig  CDiffSETTask    cdiffset.stage_runs  translators.open_cdiffset
     s2o_npde    cdiff.train.s2o_npde.S2ONPDEConfig   S2ONPDETask     one                  translators.open_s2o_npde
+    distill     cdiff.train.distill.DistillConfig    DistillTask     one                  translators.open_cdiffset (a
+                                                                                         student is a C-DiffSET file
+                                                                                         that records its sampler
+                                                                                         and steps)
 
 ``model.kind`` of a run config picks the row for ``cdiff train`` (cdiff.train.configfile,
 cdiff.train.run). ``cdiff translate`` picks it from the model file: the row whose ``recognises``
@@ -18,6 +22,7 @@ from typing import Callable
 
 from cdiff.npde.files import is_model_file as is_npde_model_file
 from cdiff.train.cdiffset import CDiffSETConfig, CDiffSETTask, stage_runs
+from cdiff.train.distill import DistillConfig, DistillTask, is_student_file
 from cdiff.train.s2o_npde import S2ONPDEConfig, S2ONPDETask
 from cdiff.translators import open_cdiffset, open_s2o_npde
 
@@ -39,6 +44,7 @@ KINDS = {
     for kind in (
         ModelKind("cdiffset", CDiffSETConfig, CDiffSETTask, open_cdiffset, None, stage_runs),
         ModelKind("s2o_npde", S2ONPDEConfig, S2ONPDETask, open_s2o_npde, is_npde_model_file),
+        ModelKind("distill", DistillConfig, DistillTask, open_cdiffset, is_student_file),
     )
 }
 DEFAULT_KIND = "cdiffset"  # a run config without model.kind; a model file no other kind recognises

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cdiff.data import CenterCrop
 from cdiff.files import atomic_path, check_output
+from cdiff.load import load_vae
 from cdiff.progress import progress
 from cdiff.train.config import RunConfig, to_dict
 from cdiff.train.data import DEFAULT_CROPS, training_split
@@ -93,22 +94,26 @@ def cache_latents(config: RunConfig, out_dir, dihedral_views: bool = False, batc
     """Encode the training pairs of ``config`` (without the val.holdout pairs held out for validation)
     with its model's VAE into ``out_dir`` (a new or empty folder; ``overwrite`` replaces a cache there
     once the new one is complete)."""
-    if config.model.kind != "cdiffset":
+    if config.model.kind not in ("cdiffset", "distill"):
         raise ValueError(f"cache-latents encodes with a C-DiffSET model's VAE; model.kind {config.model.kind!r} "
                          "trains on images (no latents)")
-    out_dir = check_output(out_dir, "folder", overwrite, sources=(config.model.init, config.data.root or None))
+    source = config.model.teacher if config.model.kind == "distill" else config.model.init
+    out_dir = check_output(out_dir, "folder", overwrite, sources=(source, config.data.root or None))
     data = config.data
     if data.latents:
         raise ValueError("data.latents is set: cache-latents reads images; unset it (--set data.latents=\"\")")
     device = torch.device("cuda" if torch.cuda.is_available() and config.train.device != "cpu" else "cpu")
-    vae = start_pipeline(config.model).vae.to(device).eval()
+    # A distillation encodes with its teacher's VAE (cdiff.train.distill), a fine-tuning with its starting model's.
+    model = config.model
+    vae = load_vae(model.teacher, dtype=torch.float32) if model.kind == "distill" else start_pipeline(model).vae
+    vae = vae.to(device).eval()
     pairs = training_split(data, config.val)[0]
     crop = data.crop or DEFAULT_CROPS.get(data.kind)
     views = len(VIEWS) if dihedral_views else 1
     shard_size = max(1, 4096 // views)
     index = {
         "format": FORMAT, "version": VERSION, "views": views, "crop": crop or 0, "cropped": False,
-        "data": to_dict(config)["data"], "holdout": config.val.holdout, "model": config.model.init,
+        "data": to_dict(config)["data"], "holdout": config.val.holdout, "model": source,
         "vae_sha256": vae_fingerprint(vae),
         "shards": [],
     }

@@ -1,0 +1,5 @@
+import sys
+
+from studies.fewstep.report import main
+
+sys.exit(main())
