@@ -18,7 +18,7 @@ LAYERS = {
     },
     "model": {
         "cdiff.layers", "cdiff.attention", "cdiff.unet", "cdiff.vae", "cdiff.loss", "cdiff.schedulers",
-        "cdiff.samplers", "cdiff.tiling", "cdiff.pipeline",
+        "cdiff.samplers", "cdiff.stepcache", "cdiff.tiling", "cdiff.pipeline",
     },
     "weights": {
         "cdiff.weightfile", "cdiff.statedict", "cdiff.layouts", "cdiff.layouts.diffusers",
@@ -39,7 +39,7 @@ LAYERS = {
         "cdiff.train", "cdiff.train.task", "cdiff.train.config", "cdiff.train.seeds", "cdiff.train.ema",
         "cdiff.train.distributed", "cdiff.train.rundir", "cdiff.train.logs", "cdiff.train.validation",
         "cdiff.train.data", "cdiff.train.optim", "cdiff.train.start", "cdiff.train.latents", "cdiff.train.cdiffset",
-        "cdiff.train.s2o_npde", "cdiff.train.kinds", "cdiff.train.configfile", "cdiff.train.loop", "cdiff.train.run",
+        "cdiff.train.s2o_npde", "cdiff.train.distill", "cdiff.train.kinds", "cdiff.train.configfile", "cdiff.train.loop", "cdiff.train.run",
     },
     "cli": {"cdiff", "cdiff.cli", "cdiff.__main__"},
 }
