@@ -1,6 +1,6 @@
 """cdiff: C-DiffSET SAR-to-EO translation on a plain-PyTorch Stable Diffusion 2.1 stack.
 
-Public API (see README):
+Public API (see docs/library.md):
     UNet, UNetConfig                the SD 2.1 U-Net (cdiff.unet, cdiff.config)
     VAE, VAEConfig                  the SD 2.1 autoencoder (cdiff.vae, cdiff.config)
     DDPM                            the forward process (cdiff.schedulers)

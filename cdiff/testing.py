@@ -12,7 +12,8 @@ random weights, saved by diffusers and transformers themselves:
 
 ``write_original_file`` writes SD 2.1's U-Net and VAE with seeded random weights as one file in
 Stability's original single-file layout (``model.diffusion_model.*``, ``first_stage_model.*``),
-with cdiff's own exporter (no diffusers needed): the README's ``tiny-sd21.safetensors``:
+with cdiff's own exporter (no diffusers needed): the ``tiny-sd21.safetensors`` of
+docs/changing-the-unet.md:
 
     python -m cdiff.testing tiny-sd21.safetensors --tiny --original
 

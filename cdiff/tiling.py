@@ -13,7 +13,7 @@ Large images are translated tile by tile, with peak memory bounded by the tile s
 - The VAE encodes and decodes tile by tile with the same blended overlaps. This is an
   approximation: the VAE's GroupNorms take statistics over the whole input and its
   mid-block attention is global, so a tile does not see the rest of the scene. The error
-  is measured in tests/test_tiling.py and stated in the README.
+  is measured in tests/test_tiling.py and stated in docs/translation.md.
 
 Blending weights are separable linear ramps across the overlap on each side of a tile that
 faces another tile (1 on sides at the scene border); outputs are divided by the summed

@@ -1,5 +1,6 @@
 """The Python examples of the README and of every page in docs/ run as written, every one, in
-order, with tiny stand-ins for the files they name."""
+order, with tiny stand-ins for the files they name; the pages whose examples print or build
+something checkable are checked here too."""
 
 import re
 import shlex
@@ -14,7 +15,9 @@ from cdiff.testing import one_thread, write_original_file
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-DOCS = sorted((ROOT / "docs").glob("*.md"))
+DOCS = ROOT / "docs"
+PAGES = sorted(DOCS.glob("*.md"))
+CHECKED = {"library.md", "changing-the-unet.md", "translation.md"}  # run (and checked) by their own tests below
 
 
 def python_blocks(page: Path = README) -> list[str]:
@@ -22,10 +25,10 @@ def python_blocks(page: Path = README) -> list[str]:
     return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
 
 
-def run_page(page: Path, folder: Path) -> dict:
+def run_page(page: Path, folder: Path, sd21: bool = True) -> dict:
     """Run every python block of ``page`` in order in one namespace, in ``folder`` (the caller's
     working directory), beside the stand-in files; the namespace after the last block."""
-    write_stand_ins(folder)
+    write_stand_ins(folder, sd21)
     namespace = {}
     with one_thread():
         for i, block in enumerate(python_blocks(page), 1):
@@ -35,8 +38,8 @@ def run_page(page: Path, folder: Path) -> dict:
 
 def write_stand_ins(folder: Path, sd21: bool = True) -> None:
     """cdiffset.safetensors: a tiny C-DiffSET native model; tiny-sd21.safetensors: a tiny
-    SD 2.1 (4-in / 4-out) in Stability's original single-file layout, as the README's command
-    makes it (``sd21=False``: not made here)."""
+    SD 2.1 (4-in / 4-out) in Stability's original single-file layout (``sd21=False``: not made
+    here, the page says how)."""
     torch.manual_seed(0)
     save_native(folder / "cdiffset.safetensors", UNet(UNetConfig.tiny(in_channels=8, out_channels=5)),
                 VAE(VAEConfig.tiny()), torch.randn(6, 1024))
@@ -44,69 +47,77 @@ def write_stand_ins(folder: Path, sd21: bool = True) -> None:
         write_original_file(folder / "tiny-sd21.safetensors", tiny=True, seed=1)
 
 
-def readme_command(file_name: str) -> list[str]:
-    """The arguments of the ``python -m cdiff.testing`` command that the README's comment
-    right above the first line loading ``file_name`` gives for making it."""
-    lines = README.read_text().splitlines()
+def page_command(page: Path, file_name: str) -> list[str]:
+    """The arguments of the ``python -m cdiff.testing`` command that the page's comment right
+    above the first line loading ``file_name`` gives for making it."""
+    lines = page.read_text().splitlines()
     first = next(i for i, line in enumerate(lines) if f'"{file_name}"' in line and not line.lstrip().startswith("#"))
     match = re.search(r"#.*?: (python -m cdiff\.testing .*)$", lines[first - 1])
-    assert match, f"README: no command that makes {file_name} in the comment above: {lines[first - 1]!r}"
+    assert match, f"{page.name}: no command that makes {file_name} in the comment above: {lines[first - 1]!r}"
     argv = shlex.split(match.group(1))
     assert argv[:3] == ["python", "-m", "cdiff.testing"] and file_name in argv
     return argv[3:]
 
 
-def test_readme_examples_run(tmp_path, monkeypatch, capsys):
-    blocks = python_blocks()
-    assert len(blocks) == 5  # the fifth, the translate example, runs in its own test below
+def test_readme_example_runs(tmp_path, monkeypatch, capsys):
+    (block,) = python_blocks()  # the README keeps one example; the rest lives in docs/
     monkeypatch.chdir(tmp_path)
     write_stand_ins(tmp_path, sd21=False)
-    testing.main(readme_command("tiny-sd21.safetensors"))  # the file is made as the README says
-    # Examples 1 and 2 stand alone; example 4 goes on from example 3.
-    first, second, third = {}, {}, {}
     with one_thread():
-        for i, (block, namespace) in enumerate(zip(blocks, (first, second, third, third)), 1):
-            exec(compile(block, f"README example {i}", "exec"), namespace)
-    out = capsys.readouterr().out
+        exec(compile(block, "README example", "exec"), {})
+    assert "torch.Size([1, 3, 256, 256]) torch.Size([1, 1, 32, 32])" in capsys.readouterr().out
 
-    # 1: translate with a native model.
-    assert "torch.Size([1, 3, 256, 256]) torch.Size([1, 1, 32, 32])" in out
-    # 2: one training step's loss.
-    assert second["loss"].ndim == 0
-    assert all(p.grad is not None for p in second["unet"].parameters())
-    # 3: the changed U-Net: SD 2.1 tensors loaded, the gate new; surgery, a step, saved, loaded back.
-    report = third["report"]
+
+def test_readme_links_to_every_docs_page():
+    text = README.read_text() + (DOCS / "index.md").read_text()
+    missing = [page.name for page in PAGES if page.name != "index.md" and page.name not in text]
+    assert not missing, f"pages no one links to: {missing}"
+    assert len(README.read_text().splitlines()) <= 200
+
+
+def test_library_page(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    namespace = run_page(DOCS / "library.md", tmp_path)
+    assert "torch.Size([1, 3, 128, 128]) torch.Size([1, 1, 16, 16])" in capsys.readouterr().out
+    # One training step's loss: a scalar whose gradient reaches every parameter of the U-Net.
+    assert namespace["loss"].ndim == 0
+    assert all(p.grad is not None for p in namespace["unet"].parameters())
+
+
+def test_changing_the_unet_page(tmp_path, monkeypatch, capsys):
+    page = DOCS / "changing-the-unet.md"
+    monkeypatch.chdir(tmp_path)
+    testing.main(page_command(page, "tiny-sd21.safetensors"))  # the file is made as the page says
+    namespace = run_page(page, tmp_path, sd21=False)
+    out = capsys.readouterr().out
+    # The changed U-Net: SD 2.1 tensors loaded, the gate new; surgery, a step, saved, loaded back.
+    report = namespace["report"]
     assert report.missing == ("down.1.gate",) and not report.unexpected and not report.mismatched
     assert "1 missing, left at their initialisation (first: down.1.gate)" in out
-    unet, again = third["unet"], third["again"]
+    unet, again = namespace["unet"], namespace["again"]
     assert type(unet).__name__ == "GatedUNet" and (unet.config.in_channels, unet.config.out_channels) == (8, 5)
-    assert torch.isfinite(third["loss"]) and unet.down[1].gate.grad is not None
+    assert torch.isfinite(namespace["loss"]) and unet.down[1].gate.grad is not None
     assert not torch.equal(unet.down[1].gate.detach(), torch.ones(3))  # the step moved the new parameter
     for key, value in unet.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
-    # 4: attention maps of every cross-attention; the custom backend stays on the mid block.
-    probs = third["probs"]
-    assert len(third["maps"]) == 16 and probs.shape == (2, 2, 64, 6)
+    # Attention maps of every cross-attention; the custom backend stays on the mid block.
+    probs = namespace["probs"]
+    assert len(namespace["maps"]) == 16 and probs.shape == (2, 2, 64, 6)
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 64), rtol=0, atol=1e-6)
-    assert again.mid.attn.blocks[0].cross_attn.attention_backend is third["temperature"]
+    assert again.mid.attn.blocks[0].cross_attn.attention_backend is namespace["temperature"]
 
 
-def test_readme_translate_example_runs(tmp_path, monkeypatch, capsys):
-    (block,) = [b for b in python_blocks() if "Tiling(" in b]
+def test_translation_page(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    torch.manual_seed(0)
-    save_native("cdiffset.safetensors", UNet(UNetConfig.tiny(in_channels=8, out_channels=5)), VAE(VAEConfig.tiny()),
-                torch.randn(6, 1024), prompt="a prompt of its own")
-    with one_thread():
-        exec(compile(block, "README translate example", "exec"), {})
+    run_page(DOCS / "translation.md", tmp_path)
     assert "torch.Size([1, 3, 256, 384]) torch.Size([1])" in capsys.readouterr().out
 
 
 def test_docs_folder_has_an_index():
-    assert ROOT / "docs" / "index.md" in DOCS
+    assert DOCS / "index.md" in PAGES
 
 
-@pytest.mark.parametrize("page", DOCS, ids=[page.name for page in DOCS])
+@pytest.mark.parametrize("page", [p for p in PAGES if p.name not in CHECKED], ids=lambda p: p.name)
 def test_docs_examples_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_page(page, tmp_path)

@@ -113,7 +113,7 @@ def test_tiled_vae_error_is_measured():
     """The tiled VAE is an approximation (GroupNorm statistics and the mid-block attention are
     global). With seeded random weights of a small VAE on a 128 px synthetic scene and 64 px tiles
     (32 px overlap) the relative RMS error is measured and bounded: a guard against regressions,
-    not a statement about pretrained weights (README, "Translate and evaluate")."""
+    not a statement about pretrained weights (docs/translation.md)."""
     from cdiff.data.synth import make_pair
 
     torch.manual_seed(0)

@@ -1,5 +1,5 @@
-"""Training: ``cdiff train`` and ``cdiff cache-latents`` (see docs/training.md, README "Fine-tune" and
-"S2O-NPDE baseline").
+"""Training: ``cdiff train`` and ``cdiff cache-latents`` (see docs/training.md and
+docs/s2o-npde.md).
 
     config.py       the run config: one frozen dataclass per section
     configfile.py   run configs as TOML files, with --set overrides
