@@ -1,8 +1,8 @@
 """Benchmark of `cdiff evaluate` under the field's protocol: images per second of the whole
 evaluation, and the share of its time each metric takes.
 
-    python benchmarks/bench_evaluate.py                        # CPU: 32 images of 64 px, one thread
-    python benchmarks/bench_evaluate.py --device cuda --images 512 --size 256 --batch-size 32
+    python -m benchmarks.bench_evaluate                        # CPU: 32 images of 64 px, one thread
+    python -m benchmarks.bench_evaluate --device cuda --images 512 --size 256 --batch-size 32
 
 Seeded random networks in the real layouts and sizes (torchvision's VGG16 for LPIPS and DISTS,
 pytorch-fid's Inception for FID and KID, DISTS's alpha/beta) are written to a temporary folder
@@ -22,18 +22,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from benchmarks.common import CLOCKS, append_csv, cpu_load, device_name  # noqa: E402
+from benchmarks.common import CLOCKS, append_csv, cpu_load, device_name
 
 
 def write_inputs(folder: Path, images: int, size: int, seed: int = 0) -> None:

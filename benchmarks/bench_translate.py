@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import copy
 import sys
-from pathlib import Path
 
 import torch
 

@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import copy
 import os
-from pathlib import Path
 
 import torch
 

@@ -168,7 +168,10 @@ def run_parts(check: Check, parts: list[str], deadline: float, python: str) -> N
         with log.open("a") as handle:
             handle.write(f"\n$ {' '.join(command)}\n")
             handle.flush()
-            worker = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+            # The worker imports benchmarks.common and cdiff from this checkout: the root goes first on its path.
+            path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+            worker = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
+                                      env={**os.environ, "PYTHONPATH": path})
         shown, stopped = set(), None
         while True:
             finished = worker.poll() is not None

@@ -46,10 +46,8 @@ from types import SimpleNamespace
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout
-
-from benchmarks import common  # noqa: E402
-from cdiff.files import atomic_path  # noqa: E402
+from benchmarks import common
+from cdiff.files import atomic_path
 
 FASTEST_TRANSLATION = "cdiff-cl-compiled-graph"
 

@@ -32,3 +32,25 @@ def small_config():
         return load_config(None, [f"model.init={model_path}", *testing.SMALL_RUN, *sets])
 
     return make
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny C-DiffSET native file with seeded random weights and a custom stored prompt (the translate tests')."""
+    from cdiff import save_native
+    from tests.translating import PROMPT, tiny_modules
+
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    return save_native(path, *tiny_modules(), prompt=PROMPT)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """A folder of SAR images: two 64-px greys (PNG, JPEG) and a 72x100 RGB in a subfolder."""
+    from tests.translating import sar_png
+
+    folder = tmp_path / "sar"
+    sar_png(folder / "a.png", 64)
+    sar_png(folder / "sub" / "b.png", (72, 100), seed=1, rgb=True)  # not a multiple of 64: padded, cropped back
+    sar_png(folder / "c.jpg", 64, seed=2)
+    return folder

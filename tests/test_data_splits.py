@@ -12,7 +12,6 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cdiff.data import PairAugment, csv_pairs, folder_pairs, make_split, qxs_saropt, sen12, spacenet6
 from cdiff.data.split import files_hash

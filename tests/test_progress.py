@@ -6,7 +6,9 @@ import sys
 import pytest
 
 from cdiff import progress
-from tests.test_translate import inputs, model, run, single_thread  # noqa: F401
+from tests.translating import run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Log(io.StringIO):

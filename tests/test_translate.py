@@ -16,62 +16,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from cdiff import VAE, Pipeline, UNet, UNetConfig, VAEConfig, save_native
+from cdiff import Pipeline, UNet, UNetConfig, save_native
 from cdiff.cli import main
 from cdiff.confidence_map import colour_table, colourize, release_grey
-from cdiff.data.imageio import to_uint8, write_png
+from cdiff.data.imageio import write_png
 from cdiff.data.synth import make_pair
 from cdiff.testing import one_thread
 from cdiff.tiling import Tiling, tile_starts
 from cdiff.translate import list_inputs, plan_jobs, shard
 from cdiff.translators import image_seed
+from tests.translating import PROMPT, read, run, sar_png, tiny_modules
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "a custom prompt"  # not the default: the stored prompt must be used without --prompt
 
 
 @pytest.fixture(autouse=True)
 def single_thread():
     with one_thread():
         yield
-
-
-def tiny_modules(seed=0):
-    torch.manual_seed(seed)
-    unet = UNet(UNetConfig.tiny(in_channels=8, out_channels=5, model_channels=16)).eval()
-    vae = VAE(VAEConfig.tiny(block_channels=(16, 32, 32, 32))).eval()
-    return unet, vae, torch.randn(6, 1024)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    return save_native(path, *tiny_modules(), prompt=PROMPT)
-
-
-def sar_png(path, size, seed=0, rgb=False):
-    grey = to_uint8(make_pair(seed, size=size).sar)
-    write_png(path, np.repeat(grey[..., None], 3, axis=2) if rgb else grey)
-    return path
-
-
-@pytest.fixture
-def inputs(tmp_path):
-    folder = tmp_path / "sar"
-    sar_png(folder / "a.png", 64)
-    sar_png(folder / "sub" / "b.png", (72, 100), seed=1, rgb=True)  # not a multiple of 64: padded, cropped back
-    sar_png(folder / "c.jpg", 64, seed=2)
-    return folder
-
-
-def run(*argv):
-    return main(["translate", *map(str, argv)])
-
-
-def read(path):
-    return np.asarray(Image.open(path))
 
 
 def test_a_folder_run_writes_every_output_and_a_rerun_skips_them(model, inputs, tmp_path, capsys):

@@ -17,7 +17,9 @@ import cdiff.translate
 from cdiff import UNet, UNetConfig, save_native
 from cdiff.load import load_pipeline
 from cdiff.weightfile import WeightFile
-from tests.test_translate import inputs, model, read, run, sar_png, single_thread, tiny_modules  # noqa: F401
+from tests.translating import read, run, sar_png, tiny_modules
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def temporaries(*folders: Path) -> list[Path]:
