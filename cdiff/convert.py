@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from cdiff.config import DTYPES
 from cdiff.files import check_output

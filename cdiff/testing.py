@@ -154,6 +154,38 @@ SMALL_RUN = [
 ]
 
 
+def log_records(run_dir, kind: str = "train") -> list[dict]:
+    """The complete lines of a run's log.jsonl of ``kind`` ("train", "val", "event"); a line still
+    being written (cut short) is left out, and a missing log is empty."""
+    path = Path(run_dir) / "log.jsonl"
+    out = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record["kind"] == kind:
+            out.append(record)
+    return out
+
+
+def deny_writes(monkeypatch, folder: Path) -> None:
+    """Make ``folder`` read-only for a test. root ignores the mode, so for root cdiff.files' os.access
+    is told too (``monkeypatch``: pytest's fixture, which undoes it)."""
+    import os
+
+    folder.chmod(0o555)
+    if os.geteuid() == 0:
+        real = os.access
+
+        def access(path, flags, **kwargs):
+            if Path(path).resolve() == Path(folder).resolve() and flags & os.W_OK:
+                return False
+            return real(path, flags, **kwargs)
+
+        monkeypatch.setattr("cdiff.files.os.access", access)
+
+
 @contextlib.contextmanager
 def one_thread():
     """torch on one CPU thread, for tiny networks (the demo's, the tests'): as fast as two on an

@@ -23,7 +23,7 @@ from PIL import Image
 from cdiff import networks, perceptual, scoring
 from cdiff import evaluate as evaluate_module
 from cdiff.cli import main
-from cdiff.testing import one_thread
+from cdiff.testing import deny_writes, one_thread
 
 PROTOCOLS = ["field", "release"]
 VGG16 = perceptual.LPIPS_VGG.file_name
@@ -142,18 +142,6 @@ def test_standard_json_replaces_every_non_finite_number():
 # --- the report folder: checked before any work, and a full disk ---------------------------------
 
 
-def deny_writes(monkeypatch, folder: Path) -> None:
-    """Make ``folder`` read-only; root ignores the mode, so cdiff.files' os.access is told too."""
-    folder.chmod(0o555)
-    if os.geteuid() == 0:
-        real = os.access
-
-        def access(path, flags, **kwargs):
-            if Path(path).resolve() == folder.resolve() and flags & os.W_OK:
-                return False
-            return real(path, flags, **kwargs)
-
-        monkeypatch.setattr("cdiff.files.os.access", access)
 
 
 def no_scoring(monkeypatch):

@@ -21,6 +21,7 @@ from cdiff.data.imageio import write_png
 from cdiff.files import atomic_path, check_output, save_safetensors
 from cdiff.layouts.detect import detect_layout
 from cdiff.weightfile import WeightFile
+from cdiff.testing import deny_writes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,18 +54,6 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def deny_writes(monkeypatch, folder: Path) -> None:
-    """Make ``folder`` read-only. root ignores permissions, so for root os.access is told too."""
-    folder.chmod(0o555)
-    if os.geteuid() == 0:
-        real = os.access
-
-        def access(path, flags, **kwargs):
-            if Path(path).resolve() == folder.resolve() and flags & os.W_OK:
-                return False
-            return real(path, flags, **kwargs)
-
-        monkeypatch.setattr("cdiff.files.os.access", access)
 
 
 # --- modes -------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """`cdiff train` with model.kind = "s2o_npde": the config, the loop's two phases against
 cdiff.npde.training_step, a short CLI run that learns, exact resume, ablations, bad input."""
 
-import json
 import math
 import tomllib
 from pathlib import Path
@@ -12,7 +11,7 @@ from safetensors.torch import load_file
 
 from cdiff.cli import main
 from cdiff.npde import TABLE2_ROWS, NPDEConfig, NPDELoss, lr_factor, make_optimizers, training_step
-from cdiff.testing import one_thread
+from cdiff.testing import log_records as records, one_thread
 from cdiff.train import load_config, train
 from cdiff.train.configfile import from_dict, to_toml
 from cdiff.train.data import StreamSamples, image_augment, training_split
@@ -32,9 +31,6 @@ def single_thread():
         yield
 
 
-def records(run_dir, kind="train"):
-    lines = (Path(run_dir) / "log.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 def cli(capsys, *argv) -> tuple[int, str]:
@@ -166,7 +162,7 @@ def test_the_base_row_and_a_vgg_file(tmp_path):
 def test_bad_input_is_refused_with_one_line(tmp_path, capsys):
     run = ["train", "--config", TINY, "--run-dir", tmp_path / "r"]
     code, err = cli(capsys, *run, "--set", "model.kind=npde")
-    assert code == 2 and "model.kind must be one of ['cdiffset', 's2o_npde'], got 'npde'" in err
+    assert code == 2 and "model.kind must be one of ['cdiffset', 'distill', 's2o_npde'], got 'npde'" in err
     code, err = cli(capsys, *run, "--prediction", "sample")  # a C-DiffSET option
     assert code == 2 and "model.prediction is an option of model.kind 'cdiffset', not of 's2o_npde'" in err
     code, err = cli(capsys, *run, "--set", "model.ema_decay=0.9")

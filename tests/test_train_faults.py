@@ -28,6 +28,7 @@ from cdiff.train import load_config, train
 from cdiff.train.configfile import to_toml
 from cdiff.train.rundir import RunDir, read_state
 from cdiff.weightfile import read_state_dict
+from cdiff.testing import log_records as records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,18 +68,6 @@ def start_cli(tmp_path: Path, run_dir: Path, sets=RUN) -> subprocess.Popen:
                                  str(run_dir)], env=env, stdout=subprocess.DEVNULL, stderr=err)
 
 
-def records(run_dir: Path, kind: str = "train") -> list[dict]:
-    """The complete lines of log.jsonl of ``kind`` (a line being written may be cut short)."""
-    path = run_dir / "log.jsonl"
-    out = []
-    for line in (path.read_text().splitlines() if path.exists() else []):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record["kind"] == kind:
-            out.append(record)
-    return out
 
 
 def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 240) -> int:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import cdiff
 from cdiff.cli import main
 from cdiff.schedulers import split_prediction
-from cdiff.testing import micro_model
+from cdiff.testing import log_records as _records, micro_model
 from cdiff.train import train
 from cdiff.train.cdiffset import CDiffSETTask
 from cdiff.train.latents import cache_latents
@@ -23,9 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _records(run_dir, kind="train"):
-    lines = (run_dir / "log.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from cdiff.convert import convert
 from cdiff.data import frozen
 from cdiff.export import export
 from cdiff.native import save_native
-from cdiff.testing import MICRO_UNET, MICRO_VAE, micro_model
+from cdiff.testing import log_records as records, micro_model, MICRO_UNET, MICRO_VAE
 from cdiff.train import load_config, train
 from cdiff.train.cdiffset import CDiffSETTask, stage_runs
 from cdiff.train.configfile import to_toml
@@ -61,17 +61,6 @@ def unet_tensors(path) -> dict[str, torch.Tensor]:
     return dict(cdiff.load_unet(path).state_dict())
 
 
-def records(run_dir: Path, kind: str = "train") -> list[dict]:
-    path = run_dir / "log.jsonl"
-    out = []
-    for line in (path.read_text().splitlines() if path.exists() else []):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line being written
-        if record["kind"] == kind:
-            out.append(record)
-    return out
 
 
 # --- the starts of the two stages --------------------------------------------------------------

@@ -23,7 +23,6 @@ from cdiff.layouts.diffusers_config import (  # noqa: E402
 from cdiff.load import load_unet, read_unet  # noqa: E402
 from cdiff.native import save_native  # noqa: E402
 from cdiff.testing import SD21_UNET, SD21_VAE, assert_parity, randomize_, tiny_configs  # noqa: E402
-from cdiff.unet import UNet  # noqa: E402
 from cdiff.vae import VAE  # noqa: E402
 from cdiff.weightfile import CheckpointError, WeightFile  # noqa: E402
 
