@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from cdiff.config import DTYPES
 from cdiff.files import check_output
 from cdiff.layouts.detect import detect_layout
