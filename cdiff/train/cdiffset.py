@@ -49,7 +49,7 @@ from cdiff.native import save_native
 from cdiff.pipeline import DEFAULT_PROMPT, Pipeline
 from cdiff.schedulers import DDPM, PREDICTION_TYPES
 from cdiff.train.config import RunConfig
-from cdiff.train.data import image_augment, training_split
+from cdiff.train.data import image_augment, latent_task_pairs
 from cdiff.train.ema import EMA
 from cdiff.train.latents import cached_samples, frozen_latents
 from cdiff.train.optim import adamw, lr_schedule
@@ -157,11 +157,7 @@ class CDiffSETTask:
         self.optimizers = {"unet": adamw(self.unet.parameters(), config.optim)}
         self.schedulers = {"unet": lr_schedule(self.optimizers["unet"], config.optim, config.train.steps)}
         self.phases = [Phase("unet", "unet", ("unet",), self.loss)]
-        # Opened now, so that a missing file is an error at the start. Validation reads pairs held out of
-        # the training list (val.holdout), never the test split.
-        self.train_pairs = self.val_pairs = None
-        if not config.data.latents or config.val.every:
-            self.train_pairs, self.val_pairs = training_split(config.data, config.val)
+        self.train_pairs, self.val_pairs = latent_task_pairs(config.data, config.val)
 
     # --- training ------------------------------------------------------------------------
 

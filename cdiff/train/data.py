@@ -158,6 +158,15 @@ def training_split(data: DataConfig, val: ValConfig) -> tuple[Dataset, Dataset |
     return Subset(pairs, kept), (_Transformed(validated, CenterCrop(crop)) if crop else validated)
 
 
+def latent_task_pairs(data: DataConfig, val: ValConfig) -> tuple[Dataset | None, Dataset | None]:
+    """``training_split`` for a task that may train from a latent cache: opened at the start, so that
+    a missing file is an error before any step, unless the cache replaces the images and validation
+    is off (then (None, None)). Validation reads pairs held out of the training list, never the test split."""
+    if data.latents and not val.every:
+        return None, None
+    return training_split(data, val)
+
+
 def loader(samples: StreamSamples, batches: MicroBatches, workers: int, pin: bool, seed: int) -> DataLoader:
     """A DataLoader over ``batches``; its worker seeds come from its own generator, not torch's global one."""
     return DataLoader(

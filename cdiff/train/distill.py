@@ -55,7 +55,7 @@ from cdiff.pipeline import Pipeline
 from cdiff.samplers import CONSISTENCY_GRID_POINTS, boundary_scalings, consistency_grid
 from cdiff.schedulers import DDPM, broadcast, split_prediction, trailing_timesteps
 from cdiff.train.config import RunConfig
-from cdiff.train.data import image_augment, training_split
+from cdiff.train.data import image_augment, latent_task_pairs
 from cdiff.train.ema import EMA
 from cdiff.train.latents import cached_samples
 from cdiff.train.optim import adamw, lr_schedule
@@ -184,11 +184,7 @@ class DistillTask:
         self.optimizers = {"student": adamw(self.student.parameters(), config.optim)}
         self.schedulers = {"student": lr_schedule(self.optimizers["student"], config.optim, config.train.steps)}
         self.phases = [Phase("student", "student", ("student",), self.loss)]
-        # Opened now, so that a missing file is an error at the start. Validation reads pairs held out of
-        # the training list (val.holdout), never the test split.
-        self.train_pairs = self.val_pairs = None
-        if not config.data.latents or config.val.every:
-            self.train_pairs, self.val_pairs = training_split(config.data, config.val)
+        self.train_pairs, self.val_pairs = latent_task_pairs(config.data, config.val)
 
     def _check_teacher(self, model_file: Path) -> None:
         recorded = open_native(model_file).metadata.get("distilled_from")
