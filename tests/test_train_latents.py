@@ -11,7 +11,7 @@ from cdiff.cli import main
 from cdiff.data import PairAugment, SyntheticPairs
 from cdiff.testing import micro_model
 from cdiff.train import train
-from cdiff.train.latents import VIEWS, LatentPairs, cache_latents, dihedral, flip_error
+from cdiff.train.latents import VIEWS, LatentPairs, batch_latents, cache_latents, dihedral, flip_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PLAIN = ("data.hflip=false", "data.vflip=false", "data.rot90=false")
@@ -82,7 +82,7 @@ def test_the_frozen_vae_encodes_in_fp32_under_autocast(tmp_path, model_file, sma
     with torch.autocast("cpu", dtype=torch.bfloat16):
         drifted = vae.encode_latent(torch.cat([sar, eo])).float()
         task = CDiffSETTask(config, torch.device("cpu"))
-        encoded = torch.cat(task._latents({"sar": sar, "eo": eo}))
+        encoded = torch.cat(batch_latents(task.vae, {"sar": sar, "eo": eo}, task.device))  # as task.loss encodes
         cache = cache_latents(config, tmp_path / "cache", batch_size=4, show_progress=False)
     relative = ((drifted - expected).square().mean() / expected.square().mean()).sqrt().item()
     print(f"micro VAE under bf16 autocast: latents off by {relative:.2%} RMS")

@@ -51,7 +51,7 @@ from cdiff.schedulers import DDPM, PREDICTION_TYPES
 from cdiff.train.config import RunConfig
 from cdiff.train.data import image_augment, latent_task_pairs
 from cdiff.train.ema import EMA
-from cdiff.train.latents import cached_samples, frozen_latents
+from cdiff.train.latents import batch_latents, cached_samples
 from cdiff.train.optim import adamw, lr_schedule
 from cdiff.train.rundir import CHECKPOINTS, step_name
 from cdiff.train.seeds import generator
@@ -166,15 +166,6 @@ class CDiffSETTask:
             return cached_samples(self.config, self.vae)
         return self.train_pairs, image_augment(self.config.data)
 
-    @torch.no_grad()
-    def _latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(SAR latent, EO latent), each (B, 4, h, w) fp32: from the cache, or encoded now."""
-        if "sar_latent" in batch:
-            return batch["sar_latent"].to(self.device).float(), batch["eo_latent"].to(self.device).float()
-        images = torch.cat([batch["sar"], batch["eo"]]).to(self.device, non_blocking=True)  # (2B, 3, H, W)
-        sar_latent, eo_latent = frozen_latents(self.vae, images).chunk(2)  # fp32 under any autocast
-        return sar_latent, eo_latent
-
     def _draw(self, positions: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """(t (B,), noise (B, *shape)) from one generator per sample, seeded by (seed, position)."""
         steps, noises = [], []
@@ -185,7 +176,7 @@ class CDiffSETTask:
         return torch.cat(steps).to(self.device), torch.stack(noises).to(self.device)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        sar_latent, eo_latent = self._latents(batch)
+        sar_latent, eo_latent = batch_latents(self.vae, batch, self.device)
         t, noise = self._draw(batch["position"], eo_latent.shape[1:])
         noisy = self.process.add_noise(eo_latent, noise, t)  # (B, 4, h, w)
         context = self.context.expand(len(t), -1, -1)  # (B, L, context_dim)

@@ -57,7 +57,7 @@ from cdiff.schedulers import DDPM, broadcast, split_prediction, trailing_timeste
 from cdiff.train.config import RunConfig
 from cdiff.train.data import image_augment, latent_task_pairs
 from cdiff.train.ema import EMA
-from cdiff.train.latents import cached_samples
+from cdiff.train.latents import batch_latents, cached_samples
 from cdiff.train.optim import adamw, lr_schedule
 from cdiff.train.seeds import generator
 from cdiff.train.start import MODEL_FILE
@@ -200,16 +200,6 @@ class DistillTask:
             return cached_samples(self.config, self.vae)
         return self.train_pairs, image_augment(self.config.data)
 
-    @torch.no_grad()
-    def _latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(SAR latent, EO latent), each (B, 4, h, w) fp32: from the cache, or encoded now by the teacher's VAE."""
-        if "sar_latent" in batch:
-            return batch["sar_latent"].to(self.device).float(), batch["eo_latent"].to(self.device).float()
-        images = torch.cat([batch["sar"], batch["eo"]]).to(self.device)  # (2B, 3, H, W)
-        with torch.autocast(self.device.type, enabled=False):
-            sar_latent, eo_latent = self.vae.encode_latent(images.float()).float().chunk(2)
-        return sar_latent, eo_latent
-
     def _draw(self, positions: torch.Tensor, shape: torch.Size, choices: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(index (B,) in [0, choices), noise (B, *shape)) from one generator per sample, seeded by (seed, position)."""
         indices, noises = [], []
@@ -244,7 +234,7 @@ class DistillTask:
         return self.model.variance_weight * (log_student - log_teacher).square().mean()
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        sar_latent, eo_latent = self._latents(batch)
+        sar_latent, eo_latent = batch_latents(self.vae, batch, self.device)
         step = self.schedulers["student"].steps  # optimiser steps done (the schedule counts them; resumed with it)
         if self.model.method == "consistency":
             distill, variance = self._consistency(batch["position"], sar_latent, eo_latent)

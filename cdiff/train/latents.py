@@ -71,6 +71,17 @@ def frozen_latents(vae, images: torch.Tensor) -> torch.Tensor:
         return vae.encode_latent(images.to(dtype)).float()
 
 
+@torch.no_grad()
+def batch_latents(vae, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(SAR latent, EO latent) of a training batch, each (B, 4, h, w) fp32 on ``device``: read from a
+    latent cache's batch, or encoded now by the frozen ``vae`` (``frozen_latents``)."""
+    if "sar_latent" in batch:
+        return batch["sar_latent"].to(device).float(), batch["eo_latent"].to(device).float()
+    images = torch.cat([batch["sar"], batch["eo"]]).to(device, non_blocking=True)  # (2B, 3, H, W)
+    sar_latent, eo_latent = frozen_latents(vae, images).chunk(2)
+    return sar_latent, eo_latent
+
+
 def _rms(x: torch.Tensor) -> float:
     return float(x.double().square().mean().sqrt())
 
